@@ -1,0 +1,1 @@
+"""Data preparation: text, datasets and synthetic reasoning tasks into MDS shards."""

@@ -1,0 +1,1 @@
+"""Launchers: SLURM (submitit) and local."""

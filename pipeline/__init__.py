@@ -1,0 +1,1 @@
+"""MELT training pipeline: models, training phases, engines, evaluation."""

@@ -1,0 +1,1 @@
+"""Training: losses, phases, schedules, engines, data, checkpointing, logging."""
