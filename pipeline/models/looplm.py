@@ -14,11 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .cache import LoopLMCache
+from .checkpoint_io import check_checkpoint_fits
 from .exits import exit_probabilities, q_exit_loop, select_by_loop, validate_exit_options
 from .layers import DecoderLayer, RMSNorm, RotaryEmbedding, causal_padding_mask
+
+logger = logging.get_logger(__name__)
 
 
 class LoopLMConfig(PretrainedConfig):
@@ -77,6 +80,10 @@ class LoopLMConfig(PretrainedConfig):
         self.attention_dropout = attention_dropout
         self.total_ut_steps = total_ut_steps
         self.early_exit_threshold = early_exit_threshold
+        if bos_token_id == eos_token_id == pad_token_id == 0 and vocab_size > 2:
+            # Ouro's shipped config says bos = eos = pad = 0; its ChatML tokenizer has bos 1, eos 2, pad 0.
+            logger.warning("config has bos = eos = pad = 0 (an upstream Ouro defect); using bos 1, eos 2, pad 0")
+            bos_token_id, eos_token_id = 1, 2
         super().__init__(
             tie_word_embeddings=tie_word_embeddings,
             bos_token_id=bos_token_id,
@@ -164,6 +171,13 @@ class LoopedPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Hugging Face loading, made strict: missing, unexpected or mis-shaped tensors are errors."""
         want_info = kwargs.pop("output_loading_info", False)
+        config = kwargs.get("config")
+        if not isinstance(config, PretrainedConfig):
+            config = cls.config_class.from_pretrained(pretrained_model_name_or_path)
+            for key, value in kwargs.items():
+                if hasattr(config, key):
+                    setattr(config, key, value)
+        check_checkpoint_fits(cls, config, pretrained_model_name_or_path)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         problems = []
         if info.get("missing_keys"):
