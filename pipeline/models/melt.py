@@ -1,0 +1,458 @@
+"""MELT: a looped transformer with one gated KV slot per token per layer (DESIGN.md 2.2).
+
+At loop 1 a token's slot is its new key/value; at loop t > 1 it becomes
+`g * slot + (1 - g) * new` with a learned gate g. The sequence runs in chunks: a query
+sees the final slots of earlier chunks and the current slots of its own chunk. With
+interpolation alpha, the key/value used for token j is `(1 - alpha) * k_j(t) + alpha * slot_j`;
+alpha = 0 is exactly the LoopLM, alpha = 1 is pure MELT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import GenerationMixin
+
+from .cache import MeltCache
+from .layers import DecoderLayer, RMSNorm, RotaryEmbedding, causal_padding_mask
+from .looplm import (LoopedCausalLMMixin, LoopedPreTrainedModel, LoopLMConfig, LoopLMForCausalLM, LoopLMOutput,
+                     check_positions, default_position_ids)
+
+GATE_VARIANTS = ("elementwise", "headwise", "overwrite", "mean")
+
+
+class MeltConfig(LoopLMConfig):
+    """The LoopLM's configuration plus the slot gate, chunking and interpolation."""
+
+    model_type = "melt"
+
+    def __init__(
+        self,
+        gate: str = "elementwise",
+        gate_init_bias: float = -4.0,
+        chunk_size: int = 64,
+        prefill_chunk_size: Optional[int] = None,
+        alpha: float = 1.0,
+        truncate_chunk_gradients: bool = False,
+        **kwargs,
+    ):
+        self.gate = gate
+        self.gate_init_bias = gate_init_bias
+        self.chunk_size = chunk_size
+        self.prefill_chunk_size = prefill_chunk_size
+        self.alpha = alpha
+        self.truncate_chunk_gradients = truncate_chunk_gradients
+        super().__init__(**kwargs)
+
+    def validate_architecture(self) -> None:
+        super().validate_architecture()
+        if self.gate not in GATE_VARIANTS:
+            raise ValueError(f"MeltConfig.gate={self.gate!r} is not one of {GATE_VARIANTS}")
+        validate_chunk_size(self.chunk_size, "chunk_size")
+        if self.prefill_chunk_size is not None:
+            validate_chunk_size(self.prefill_chunk_size, "prefill_chunk_size")
+        validate_alpha(self.alpha)
+
+
+def validate_chunk_size(value, name: str = "chunk_size") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"MELT {name} must be an integer >= 1, got {value!r}")
+
+
+def validate_alpha(value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"MELT alpha must be a number in [0, 1], got {value!r}")
+
+
+class KVGate(nn.Module):
+    """g for the key slot and the value slot of one layer, from the layer's normalised input."""
+
+    def __init__(self, config: MeltConfig):
+        super().__init__()
+        self.variant = config.gate
+        self.num_kv_heads, self.head_dim = config.num_key_value_heads, config.head_dim
+        width = {"elementwise": self.num_kv_heads * self.head_dim, "headwise": self.num_kv_heads}.get(self.variant)
+        self.proj = nn.Linear(config.hidden_size, 2 * width) if width else None  # keys and values, fused
+        self.init_bias = config.gate_init_bias
+
+    def reset_parameters(self) -> None:
+        if self.proj is not None:
+            nn.init.zeros_(self.proj.weight)
+            nn.init.constant_(self.proj.bias, self.init_bias)
+
+    def forward(self, x: torch.Tensor, loop: int):
+        """x: [B, C, H]; loop (0-based, >= 1) -> (g_k, g_v), each broadcastable to [B, kv_heads, C, D]."""
+        if self.variant == "overwrite":
+            return 0.0, 0.0
+        if self.variant == "mean":
+            g = loop / (loop + 1.0)  # running average of the loops so far
+            return g, g
+        bsz, seq, _ = x.shape
+        per_head = self.head_dim if self.variant == "elementwise" else 1
+        g = torch.sigmoid(self.proj(x)).view(bsz, seq, 2, self.num_kv_heads, per_head).permute(2, 0, 3, 1, 4)
+        return g[0], g[1]
+
+
+class MeltDecoderLayer(DecoderLayer):
+    def __init__(self, config: MeltConfig):
+        super().__init__(config)
+        self.kv_gate = KVGate(config)
+
+
+@dataclass
+class MeltBaseOutput:
+    loop_states: tuple
+    exit_logits: tuple
+    past_key_values: Optional[MeltCache] = None
+    attention_outputs: Optional[tuple] = None
+    gate_stats: Optional[torch.Tensor] = None
+    exit_loop: Optional[torch.Tensor] = None
+
+
+@dataclass
+class MeltOutput(LoopLMOutput):
+    gate_stats: Optional[torch.Tensor] = None  # [num_layers, 3]: mean, min, max of the gates in this forward
+
+
+class GateStats:
+    """Mean/min/max of gate values per layer over one forward, kept as tensors (no host sync)."""
+
+    def __init__(self, num_layers: int):
+        self.parts: list[list] = [[] for _ in range(num_layers)]
+
+    def add(self, layer: int, *gates) -> None:
+        for g in gates:
+            g = torch.as_tensor(g).detach().float()
+            self.parts[layer].append((g.sum(), g.amin(), g.amax(), g.numel()))
+
+    def tensor(self) -> Optional[torch.Tensor]:
+        if not any(self.parts):
+            return None
+        rows = []
+        for parts in self.parts:
+            if not parts:
+                rows.append(torch.full((3,), float("nan")))
+                continue
+            total = torch.stack([p[0] for p in parts]).sum() / sum(p[3] for p in parts)
+            rows.append(torch.stack([total.cpu(), torch.stack([p[1] for p in parts]).min().cpu(),
+                                     torch.stack([p[2] for p in parts]).max().cpu()]))
+        return torch.stack(rows)
+
+
+class MeltPreTrainedModel(LoopedPreTrainedModel):
+    config_class = MeltConfig
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, KVGate):
+            module.reset_parameters()
+
+
+def mix(own: torch.Tensor, slot: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(1 - alpha) * own + alpha * slot, without arithmetic at the two ends (exactness at alpha 0 and 1)."""
+    if alpha == 0.0:
+        return own
+    if alpha == 1.0:
+        return slot
+    return torch.lerp(own, slot, alpha)
+
+
+class MeltModel(MeltPreTrainedModel):
+    def __init__(self, config: MeltConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(MeltDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.early_exit_gate = nn.Linear(config.hidden_size, 1)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[MeltCache] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        cache_position: Optional[torch.LongTensor] = None,
+        chunk_size: Optional[int | Sequence[int]] = None,
+        exit_at_loop: Optional[int] = None,
+        exit_threshold: Optional[float] = None,
+        output_attention_outputs: bool = False,
+        **kwargs,
+    ) -> MeltBaseOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        cfg = self.config
+        alpha = float(cfg.alpha)
+        validate_alpha(alpha)
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        bsz, seq = hidden.shape[:2]
+        num_loops = cfg.total_ut_steps if exit_at_loop is None else exit_at_loop
+        if not 1 <= num_loops <= cfg.total_ut_steps:
+            raise ValueError(f"exit_at_loop must be in 1..{cfg.total_ut_steps} (1-based), got {exit_at_loop}")
+
+        use_cache = cfg.use_cache if use_cache is None else use_cache
+        cache = past_key_values
+        if cache is not None and not isinstance(cache, MeltCache):
+            raise TypeError(f"past_key_values must be a MeltCache, got {type(cache).__name__}")
+        if cache is None:
+            # a cache always carries the earlier chunks; it is returned only when asked for
+            cache = MeltCache(cfg.num_hidden_layers, cfg.total_ut_steps, keep_loop_kv=alpha < 1.0)
+        elif alpha < 1.0 and not cache.keep_loop_kv:
+            raise ValueError(f"alpha={alpha} needs per-loop keys, but this MeltCache was built at alpha = 1")
+        past = cache.get_seq_length()
+        check_positions(cfg, past, seq)
+        if cache_position is None:
+            cache_position = torch.arange(past, past + seq, device=hidden.device)
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, cache_position, seq)
+        cos, sin = self.rotary_emb(hidden, position_ids)
+        padded = attention_mask is not None and not bool(attention_mask.all())
+
+        bounds = self._chunk_bounds(seq, past, chunk_size)
+        stats = GateStats(cfg.num_hidden_layers)
+        states, gates, attn, exit_loops = [[] for _ in range(num_loops)], [[] for _ in range(num_loops)], [], []
+        for start, end in bounds:
+            prefix = past + start
+            query_pos = cache_position[start:end]
+            mask = None
+            if padded or (prefix > 0 and end - start > 1):
+                mask = causal_padding_mask(attention_mask[:, :prefix + end - start] if padded else None,
+                                           query_pos, prefix + end - start)
+            # the prefix is read here, not inside the chunk, so that a checkpointed replay sees the same one
+            prefixes = {entry: cache.prefix(entry) for entry in range(len(cache.layers))}
+            args = (hidden[:, start:end], cos[:, start:end], sin[:, start:end], mask, cache, prefixes, num_loops,
+                    alpha, exit_threshold, output_attention_outputs, stats)
+            if self.gradient_checkpointing and self.training:
+                out = checkpoint(self._run_chunk, *args, use_reentrant=False)
+            else:
+                out = self._run_chunk(*args)
+            chunk_states, chunk_gates, new_slots, new_loop_kv, chunk_attn, chunk_exit = out
+            self._store_chunk(cache, new_slots, new_loop_kv)
+            for t in range(num_loops):
+                states[t].append(chunk_states[t])
+                gates[t].append(chunk_gates[t])
+            attn.append(chunk_attn)
+            exit_loops.append(chunk_exit)
+
+        cat = lambda parts: parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # noqa: E731
+        attention_outputs = None
+        if output_attention_outputs:
+            attention_outputs = tuple(tuple(cat([a[t][l] for a in attn]) for l in range(cfg.num_hidden_layers))
+                                      for t in range(num_loops))
+        return MeltBaseOutput(
+            loop_states=tuple(cat(s) for s in states),
+            exit_logits=tuple(cat(g) for g in gates),
+            past_key_values=cache if use_cache else None,
+            attention_outputs=attention_outputs,
+            gate_stats=stats.tensor(),
+            exit_loop=cat(exit_loops) if exit_threshold is not None else None,
+        )
+
+    def _chunk_bounds(self, seq: int, past: int, chunk_size) -> list[tuple[int, int]]:
+        cfg = self.config
+        if chunk_size is None:
+            if seq == 1:
+                chunk_size = 1
+            elif past == 0 and not self.training and cfg.prefill_chunk_size is not None:
+                chunk_size = cfg.prefill_chunk_size
+            else:
+                chunk_size = cfg.chunk_size
+        if isinstance(chunk_size, int):
+            # Chunks end at the end of the input (the first one takes the remainder): left padding
+            # then never moves a chunk boundary, so a padded batch runs exactly as each prompt alone.
+            validate_chunk_size(chunk_size)
+            sizes = ([seq % chunk_size] if seq % chunk_size else []) + [chunk_size] * (seq // chunk_size)
+        else:
+            sizes = list(chunk_size)
+            for s in sizes:
+                validate_chunk_size(s, "chunk sizes")
+            if sum(sizes) != seq:
+                raise ValueError(f"chunk sizes {sizes} sum to {sum(sizes)}, not the sequence length {seq}")
+        bounds, start = [], 0
+        for s in sizes:
+            bounds.append((start, start + s))
+            start += s
+        return bounds
+
+    def _store_chunk(self, cache: MeltCache, new_slots, new_loop_kv) -> None:
+        detach = self.config.truncate_chunk_gradients
+        for entry, (k, v, replace) in new_slots.items():
+            k, v = (k.detach(), v.detach()) if detach else (k, v)
+            (cache.replace if replace else cache.append)(entry, k, v)
+        for entry, (k, v) in new_loop_kv.items():
+            cache.append(entry, *((k.detach(), v.detach()) if detach else (k, v)))
+
+    def _run_chunk(self, hidden, cos, sin, mask, cache: MeltCache, prefixes: dict, num_loops: int, alpha: float,
+                   exit_threshold: Optional[float], keep_attn: bool, stats: GateStats):
+        """All loops of one chunk, given the cache's prefix tensors. Pure (the cache is only asked for
+        entry numbers), so that activation checkpointing can replay it; the caller stores the result."""
+        cfg = self.config
+        num_layers = cfg.num_hidden_layers
+        is_causal = mask is None and hidden.shape[1] > 1
+        slots: list = [None] * num_layers
+        new_loop_kv = {}
+        bsz, chunk = hidden.shape[:2]
+        frozen = torch.zeros(bsz, chunk, dtype=torch.bool, device=hidden.device) if exit_threshold is not None \
+            else None
+        survive = torch.ones(bsz, chunk, device=hidden.device) if frozen is not None else None
+        exit_loop = torch.full((bsz, chunk), num_loops, device=hidden.device) if frozen is not None else None
+        states, gates, attn = [], [], []
+        full_kv: list = [None] * num_layers
+        for loop in range(num_loops):
+            loop_attn = []
+            last_loop = loop == num_loops - 1
+            for index, layer in enumerate(self.layers):
+                def attend(x, q, k, v, layer=layer, index=index):
+                    if loop == 0:
+                        sk, sv = k, v
+                    else:
+                        gk, gv = layer.kv_gate(x, loop)
+                        stats.add(index, gk, gv)
+                        prev_k, prev_v = slots[index]
+                        sk, sv = torch.lerp(k, prev_k, gk), torch.lerp(v, prev_v, gv)
+                        if frozen is not None:  # an exited token keeps its slot at its exit-loop state
+                            keep = frozen[:, None, :, None]
+                            sk, sv = torch.where(keep, prev_k, sk), torch.where(keep, prev_v, sv)
+                    slots[index] = (sk, sv)
+                    own_k, own_v = mix(k, sk, alpha), mix(v, sv, alpha)
+                    if alpha < 1.0 and cache.keep_loop_kv:
+                        new_loop_kv[cache.loop_entry(loop, index)] = (k, v)
+                    pk, pv = prefixes[index]
+                    if pk is not None:
+                        if alpha < 1.0:
+                            lk, lv = prefixes[cache.loop_entry(loop, index)]
+                            pk, pv = mix(lk, pk, alpha), mix(lv, pv, alpha)
+                        own_k, own_v = torch.cat([pk, own_k], dim=2), torch.cat([pv, own_v], dim=2)
+                    if last_loop and alpha == 1.0:
+                        full_kv[index] = (own_k, own_v)  # already prefix + final slots: the next cache
+                    return layer.self_attn.attend(q, own_k, own_v, mask, is_causal)
+
+                hidden, attn_out = layer(hidden, cos, sin, attend)
+                if keep_attn:
+                    loop_attn.append(attn_out)
+            hidden = self.norm(hidden)
+            gate = self.early_exit_gate(hidden).squeeze(-1)
+            if frozen is not None:
+                state = hidden if loop == 0 else torch.where(frozen[..., None], states[-1], hidden)
+                survive = survive * (1.0 - torch.sigmoid(gate.float()))
+                exiting = ~frozen & (1.0 - survive >= exit_threshold) if not last_loop else ~frozen
+                exit_loop = torch.where(exiting, loop + 1, exit_loop)
+                frozen = frozen | exiting
+            else:
+                state = hidden
+            states.append(state)
+            gates.append(gate)
+            attn.append(tuple(loop_attn))
+
+        new_slots = {}
+        for index in range(num_layers):
+            if full_kv[index] is not None and not self.config.truncate_chunk_gradients:
+                new_slots[index] = (*full_kv[index], True)
+            else:
+                new_slots[index] = (*slots[index], False)
+        return states, gates, new_slots, new_loop_kv, attn, exit_loop
+
+
+class MeltForCausalLM(LoopedCausalLMMixin, MeltPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = ["lm_head.weight"]
+
+    def __init__(self, config: MeltConfig):
+        super().__init__(config)
+        self.model = MeltModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    @property
+    def alpha(self) -> float:
+        return float(self.config.alpha)
+
+    def set_alpha(self, alpha: float) -> None:
+        """Interpolation towards the LoopLM (0) or pure MELT (1); the trainer sets it every step."""
+        validate_alpha(alpha)
+        self.config.alpha = float(alpha)
+
+    @classmethod
+    def from_looplm(cls, looplm: LoopLMForCausalLM | str | Path, gate: str = "elementwise",
+                    chunk_size: int = 64, alpha: float = 1.0, **options) -> "MeltForCausalLM":
+        """A MELT model with the LoopLM's weights (by name) and fresh gates.
+
+        looplm: a LoopLMForCausalLM or the path of an Ouro/LoopLM checkpoint. options: any other
+        MeltConfig field (gate_init_bias, prefill_chunk_size, truncate_chunk_gradients, ...)
+        or LoopLM config override (total_ut_steps, ...).
+        """
+        if not isinstance(looplm, LoopLMForCausalLM):
+            looplm = LoopLMForCausalLM.from_pretrained(looplm)
+        base = looplm.config.to_dict()
+        for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path"):
+            base.pop(key, None)
+        base.update(gate=gate, chunk_size=chunk_size, alpha=alpha, **options)
+        config = MeltConfig(**base)
+        param = next(looplm.parameters())
+        melt = cls(config).to(dtype=param.dtype, device=param.device)
+        missing, unexpected = melt.load_state_dict(looplm.state_dict(), strict=False)
+        bad_missing = [k for k in missing if ".kv_gate." not in k]
+        if bad_missing or unexpected:
+            raise ValueError(f"LoopLM weights do not map onto MELT: missing {bad_missing}, unexpected {unexpected}")
+        return melt.train(looplm.training)
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[MeltCache] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        cache_position: Optional[torch.LongTensor] = None,
+        logits_to_keep: int = 0,
+        output_loop_logits: bool = False,
+        output_attention_outputs: bool = False,
+        exit_at_loop: Optional[int] = None,
+        exit_threshold: Optional[float] = None,
+        expected_logits: bool = False,
+        chunk_size: Optional[int | Sequence[int]] = None,
+        **kwargs,
+    ) -> MeltOutput:
+        """As LoopLMForCausalLM.forward, chunk-wise. exit_at_loop runs only that many loops;
+        exit_threshold (Q-exit) freezes each token, and its slot, at its exit loop."""
+        base = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            cache_position=cache_position, chunk_size=chunk_size, exit_at_loop=exit_at_loop,
+            exit_threshold=exit_threshold, output_attention_outputs=output_attention_outputs,
+        )
+        out = self.causal_lm_output(base, labels, logits_to_keep, output_loop_logits, None,
+                                    None, expected_logits, MeltOutput)
+        if exit_threshold is not None:  # states are frozen at each token's exit: the last state is the exit's
+            keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+            out.exit_loop = base.exit_loop[:, keep]
+        out.gate_stats = base.gate_stats
+        return out
