@@ -125,7 +125,8 @@ class LoopLMConfig(PretrainedConfig):
 
 @dataclass
 class LoopLMBaseOutput(ModelOutput):
-    loop_states: Optional[tuple] = None        # normalised state h_t after each loop, [B, S, H] each
+    loop_states: Optional[tuple] = None        # normalised state h_t after each loop, [B, S, H] each (None
+                                               # for loops before the last unless keep_loop_states)
     exit_logits: Optional[tuple] = None        # early-exit gate logit after each loop, [B, S] each
     past_key_values: Optional[object] = None
     attention_outputs: Optional[tuple] = None  # [loop][layer] -> [B, S, heads*head_dim], before o_proj
@@ -245,6 +246,7 @@ class LoopLMModel(LoopLMPreTrainedModel):
         use_cache: Optional[bool] = None,
         cache_position: Optional[torch.LongTensor] = None,
         output_attention_outputs: bool = False,
+        keep_loop_states: bool = True,
         **kwargs,
     ) -> LoopLMBaseOutput:
         if (input_ids is None) == (inputs_embeds is None):
@@ -283,7 +285,7 @@ class LoopLMModel(LoopLMPreTrainedModel):
                 if output_attention_outputs:
                     loop_attn.append(attn_out)
             hidden = self.norm(hidden)
-            states.append(hidden)
+            states.append(hidden if keep_loop_states or loop == num_loops - 1 else None)  # memory: generation
             gates.append(self.early_exit_gate(hidden).squeeze(-1))
             attn_outputs.append(tuple(loop_attn))
         return LoopLMBaseOutput(
@@ -307,7 +309,7 @@ class LoopedCausalLMMixin:
 
     def causal_lm_output(self, base, labels, logits_to_keep, output_loop_logits, exit_at_loop,
                          exit_threshold, expected_logits, output_cls):
-        num_loops = len(base.loop_states)
+        num_loops = len(base.exit_logits)
         validate_exit_options(num_loops, exit_at_loop, exit_threshold, expected_logits)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) and logits_to_keep > 0 \
             else slice(None)
@@ -391,6 +393,8 @@ class LoopLMForCausalLM(LoopedCausalLMMixin, LoopLMPreTrainedModel, GenerationMi
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             cache_position=cache_position, output_attention_outputs=output_attention_outputs,
+            keep_loop_states=output_loop_logits or expected_logits or exit_threshold is not None
+            or exit_at_loop is not None,
         )
         return self.causal_lm_output(base, labels, logits_to_keep, output_loop_logits, exit_at_loop,
                                      exit_threshold, expected_logits, LoopLMOutput)

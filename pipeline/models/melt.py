@@ -86,16 +86,15 @@ class KVGate(nn.Module):
             nn.init.constant_(self.proj.bias, self.init_bias)
 
     def forward(self, x: torch.Tensor, loop: int):
-        """x: [B, C, H]; loop (0-based, >= 1) -> (g_k, g_v), each broadcastable to [B, kv_heads, C, D]."""
+        """x: [B, C, H]; loop (0-based, >= 1) -> g for keys and values, a float or a tensor
+        broadcastable to [2, B, kv_heads, C, D] (index 0: keys, 1: values)."""
         if self.variant == "overwrite":
-            return 0.0, 0.0
+            return 0.0
         if self.variant == "mean":
-            g = loop / (loop + 1.0)  # running average of the loops so far
-            return g, g
+            return loop / (loop + 1.0)  # running average of the loops so far
         bsz, seq, _ = x.shape
         per_head = self.head_dim if self.variant == "elementwise" else 1
-        g = torch.sigmoid(self.proj(x)).view(bsz, seq, 2, self.num_kv_heads, per_head).permute(2, 0, 3, 1, 4)
-        return g[0], g[1]
+        return torch.sigmoid(self.proj(x)).view(bsz, seq, 2, self.num_kv_heads, per_head).permute(2, 0, 3, 1, 4)
 
 
 class MeltDecoderLayer(DecoderLayer):
@@ -117,6 +116,7 @@ class MeltBaseOutput:
 @dataclass
 class MeltOutput(LoopLMOutput):
     gate_stats: Optional[torch.Tensor] = None  # [num_layers, 3]: mean, min, max of the gates in this forward
+                                               # (in train mode, or with output_gate_stats=True)
 
 
 class GateStats:
@@ -192,6 +192,8 @@ class MeltModel(MeltPreTrainedModel):
         exit_at_loop: Optional[int] = None,
         exit_threshold: Optional[float] = None,
         output_attention_outputs: bool = False,
+        keep_loop_states: bool = True,
+        output_gate_stats: bool = False,
         **kwargs,
     ) -> MeltBaseOutput:
         if (input_ids is None) == (inputs_embeds is None):
@@ -224,7 +226,7 @@ class MeltModel(MeltPreTrainedModel):
         padded = attention_mask is not None and not bool(attention_mask.all())
 
         bounds = self._chunk_bounds(seq, past, chunk_size)
-        stats = GateStats(cfg.num_hidden_layers)
+        stats = GateStats(cfg.num_hidden_layers) if self.training or output_gate_stats else None
         states, gates, attn, exit_loops = [[] for _ in range(num_loops)], [[] for _ in range(num_loops)], [], []
         for start, end in bounds:
             prefix = past + start
@@ -236,7 +238,7 @@ class MeltModel(MeltPreTrainedModel):
             # the prefix is read here, not inside the chunk, so that a checkpointed replay sees the same one
             prefixes = {entry: cache.prefix(entry) for entry in range(len(cache.layers))}
             args = (hidden[:, start:end], cos[:, start:end], sin[:, start:end], mask, cache, prefixes, num_loops,
-                    alpha, exit_threshold, output_attention_outputs, stats)
+                    alpha, exit_threshold, output_attention_outputs, keep_loop_states, stats)
             if self.gradient_checkpointing and self.training:
                 out = checkpoint(self._run_chunk, *args, use_reentrant=False)
             else:
@@ -255,11 +257,11 @@ class MeltModel(MeltPreTrainedModel):
             attention_outputs = tuple(tuple(cat([a[t][l] for a in attn]) for l in range(cfg.num_hidden_layers))
                                       for t in range(num_loops))
         return MeltBaseOutput(
-            loop_states=tuple(cat(s) for s in states),
+            loop_states=tuple(None if s[0] is None else cat(s) for s in states),
             exit_logits=tuple(cat(g) for g in gates),
             past_key_values=cache if use_cache else None,
             attention_outputs=attention_outputs,
-            gate_stats=stats.tensor(),
+            gate_stats=stats.tensor() if stats is not None else None,
             exit_loop=cat(exit_loops) if exit_threshold is not None else None,
         )
 
@@ -298,7 +300,7 @@ class MeltModel(MeltPreTrainedModel):
             cache.append(entry, *((k.detach(), v.detach()) if detach else (k, v)))
 
     def _run_chunk(self, hidden, cos, sin, mask, cache: MeltCache, prefixes: dict, num_loops: int, alpha: float,
-                   exit_threshold: Optional[float], keep_attn: bool, stats: GateStats):
+                   exit_threshold: Optional[float], keep_attn: bool, keep_states: bool, stats: GateStats):
         """All loops of one chunk, given the cache's prefix tensors. Pure (the cache is only asked for
         entry numbers), so that activation checkpointing can replay it; the caller stores the result."""
         cfg = self.config
@@ -312,32 +314,45 @@ class MeltModel(MeltPreTrainedModel):
         survive = torch.ones(bsz, chunk, device=hidden.device) if frozen is not None else None
         exit_loop = torch.full((bsz, chunk), num_loops, device=hidden.device) if frozen is not None else None
         states, gates, attn = [], [], []
+        state = None
         full_kv: list = [None] * num_layers
+        buffers: list = [None] * num_layers
         for loop in range(num_loops):
             loop_attn = []
             last_loop = loop == num_loops - 1
             for index, layer in enumerate(self.layers):
                 def attend(x, q, k, v, layer=layer, index=index):
+                    new = torch.stack([k, v])  # keys and values travel together: [2, B, kv_heads, C, D]
                     if loop == 0:
-                        sk, sv = k, v
+                        slot = new
                     else:
-                        gk, gv = layer.kv_gate(x, loop)
-                        stats.add(index, gk, gv)
-                        prev_k, prev_v = slots[index]
-                        sk, sv = torch.lerp(k, prev_k, gk), torch.lerp(v, prev_v, gv)
+                        g = layer.kv_gate(x, loop)
+                        if stats is not None:
+                            stats.add(index, g)
+                        slot = torch.lerp(new, slots[index], g)
                         if frozen is not None:  # an exited token keeps its slot at its exit-loop state
-                            keep = frozen[:, None, :, None]
-                            sk, sv = torch.where(keep, prev_k, sk), torch.where(keep, prev_v, sv)
-                    slots[index] = (sk, sv)
-                    own_k, own_v = mix(k, sk, alpha), mix(v, sv, alpha)
+                            slot = torch.where(frozen[None, :, None, :, None], slots[index], slot)
+                    slots[index] = slot
+                    own = mix(new, slot, alpha)
                     if alpha < 1.0 and cache.keep_loop_kv:
                         new_loop_kv[cache.loop_entry(loop, index)] = (k, v)
                     pk, pv = prefixes[index]
-                    if pk is not None:
+                    if pk is not None and alpha == 1.0 and not torch.is_grad_enabled():
+                        # inference: copy the prefix once per chunk, not once per loop
+                        if buffers[index] is None:
+                            buf = own.new_empty(2, *pk.shape[:2], pk.shape[2] + own.shape[3], pk.shape[3])
+                            buf[0, :, :, :pk.shape[2]].copy_(pk)
+                            buf[1, :, :, :pk.shape[2]].copy_(pv)
+                            buffers[index] = buf
+                        buffers[index][:, :, :, pk.shape[2]:].copy_(own)
+                        own = buffers[index]
+                    elif pk is not None:
+                        prefix = torch.stack([pk, pv])
                         if alpha < 1.0:
                             lk, lv = prefixes[cache.loop_entry(loop, index)]
-                            pk, pv = mix(lk, pk, alpha), mix(lv, pv, alpha)
-                        own_k, own_v = torch.cat([pk, own_k], dim=2), torch.cat([pv, own_v], dim=2)
+                            prefix = mix(torch.stack([lk, lv]), prefix, alpha)
+                        own = torch.cat([prefix, own], dim=3)
+                    own_k, own_v = own[0], own[1]
                     if last_loop and alpha == 1.0:
                         full_kv[index] = (own_k, own_v)  # already prefix + final slots: the next cache
                     return layer.self_attn.attend(q, own_k, own_v, mask, is_causal)
@@ -348,14 +363,14 @@ class MeltModel(MeltPreTrainedModel):
             hidden = self.norm(hidden)
             gate = self.early_exit_gate(hidden).squeeze(-1)
             if frozen is not None:
-                state = hidden if loop == 0 else torch.where(frozen[..., None], states[-1], hidden)
+                state = hidden if loop == 0 else torch.where(frozen[..., None], state, hidden)
                 survive = survive * (1.0 - torch.sigmoid(gate.float()))
                 exiting = ~frozen & (1.0 - survive >= exit_threshold) if not last_loop else ~frozen
                 exit_loop = torch.where(exiting, loop + 1, exit_loop)
                 frozen = frozen | exiting
             else:
                 state = hidden
-            states.append(state)
+            states.append(state if keep_states or last_loop else None)  # memory: generation keeps the last
             gates.append(gate)
             attn.append(tuple(loop_attn))
 
@@ -364,7 +379,7 @@ class MeltModel(MeltPreTrainedModel):
             if full_kv[index] is not None and not self.config.truncate_chunk_gradients:
                 new_slots[index] = (*full_kv[index], True)
             else:
-                new_slots[index] = (*slots[index], False)
+                new_slots[index] = (slots[index][0], slots[index][1], False)
         return states, gates, new_slots, new_loop_kv, attn, exit_loop
 
 
@@ -439,6 +454,7 @@ class MeltForCausalLM(LoopedCausalLMMixin, MeltPreTrainedModel, GenerationMixin)
         exit_threshold: Optional[float] = None,
         expected_logits: bool = False,
         chunk_size: Optional[int | Sequence[int]] = None,
+        output_gate_stats: bool = False,
         **kwargs,
     ) -> MeltOutput:
         """As LoopLMForCausalLM.forward, chunk-wise. exit_at_loop runs only that many loops;
@@ -448,6 +464,7 @@ class MeltForCausalLM(LoopedCausalLMMixin, MeltPreTrainedModel, GenerationMixin)
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             cache_position=cache_position, chunk_size=chunk_size, exit_at_loop=exit_at_loop,
             exit_threshold=exit_threshold, output_attention_outputs=output_attention_outputs,
+            keep_loop_states=output_loop_logits or expected_logits, output_gate_stats=output_gate_stats,
         )
         out = self.causal_lm_output(base, labels, logits_to_keep, output_loop_logits, None,
                                     None, expected_logits, MeltOutput)
