@@ -197,7 +197,8 @@ def test_fresh_gates_start_overwrite_like():
     melt = melt_from(lm, gate="elementwise", gate_init_bias=-3.0)
     assert melt.model.layers[0].kv_gate.proj.out_features == 2 * lm.config.num_key_value_heads * lm.config.head_dim
     assert torch.count_nonzero(melt.model.layers[1].kv_gate.proj.weight) == 0
-    out = melt(torch.randint(0, 97, (1, 5)))
+    assert melt(torch.randint(0, 97, (1, 5))).gate_stats is None  # eval mode: not collected unless asked
+    out = melt(torch.randint(0, 97, (1, 5)), output_gate_stats=True)
     torch.testing.assert_close(out.gate_stats, torch.sigmoid(torch.tensor(-3.0)).expand(2, 3))
 
 
