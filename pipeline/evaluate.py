@@ -1,0 +1,74 @@
+"""Evaluate exported models on an MDS eval split.
+
+    python -m pipeline.evaluate --model runs/x/transition/export --contender melt \\
+        --data runs/x/data/eval --out runs/x/eval/melt.json
+
+Several contenders in one run (one JSON with an entry each, plus a Markdown table):
+
+    python -m pipeline.evaluate --model standard=DIR1 --model looplm=DIR2 --model looplm_lastkv=DIR2 \\
+        --model melt=DIR3 --data DIR/eval --out report.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.evaluation.contenders import CONTENDERS, load_contender
+from pipeline.evaluation.data import load_eval_split
+from pipeline.evaluation.metrics import evaluate
+from pipeline.evaluation.report import markdown_table
+
+
+def parse_models(values: list[str], default_contender: str | None) -> list[tuple[str, str]]:
+    models = []
+    for value in values:
+        if "=" in value:
+            name, path = value.split("=", 1)
+        elif default_contender:
+            name, path = default_contender, value
+        else:
+            raise SystemExit(f"--model {value}: say which contender it is (NAME=DIR or --contender NAME)")
+        if name not in CONTENDERS:
+            raise SystemExit(f"--model {value}: unknown contender {name!r}; choose from {', '.join(CONTENDERS)}")
+        if not (Path(path) / "config.json").is_file():
+            raise SystemExit(f"--model {value}: {path} is not an exported model (no config.json)")
+        models.append((name, path))
+    return models
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", required=True, help="NAME=DIR, or DIR with --contender")
+    parser.add_argument("--contender", choices=CONTENDERS, help="contender of a bare --model DIR")
+    parser.add_argument("--data", required=True, help="prepared eval split (directory with manifest.json)")
+    parser.add_argument("--out", required=True, type=Path, help="JSON output; a .md table is written beside it")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-samples", type=int, default=None)
+    parser.add_argument("--chunk-size", type=int, default=None, help="MELT / chunked-baseline prefill chunk")
+    parser.add_argument("--exit-threshold", type=float, default=0.9, help="q of the Q-exit histogram")
+    args = parser.parse_args(argv)
+
+    models = parse_models(args.model, args.contender)
+    split = load_eval_split(args.data, args.max_samples)
+    results = {}
+    for name, path in models:
+        contender = load_contender(name, path, args.chunk_size)
+        results[name] = {"model_path": str(path), **evaluate(contender, split, args.batch_size, args.exit_threshold)}
+        print(f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in results[name].items()
+                                      if isinstance(v, float)), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"data": str(args.data), "results": results}, indent=2) + "\n")
+    tmp.replace(args.out)
+    table = markdown_table(results)
+    args.out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
