@@ -22,3 +22,22 @@ def tiny_looplm(seed=0, perturb_norms=True, **overrides) -> LoopLMForCausalLM:
                 if "early_exit_gate" in name:
                     p.normal_(0, 0.5)
     return model
+
+
+def write_eval_split(out_dir, split):
+    """Write an EvalSplit as an MDS dataset in the data_prep contract (index.json, manifest.json)."""
+    import json
+
+    import numpy as np
+    from streaming import MDSWriter
+
+    seq = split.input_ids.shape[1]
+    columns = {"input_ids": "ndarray:uint16", "labels": "ndarray:int16", "difficulty": "int32",
+               "prompt_length": "int32"}
+    with MDSWriter(out=str(out_dir), columns=columns) as writer:
+        for i in range(len(split)):
+            writer.write({"input_ids": split.input_ids[i].numpy().astype(np.uint16),
+                          "labels": split.labels[i].numpy().astype(np.int16),
+                          "difficulty": int(split.difficulty[i]), "prompt_length": int(split.prompt_length[i])})
+    (out_dir / "manifest.json").write_text(json.dumps({"seq_len": seq, "kind": "synthetic"}))
+    return out_dir
