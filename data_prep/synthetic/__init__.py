@@ -1,0 +1,1 @@
+"""Synthetic reasoning tasks (S3 word problem, pointer chasing, modular arithmetic)."""
