@@ -59,6 +59,24 @@ class MeltConfig(LoopLMConfig):
         validate_alpha(self.alpha)
 
 
+    @classmethod
+    def from_looplm_config(cls, looplm_config: LoopLMConfig, **options) -> "MeltConfig":
+        """The LoopLM's architecture with MELT's options (gate, chunk_size, alpha, ... or overrides)."""
+        base = looplm_config.to_dict()
+        for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype",
+                    "torch_dtype"):
+            base.pop(key, None)
+        base.update(options)
+        return cls(**base)
+
+
+GATE_PARAMETER_MARKER = ".kv_gate."  # every gate parameter's name contains it
+
+
+def is_gate_parameter(name: str) -> bool:
+    return GATE_PARAMETER_MARKER in name
+
+
 def validate_chunk_size(value, name: str = "chunk_size") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"MELT {name} must be an integer >= 1, got {value!r}")
@@ -424,15 +442,12 @@ class MeltForCausalLM(LoopedCausalLMMixin, MeltPreTrainedModel, GenerationMixin)
         """
         if not isinstance(looplm, LoopLMForCausalLM):
             looplm = LoopLMForCausalLM.from_pretrained(looplm)
-        base = looplm.config.to_dict()
-        for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path"):
-            base.pop(key, None)
-        base.update(gate=gate, chunk_size=chunk_size, alpha=alpha, **options)
-        config = MeltConfig(**base)
+        config = MeltConfig.from_looplm_config(looplm.config, gate=gate, chunk_size=chunk_size, alpha=alpha,
+                                               **options)
         param = next(looplm.parameters())
         melt = cls(config).to(dtype=param.dtype, device=param.device)
         missing, unexpected = melt.load_state_dict(looplm.state_dict(), strict=False)
-        bad_missing = [k for k in missing if ".kv_gate." not in k]
+        bad_missing = [k for k in missing if not is_gate_parameter(k)]
         if bad_missing or unexpected:
             raise ValueError(f"LoopLM weights do not map onto MELT: missing {bad_missing}, unexpected {unexpected}")
         return melt.train(looplm.training)

@@ -99,3 +99,16 @@ def ouro_stage2_gate_loss(loop_logits: Sequence[torch.Tensor], exit_logits: Sequ
     count = valid.sum()
     return LossOutput((bce * mask).sum() / norm, count,
                       {"gate_bce": ((bce * mask).sum() / count.clamp_min(1)).detach()})
+
+
+def last_loop_lm_loss(loop_logits: Sequence[torch.Tensor], exit_logits: Sequence[torch.Tensor],
+                      labels: torch.Tensor, beta: float = 0.1,
+                      normalizer: Optional[torch.Tensor | float] = None) -> LossOutput:
+    """Next-token CE of the last loop (the full-depth output), with the stage-I metrics (per-loop
+    CE, exit distribution and its entropy) computed without gradients for logging."""
+    out = causal_lm_loss(loop_logits[-1], labels, normalizer)
+    with torch.no_grad():
+        metrics = ouro_stage1_loss([lg.detach() for lg in loop_logits], [g.detach() for g in exit_logits],
+                                   labels, beta=beta).metrics
+    out.metrics.update(metrics)
+    return out

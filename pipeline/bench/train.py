@@ -1,0 +1,191 @@
+"""Training cost: LoopLM pretrain step vs MELT transition steps, and ZeRO-3 partitioning.
+
+    python -m pipeline.bench train --out runs/bench/train.json [--preset cpu-small] [--seq-len 512]
+
+1. Throughput (one process, plain PyTorch, same random model and sequence length): tokens/s of
+   a LoopLM pretrain step (Ouro stage-I loss) and of MELT transition steps (chunk-wise, last-loop
+   CE, alpha mid-ramp so the per-loop keys are kept as well) at each --chunks size, each timed
+   as forward + loss + backward + AdamW step. Ratios MELT / LoopLM; target >= 0.8 at chunk 128.
+2. ZeRO-3 (the trainer's DeepSpeed engine, launched with `deepspeed --num_gpus N` on CPU): bytes
+   of parameters + fp32 master + optimizer state held by one rank, with 1 and 2 ranks; target:
+   2 ranks at most 0.55 x 1 rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.bench.common import add_model_arguments, build_looplm, device_and_dtype, model_shape
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def add_arguments(parser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--loops", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per contender (after 1 warm-up)")
+    parser.add_argument("--chunks", default="64,128", help="MELT chunk sizes")
+    parser.add_argument("--alpha", type=float, default=0.5, help="MELT's alpha in the timed steps")
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--zero-ranks", default="1,2", help="rank counts for the ZeRO-3 bytes ('' skips it)")
+    parser.add_argument("--zero-preset", default=None, help="model shape for the ZeRO-3 part (default: --preset)")
+
+
+def time_training(model, kind: str, batch: dict, steps: int) -> dict:
+    from pipeline.training.phases import lm_loss
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    device = batch["input_ids"].device
+
+    def step():
+        out = model(input_ids=batch["input_ids"], output_loop_logits=True, use_cache=False)
+        loss = lm_loss(kind, 0.1, out, batch["labels"], None).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    step()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = (time.perf_counter() - start) / steps
+    tokens = batch["input_ids"].numel()
+    result = {"step_s": seconds, "tokens_per_s": tokens / seconds, "loss": loss}
+    if device.type == "cuda":
+        result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    return result
+
+
+def throughput(args) -> dict:
+    from pipeline.models import MeltForCausalLM
+    device, dtype = device_and_dtype(args)
+    shape = model_shape(args)
+    g = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, shape["vocab"], (args.batch, args.seq_len), generator=g).to(device)
+    batch = {"input_ids": ids, "labels": ids}
+    looplm = build_looplm(shape, args.loops, args.seq_len, args.seed, device, dtype)
+    if args.activation_checkpointing:
+        looplm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    results = {"looplm_pretrain": time_training(looplm, "ouro_stage1", batch, args.steps)}
+    for chunk in [int(c) for c in args.chunks.split(",") if c]:
+        melt = MeltForCausalLM.from_looplm(build_looplm(shape, args.loops, args.seq_len, args.seed, device, dtype),
+                                           chunk_size=chunk, alpha=args.alpha)
+        if args.activation_checkpointing:
+            melt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        results[f"melt_transition_chunk{chunk}"] = time_training(melt, "last_loop_ce", batch, args.steps)
+        del melt
+    base = results["looplm_pretrain"]["tokens_per_s"]
+    ratios = {k: v["tokens_per_s"] / base for k, v in results.items() if k != "looplm_pretrain"}
+    return {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "shape": shape, "loops": args.loops,
+            "seq_len": args.seq_len, "batch": args.batch, "alpha": args.alpha, "results": results,
+            "ratio_to_looplm": ratios}
+
+
+# ------------------------------------------------------------------ ZeRO-3 bytes per rank
+
+def zero_config(shape: dict, loops: int, world: int, run_dir: str) -> dict:
+    from pipeline.training.config import load_yaml_with_includes
+    return {
+        "run_dir": run_dir, "seed": 0,
+        "model": {"config": {"vocab_size": shape["vocab"], "hidden_size": shape["hidden"],
+                             "intermediate_size": shape["intermediate"], "num_hidden_layers": shape["layers"],
+                             "num_attention_heads": shape["heads"], "num_key_value_heads": shape["kv_heads"],
+                             "total_ut_steps": loops, "max_position_embeddings": 128}},
+        "data": {"path": "unused", "micro_batch_size": 1, "global_batch_size": world},
+        "phase": {"name": "pretrain"},
+        "schedule": {"total_steps": 2},
+        "engine": {"deepspeed": load_yaml_with_includes(REPO / "configs/deepspeed/zero3_cpu.yaml")},
+    }
+
+
+def zero_worker(out: str, preset_args: list[str], loops: int) -> None:
+    """One rank of `deepspeed --module pipeline.bench.train --zero-worker ...`: one real training step."""
+    import argparse
+
+    from pipeline.distributed import resolve_distributed_env
+    from pipeline.training import comm
+    from pipeline.training.config import validate_run_config
+    from pipeline.training.engines import build_engine
+    from pipeline.training.phases import PretrainPhase
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    shape = model_shape(parser.parse_args(preset_args))
+    env = resolve_distributed_env()
+    cfg = validate_run_config(zero_config(shape, loops, env.world_size, os.path.dirname(out)))
+    engine = build_engine(cfg, env)
+    engine.init_distributed()
+    phase = PretrainPhase(cfg)
+    model = phase.build_model(engine)
+    engine.prepare(model, phase.parameter_groups(model), lambda s: 1.0, cfg.optimizer.betas, cfg.optimizer.eps)
+    ids = torch.randint(0, shape["vocab"], (1, 64), generator=torch.Generator().manual_seed(env.rank))
+    out_step = phase.micro_step(engine.forward, {"input_ids": ids, "labels": ids}, 63.0 * env.world_size)
+    engine.backward(out_step.loss.loss)
+    engine.optimizer_step()
+    stats = comm.all_gather_object(engine.partition_stats().as_dict())
+    if env.rank == 0:
+        Path(out).write_text(json.dumps(stats))
+    engine.close()
+
+
+def zero_bytes(args) -> dict:
+    ranks = [int(r) for r in args.zero_ranks.split(",") if r]
+    if not ranks:
+        return {}
+    from pipeline.distributed import free_port
+    preset = ["--preset", args.zero_preset or args.preset] + [
+        f"--{k}={getattr(args, k.replace('-', '_'))}" for k in ("hidden", "layers", "heads", "kv-heads",
+                                                                 "intermediate", "vocab")
+        if getattr(args, k.replace("-", "_")) is not None and args.zero_preset is None]
+    per_rank = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in ranks:
+            out = os.path.join(tmp, f"zero{n}.json")
+            cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(n), "--master_port",
+                   str(free_port()), "--module", "pipeline.bench.train", "--zero-worker", out, str(args.loops),
+                   *preset]
+            env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+            if proc.returncode != 0:
+                raise RuntimeError(f"ZeRO-3 worker with {n} rank(s) failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+            stats = json.loads(Path(out).read_text())
+            held = [s["param_bytes"] + s["master_bytes"] + s["optimizer_state_bytes"] for s in stats]
+            per_rank[str(n)] = {"max_bytes_per_rank": max(held), "ranks": stats}
+    result = {"accelerator": "cpu (fp32)", "per_rank": per_rank}
+    if "1" in per_rank and "2" in per_rank:
+        result["ratio_2_to_1"] = per_rank["2"]["max_bytes_per_rank"] / per_rank["1"]["max_bytes_per_rank"]
+    return result
+
+
+def run(args) -> dict:
+    result = {"throughput": throughput(args), "zero3": zero_bytes(args)}
+    t, z = result["throughput"], result["zero3"]
+    summary = {f"{k}_tokens_per_s": round(v["tokens_per_s"], 1) for k, v in t["results"].items()}
+    summary.update({f"{k}_vs_looplm": round(v, 3) for k, v in t["ratio_to_looplm"].items()})
+    if "ratio_2_to_1" in z:
+        summary["zero3_bytes_per_rank_2_vs_1"] = round(z["ratio_2_to_1"], 3)
+    result["summary"] = summary
+    result["targets"] = {"melt_chunk128_vs_looplm_at_least": 0.8, "zero3_2_vs_1_at_most": 0.55}
+    return result
+
+
+if __name__ == "__main__":  # a ZeRO-3 worker rank (see zero_bytes)
+    argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    if not argv or argv[0] != "--zero-worker":
+        sys.exit("use `python -m pipeline.bench train --out FILE.json`")
+    zero_worker(argv[1], argv[3:], int(argv[2]))

@@ -1,0 +1,54 @@
+"""Train one phase.
+
+    deepspeed pipeline/train.py --config configs/smoke/pretrain.yaml [dotted.key=value ...]
+    deepspeed pipeline/train.py --config configs/experiments/ouro-1.4b-melt.yaml --phase transition
+
+Rerunning the same command resumes from the run's latest complete checkpoint.
+Exit codes: 0 done (or stopped at schedule.stop_at_step), 2 refused (configuration,
+data, checkpoint mismatch), 3 non-finite loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: import the package, not sibling modules
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train one phase of the MELT pipeline (DeepSpeed ZeRO-3).")
+    parser.add_argument("--config", required=True, help="run config YAML, or an experiment YAML with --phase")
+    parser.add_argument("--phase", default=None, help="which section of an experiment file to run")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the deepspeed launcher (LOCAL_RANK is read from the environment)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from pipeline.distributed import resolve_distributed_env
+    from pipeline.training.config import ConfigError, load_run_config
+    from pipeline.data import DataResumeError
+    from pipeline.training.trainer import NonFiniteLoss, run
+
+    try:
+        cfg = load_run_config(args.config, args.overrides, args.phase)
+        env = resolve_distributed_env()
+        run(cfg, env)
+    except (ConfigError, DataResumeError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except NonFiniteLoss as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

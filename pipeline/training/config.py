@@ -1,0 +1,348 @@
+"""The run configuration: one typed, validated object per training run.
+
+A run config is YAML with the sections below (`configs/smoke/pretrain.yaml` is a
+small complete example). Loading:
+
+1. the YAML is read; any mapping with a `_base_: <path>` key is merged onto that
+   file's content (paths relative to the including file; the including keys win);
+2. an experiment file (a top-level mapping whose sections are run configs, one per
+   phase: `transition:`, `distill:`, ...) is reduced to the section `phase` names;
+3. command-line overrides `dotted.key=value` (values parsed as YAML) are applied;
+4. pydantic validates everything: an unknown key or a bad value raises ConfigError
+   naming the key, before any process group starts.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PHASE_NAMES = ("pretrain", "transition", "distill")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the user (names the offending key)."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------- sections
+
+class ModelSection(Section):
+    config: Optional[dict[str, Any]] = None  # LoopLMConfig keyword arguments (pretrain: a model from scratch)
+    init_from: Optional[str] = None          # a LoopLM checkpoint: HF export directory or hub name (transition)
+
+    @field_validator("config")
+    @classmethod
+    def _known_looplm_keys(cls, value):
+        if value is None:
+            return value
+        from pipeline.models import LoopLMConfig
+        known = set(inspect.signature(LoopLMConfig.__init__).parameters) - {"self", "kwargs"}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown LoopLM config key(s) {unknown}; known: {sorted(known)}")
+        LoopLMConfig(**value)  # runs the architecture checks
+        return value
+
+
+class DataSection(Section):
+    path: str                                # dataset directory (index.json, MDS shards, manifest.json)
+    micro_batch_size: int = Field(4, gt=0)   # per rank and micro-step
+    global_batch_size: int = Field(16, gt=0)  # = micro_batch_size * world size * gradient accumulation steps
+    num_canonical_nodes: int = Field(1, gt=0)  # pinned: the sample order does not depend on the node count
+    shuffle: bool = True
+    shuffle_seed: Optional[int] = None       # default: the run's seed
+    num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _batch_multiple(self):
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"global_batch_size={self.global_batch_size} is not a multiple of "
+                             f"micro_batch_size={self.micro_batch_size}")
+        return self
+
+
+class LossSection(Section):
+    kind: Literal["ouro_stage1", "last_loop_ce"] = "ouro_stage1"
+    beta: float = Field(0.1, ge=0)           # entropy weight of the Ouro stage-I loss
+
+
+class PretrainPhaseSection(Section):
+    """A LoopLM from scratch (model.config), Ouro stage-I loss."""
+    name: Literal["pretrain"]
+    loss: LossSection = LossSection(kind="ouro_stage1")
+
+
+class AlphaRampSection(Section):
+    start: float = Field(0.0, ge=0, le=1)
+    end: float = Field(1.0, ge=0, le=1)
+    ramp_fraction: float = Field(0.5, ge=0, le=1)   # of the phase's total steps; alpha stays at `end` after
+    shape: Literal["linear", "cosine"] = "linear"
+
+
+class TransitionPhaseSection(Section):
+    """MELT from a LoopLM checkpoint (model.init_from), chunk-wise, alpha ramped start -> end."""
+    name: Literal["transition"]
+    gate: Literal["elementwise", "headwise", "overwrite", "mean"] = "elementwise"
+    chunk_size: int = Field(64, gt=0)
+    alpha: AlphaRampSection = AlphaRampSection()
+    loss: LossSection = LossSection(kind="last_loop_ce")
+    trainable: Literal["all", "gates", "gates+attention"] = "all"
+    melt_options: dict[str, Any] = {}        # passed on to MeltForCausalLM.from_looplm
+
+
+PhaseSection = Annotated[Union[PretrainPhaseSection, TransitionPhaseSection], Field(discriminator="name")]
+
+
+class GroupSection(Section):
+    lr: Optional[float] = Field(None, gt=0)
+    weight_decay: Optional[float] = Field(None, ge=0)
+
+
+class OptimizerSection(Section):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)   # applied to matrices only (not to norms and biases)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    groups: dict[str, GroupSection] = {}     # per parameter group (the phase names its groups): lr, weight_decay
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, value):
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError(f"betas must lie in [0, 1), got {value}")
+        return value
+
+
+class ScheduleSection(Section):
+    total_steps: int = Field(gt=0)           # optimizer steps of the whole phase
+    warmup_steps: int = Field(0, ge=0)
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr: float = Field(0.0, ge=0)         # reached at total_steps (for optimizer.lr; other groups in proportion)
+    stop_at_step: Optional[int] = Field(None, gt=0)  # end this invocation there (checkpointed); rerun to go on
+
+    @model_validator(mode="after")
+    def _steps(self):
+        if self.warmup_steps >= self.total_steps and self.total_steps > 1:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be smaller than total_steps={self.total_steps}")
+        return self
+
+
+class EngineSection(Section):
+    name: Literal["deepspeed"] = "deepspeed"  # the FSDP2 engine will add "fsdp2"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    grad_clip: float = Field(1.0, ge=0)      # 0 disables clipping
+    activation_checkpointing: bool = False
+    deepspeed: dict[str, Any] = {}           # DeepSpeed config (usually `_base_: configs/deepspeed/zero3.yaml`)
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _trainer_owned_keys(cls, value):
+        owned = {"optimizer": "optimizer.*", "scheduler": "schedule.*", "gradient_clipping": "engine.grad_clip",
+                 "train_batch_size": "data.global_batch_size", "train_micro_batch_size_per_gpu":
+                 "data.micro_batch_size", "gradient_accumulation_steps": "data.global_batch_size"}
+        clash = {key: where for key, where in owned.items() if key in value}
+        if clash:
+            raise ValueError("these DeepSpeed keys are set by the trainer from the run config: "
+                             + ", ".join(f"{k} (use {w})" for k, w in clash.items()))
+        stage = value.get("zero_optimization", {}).get("stage", 3)
+        if stage != 3:
+            raise ValueError(f"zero_optimization.stage must be 3 (got {stage})")
+        return value
+
+
+class LoggingSection(Section):
+    every: int = Field(1, gt=0)              # steps between TensorBoard / JSONL / console records
+    tensorboard: bool = True
+
+
+class CheckpointingSection(Section):
+    every: int = Field(100, gt=0)            # steps between checkpoints (and one at the end)
+    keep_last: int = Field(2, gt=0)
+    export: bool = True                      # Hugging Face export under <run_dir>/export at the end
+    export_dtype: Literal["float32", "bfloat16"] = "float32"  # float32: the master weights, exactly
+
+
+class GuardsSection(Section):
+    nonfinite: Literal["stop", "skip"] = "stop"  # non-finite loss: stop the run, or skip the optimizer step
+    inject_nonfinite_at_step: Optional[int] = None  # testing aid: make the loss NaN at this step (rank 0)
+
+
+class RunConfig(Section):
+    run_dir: str
+    seed: int = 0
+    model: ModelSection
+    data: DataSection
+    phase: PhaseSection
+    optimizer: OptimizerSection = OptimizerSection()
+    schedule: ScheduleSection
+    engine: EngineSection = EngineSection()
+    logging: LoggingSection = LoggingSection()
+    checkpointing: CheckpointingSection = CheckpointingSection()
+    guards: GuardsSection = GuardsSection()
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        name = self.phase.name
+        if name == "pretrain" and (self.model.config is None or self.model.init_from is not None):
+            raise ValueError("phase pretrain builds a LoopLM from scratch: set model.config, not model.init_from")
+        if name == "transition" and (self.model.init_from is None or self.model.config is not None):
+            raise ValueError("phase transition starts from a LoopLM checkpoint: set model.init_from, "
+                             "not model.config")
+        if self.schedule.min_lr > self.optimizer.lr:
+            raise ValueError(f"schedule.min_lr={self.schedule.min_lr} exceeds optimizer.lr={self.optimizer.lr}")
+        if self.schedule.stop_at_step is not None and self.schedule.stop_at_step > self.schedule.total_steps:
+            raise ValueError("schedule.stop_at_step exceeds schedule.total_steps")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+def resolve_includes(node: Any, base_dir: Path, _stack: tuple = ()) -> Any:
+    """Replace every mapping's `_base_: path` by that file's content, merged under the mapping's own keys."""
+    if isinstance(node, list):
+        return [resolve_includes(v, base_dir, _stack) for v in node]
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    base = node.pop("_base_", None)
+    node = {k: resolve_includes(v, base_dir, _stack) for k, v in node.items()}
+    if base is None:
+        return node
+    path = (base_dir / str(base)).resolve()
+    if path in _stack:
+        raise ConfigError(f"circular _base_ include of {path}")
+    included = resolve_includes(_read_yaml(path), path.parent, _stack + (path,))
+    if not isinstance(included, dict):
+        raise ConfigError(f"_base_ file {path} must hold a mapping")
+    return deep_merge(included, node)
+
+
+def load_yaml_with_includes(path: str | Path) -> Any:
+    path = Path(path).resolve()
+    return resolve_includes(_read_yaml(path), path.parent, (path,))
+
+
+def phase_sections(raw: dict) -> dict[str, dict]:
+    """The run configs of an experiment file: top-level sections that hold a `phase` mapping."""
+    return {k: v for k, v in raw.items() if isinstance(v, dict) and isinstance(v.get("phase"), dict)}
+
+
+def select_phase(raw: Any, phase: Optional[str], source: str) -> dict:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    if "phase" in raw:  # a run config
+        found = raw["phase"].get("name") if isinstance(raw["phase"], dict) else None
+        if phase is not None and found != phase:
+            raise ConfigError(f"{source}: --phase {phase} asked for, but the config's phase.name is {found!r}")
+        return raw
+    sections = phase_sections(raw)
+    if not sections:
+        raise ConfigError(f"{source}: neither a run config (no `phase` section) nor an experiment "
+                          "(no section holding a run config)")
+    if phase is None:
+        if len(sections) > 1:
+            raise ConfigError(f"{source} is an experiment with phases {sorted(sections)}: choose one with --phase")
+        phase = next(iter(sections))
+    if phase not in sections:
+        raise ConfigError(f"{source}: no phase {phase!r} in this experiment (has {sorted(sections)})")
+    return sections[phase]
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = deep_merge({}, raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like dotted.key=value")
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            value = text
+        node, parts = raw, key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: config key {'.'.join(parts[:depth + 1])!r} is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        parts = list(e["loc"])
+        if len(parts) > 1 and parts[0] == "phase" and parts[1] in PHASE_NAMES:
+            del parts[1]  # the discriminated union's tag
+        loc = ".".join(str(p) for p in parts)
+        if e["type"] == "extra_forbidden":
+            lines.append(f"config key {loc!r}: unknown key")
+        elif e["type"] == "missing":
+            lines.append(f"config key {loc!r}: required but missing")
+        else:
+            shown = e.get("input")
+            shown = "" if isinstance(shown, dict) else f" (got {shown!r})"
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"config key {loc or '<top>'!r}: {msg}{shown}")
+    return "invalid run config:\n  " + "\n  ".join(lines)
+
+
+def validate_run_config(raw: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def load_run_config(path: str | Path, overrides: Optional[list[str]] = None,
+                    phase: Optional[str] = None) -> RunConfig:
+    raw = select_phase(load_yaml_with_includes(path), phase, str(path))
+    return validate_run_config(apply_overrides(raw, list(overrides or [])))
+
+
+def load_experiment(path: str | Path) -> dict[str, RunConfig]:
+    """Every phase section of an experiment file, validated."""
+    raw = load_yaml_with_includes(path)
+    sections = phase_sections(raw) if isinstance(raw, dict) else {}
+    if not sections:
+        raise ConfigError(f"{path}: no phase section found")
+    out = {}
+    for name, section in sections.items():
+        try:
+            out[name] = validate_run_config(section)
+        except ConfigError as err:
+            raise ConfigError(f"{path}, section {name!r}: {err}") from None
+    return out

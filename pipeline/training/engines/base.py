@@ -1,0 +1,144 @@
+"""The engine interface: everything the trainer and the phases ask of a distributed backend.
+
+Phases, losses and logging only see this interface, never DeepSpeed or FSDP types.
+An engine owns the process group, model construction (partitioned from the start),
+the optimizer and lr schedule, micro-step / optimizer-step mechanics, checkpoint
+I/O in its own format, and gathering a full state dict for export.
+
+Gradient contract: after `optimizer_step()`, parameters have moved along the
+gradient of the SUM of every loss passed to `backward()` in that step, over all
+micro-steps and all ranks (the losses are already divided by the global token
+count; the engine undoes its own averaging over ranks / accumulation steps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from pipeline.distributed import DistEnv
+from pipeline.training.config import RunConfig
+
+
+@dataclass
+class ParamGroup:
+    name: str                         # e.g. "all", "gates", "attention" (optimizer.groups.<name> overrides)
+    params: list[nn.Parameter]        # trainable parameters only
+    lr: float
+    weight_decay: float = 0.0
+    no_decay: list[nn.Parameter] = field(default_factory=list)  # same lr, weight decay 0 (norms, biases)
+
+
+@dataclass
+class StepResult:
+    applied: bool                     # False when the engine skipped it (non-finite gradients)
+    grad_norm: float                  # before clipping (inf / nan when skipped)
+
+
+@dataclass
+class PartitionStats:
+    rank: int
+    world_size: int
+    total_numel: int                  # parameters of the whole model
+    local_numel: int                  # parameter elements held by this rank
+    param_bytes: int                  # this rank's parameter storage
+    master_bytes: int                 # this rank's fp32 master copy (0 when it is the parameter itself)
+    optimizer_state_bytes: int        # this rank's optimizer moments
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class Engine(ABC):
+    name: str = "abstract"
+
+    def __init__(self, cfg: RunConfig, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        self.rank, self.world_size = env.rank, env.world_size
+        micro, global_batch = cfg.data.micro_batch_size, cfg.data.global_batch_size
+        self.grad_accum_steps = global_batch // (micro * env.world_size)
+
+    # -- process group and placement
+    @abstractmethod
+    def init_distributed(self) -> None: ...
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
+    @property
+    @abstractmethod
+    def dtype(self) -> torch.dtype: ...
+
+    # -- models
+    def init_context(self) -> contextlib.AbstractContextManager:
+        """Models constructed inside are partitioned as they are built."""
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def init_weights(self, root: nn.Module, init_fn: Callable[[nn.Module], None]) -> None:
+        """Apply `init_fn(module)` to `root` and every module under it, children before parents (as
+        Hugging Face's initialisation does), on the full tensors, identically on every rank."""
+
+    @abstractmethod
+    def load_weights(self, model: nn.Module, tensors) -> None:
+        """Fill each parameter and persistent buffer whose name is `in tensors` with `tensors(name)`
+        (read on demand, e.g. a `weights.CheckpointTensors`)."""
+
+    @abstractmethod
+    def prepare(self, model: nn.Module, groups: list[ParamGroup], lr_lambda: Callable[[int], float],
+                betas: tuple[float, float], eps: float) -> None:
+        """Build the optimizer (AdamW over `groups`) and the schedule, and wrap the model."""
+
+    @property
+    @abstractmethod
+    def module(self) -> nn.Module:
+        """The model itself (unwrapped), e.g. to set MELT's alpha or read its config."""
+
+    # -- one optimizer step = grad_accum_steps x (forward, backward), then optimizer_step()
+    @abstractmethod
+    def forward(self, **inputs) -> Any: ...
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def optimizer_step(self) -> StepResult: ...
+
+    @abstractmethod
+    def learning_rates(self) -> dict[str, float]:
+        """Current lr per parameter group name."""
+
+    # -- checkpoints (engine format), export, accounting
+    @abstractmethod
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
+        """Collective: every rank writes its part of <directory>/<tag>/."""
+
+    @abstractmethod
+    def load_checkpoint(self, directory: str, tag: str) -> dict:
+        """Collective: restore model, optimizer and schedule; returns this rank's client state."""
+
+    @abstractmethod
+    def full_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
+        """Collective: the consolidated state dict on rank 0 (on CPU), None on other ranks."""
+
+    @abstractmethod
+    def partition_stats(self) -> PartitionStats: ...
+
+    def memory_stats(self) -> dict[str, float]:
+        if self.device.type == "cuda":
+            return {"max_allocated_bytes": float(torch.cuda.max_memory_allocated(self.device))}
+        with open("/proc/self/statm") as statm:  # resident pages now (Linux)
+            return {"rss_bytes": float(int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))}
+
+    def close(self) -> None:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()

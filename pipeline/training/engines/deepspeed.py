@@ -1,0 +1,220 @@
+"""DeepSpeed ZeRO-3 engine (DESIGN.md 4): partitioned construction and loading, bf16 on
+GPU / fp32 on CPU, gradient accumulation, clipping, our own lr schedule, DeepSpeed's
+checkpoint format."""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from pipeline.training.engines.base import Engine, ParamGroup, PartitionStats, StepResult
+from pipeline.training.weights import persistent_buffers
+
+
+def post_order(module: nn.Module):
+    for child in module.children():
+        yield from post_order(child)
+    yield module
+
+
+def _on_gpu() -> bool:
+    from deepspeed.accelerator import get_accelerator
+    return get_accelerator().device_name() == "cuda"
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    def __init__(self, cfg, env):
+        super().__init__(cfg, env)
+        self._engine = None
+        self._model: Optional[nn.Module] = None
+        self._group_names: list[str] = []
+        self._last: Optional[StepResult] = None
+        precision = cfg.engine.precision
+        self.bf16 = precision == "bf16" or (precision == "auto" and _on_gpu())
+        self.ds_config = self.build_ds_config()
+
+    def build_ds_config(self) -> dict:
+        ds = copy.deepcopy(self.cfg.engine.deepspeed)
+        ds.setdefault("zero_optimization", {})["stage"] = 3
+        ds["train_micro_batch_size_per_gpu"] = self.cfg.data.micro_batch_size
+        ds["gradient_accumulation_steps"] = self.grad_accum_steps
+        ds["train_batch_size"] = self.cfg.data.global_batch_size
+        ds["gradient_clipping"] = float(self.cfg.engine.grad_clip)
+        ds["bf16"] = {**ds.get("bf16", {}), "enabled": self.bf16}
+        ds["fp16"] = {"enabled": False}
+        ds.setdefault("steps_per_print", 2**31 - 1)
+        ds.setdefault("wall_clock_breakdown", False)
+        return ds
+
+    # -- process group and placement
+    def init_distributed(self) -> None:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+        self.env.export()
+        backend = "nccl" if _on_gpu() else "gloo"
+        if _on_gpu():
+            get_accelerator().set_device(self.env.local_rank)
+        elif "OMP_NUM_THREADS" not in os.environ:  # ranks share the node's cores: do not oversubscribe
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, self.env.local_world_size)))
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        if not _on_gpu():
+            self._unlink_shm_buffer()
+
+    def _unlink_shm_buffer(self) -> None:
+        """DeepSpeed's CPU all-reduce maps a ~70 MB POSIX shared-memory segment per rank and never
+        unlinks it: every run with a new master port would leave its segments in /dev/shm (RAM).
+        Once every rank has mapped every segment (init_distributed returned everywhere), each rank
+        unlinks its own; the mappings stay valid until the processes exit, even by SIGKILL."""
+        import torch.distributed as dist
+        dist.barrier()
+        name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+                f"{os.environ.get('MASTER_PORT')}_{self.rank}")
+        try:
+            os.unlink(os.path.join("/dev/shm", name))
+        except FileNotFoundError:
+            pass
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(f"cuda:{self.env.local_rank}") if _on_gpu() else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+    # -- models
+    def init_context(self):
+        import deepspeed
+        # dtype from the config (bf16 or fp32): deepspeed 0.19's Init(dtype=...) picks bf16 on CPU whatever is asked
+        return deepspeed.zero.Init(config_dict_or_path=self.ds_config)
+
+    def init_weights(self, root: nn.Module, init_fn: Callable[[nn.Module], None]) -> None:
+        # Gathers `root` whole (from-scratch initialisation of a whole model is for small models);
+        # rank 0 initialises, GatheredParameters re-partitions its values to every rank.
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(list(root.parameters()), modifier_rank=0):
+            if self.rank == 0:
+                with torch.no_grad():
+                    for module in post_order(root):
+                        init_fn(module)
+
+    def load_weights(self, model: nn.Module, tensors: Callable[[str], torch.Tensor]) -> None:
+        # One parameter at a time: rank 0 reads it and fills the gathered tensor, which is then
+        # re-partitioned; no rank ever holds more than one full parameter.
+        import deepspeed
+        for name, param in model.named_parameters():
+            if name not in tensors:
+                continue
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if self.rank == 0:
+                    with torch.no_grad():
+                        param.data.copy_(tensors(name))
+        for name, buf in persistent_buffers(model):
+            if name in tensors:
+                with torch.no_grad():
+                    buf.copy_(tensors(name))
+
+    def prepare(self, model, groups: list[ParamGroup], lr_lambda, betas, eps) -> None:
+        import deepspeed
+        torch_groups, self._group_names = [], []
+        for group in groups:
+            for params, wd in ((group.params, group.weight_decay), (group.no_decay, 0.0)):
+                if params:
+                    torch_groups.append({"params": params, "lr": group.lr, "weight_decay": wd})
+                    self._group_names.append(group.name)
+        optimizer = torch.optim.AdamW(torch_groups, betas=betas, eps=eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        self._model = model
+        self._engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                     config=self.ds_config)
+
+    @property
+    def module(self) -> nn.Module:
+        return self._engine.module if self._engine is not None else self._model
+
+    # -- steps
+    def forward(self, **inputs) -> Any:
+        return self._engine(**inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # ZeRO averages gradients over ranks; our losses are already global means -> undo it.
+        # scale_wrt_gas=False: the losses are normalised over accumulation steps already.
+        if loss.grad_fn is None:
+            raise RuntimeError("the loss does not depend on any trainable parameter (nothing to train)")
+        boundary = self._engine.is_gradient_accumulation_boundary()
+        self._engine.backward(loss * self.world_size, scale_wrt_gas=False)
+        self._engine.step()
+        if boundary:
+            norm = self._engine.get_global_grad_norm()
+            norm = float(norm) if norm is not None else float("nan")
+            self._last = StepResult(applied=bool(getattr(self._engine, "_step_applied", True)), grad_norm=norm)
+
+    def optimizer_step(self) -> StepResult:
+        if self._last is None:
+            raise RuntimeError("optimizer_step() before the last micro-step of the step was backpropagated "
+                               "(the number of micro-steps must equal gradient_accumulation_steps)")
+        result, self._last = self._last, None
+        return result
+
+    def learning_rates(self) -> dict[str, float]:
+        out = {}
+        for name, group in zip(self._group_names, self._engine.optimizer.param_groups):
+            out.setdefault(name, float(group["lr"]))
+        return out
+
+    # -- checkpoints
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
+        self._engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
+
+    def load_checkpoint(self, directory: str, tag: str) -> dict:
+        path, client_state = self._engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
+                                                          load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(directory, tag)}")
+        return client_state
+
+    def full_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
+        # The fp32 master weights of trainable parameters (what zero_to_fp32 recovers from a
+        # checkpoint, whatever the training precision); frozen ones as they are.
+        import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
+        state, seen = {}, {}
+        for name, param in self.module.named_parameters(remove_duplicate=False):
+            if id(param) in seen:  # tied weights: same tensor under both names
+                state[name] = state[seen[id(param)]] if self.rank == 0 else None
+                continue
+            seen[id(param)] = name
+            full = safe_get_full_fp32_param(param) if param.requires_grad else None
+            if full is None:
+                with deepspeed.zero.GatheredParameters([param]):
+                    full = param.data.detach().clone()
+            state[name] = full.cpu() if self.rank == 0 else None
+        for name, buf in persistent_buffers(self.module):
+            state[name] = buf.detach().cpu()
+        return state if self.rank == 0 else None
+
+    def partition_stats(self) -> PartitionStats:
+        total = local = param_bytes = 0
+        for p in self.module.parameters():
+            total += getattr(p, "ds_numel", p.numel())
+            held = getattr(p, "ds_tensor", p)
+            local += held.numel()
+            param_bytes += held.numel() * held.element_size()
+        opt = self._engine.optimizer
+        master_bytes = state_bytes = 0
+        params_storage = {id(p.ds_tensor) for p in self.module.parameters() if hasattr(p, "ds_tensor")}
+        for flat in getattr(opt, "fp32_partitioned_groups_flat", []) or []:
+            if flat is not None and id(flat) not in params_storage:
+                master_bytes += flat.numel() * flat.element_size()
+        inner = getattr(opt, "optimizer", opt)
+        for state in inner.state.values():
+            for value in state.values():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    state_bytes += value.numel() * value.element_size()
+        return PartitionStats(self.rank, self.world_size, total, local, param_bytes, master_bytes, state_bytes)

@@ -1,0 +1,71 @@
+"""Hugging Face export of the trained model under <run_dir>/export/ (written atomically).
+
+The weights are the engine's consolidated full state dict (for DeepSpeed: the fp32
+master weights, exactly what `zero_to_fp32` recovers from the final checkpoint), saved
+with the model class's own `save_pretrained` (safetensors), with its config and the
+dataset's tokenizer when the manifest names one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from pipeline.training import comm
+from pipeline.training.engines.base import Engine
+
+log = logging.getLogger("melt.train")
+
+
+def copy_tokenizer(source: str, out_dir: Path) -> None:
+    """A tokenizer directory's files, or a tokenizer by hub name (from the local cache), into out_dir."""
+    if Path(source).is_dir():
+        for item in Path(source).iterdir():
+            if item.is_file():
+                shutil.copy2(item, out_dir / item.name)
+        return
+    try:
+        from transformers import AutoTokenizer
+        AutoTokenizer.from_pretrained(source).save_pretrained(str(out_dir))
+    except (OSError, ValueError) as err:
+        log.warning(f"export without a tokenizer: cannot load {source!r} ({err})")
+
+
+def save_hf(model_cls, config, state: dict[str, torch.Tensor], out_dir: Path, dtype: torch.dtype,
+            tokenizer: Optional[str] = None, info: Optional[dict] = None) -> None:
+    """Write a Hugging Face checkpoint directory atomically (temp dir, then rename over out_dir)."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    config = copy.deepcopy(config)
+    config.dtype = dtype
+    with torch.device("meta"):
+        model = model_cls(config)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    if tokenizer is not None:
+        copy_tokenizer(tokenizer, tmp)
+    if info is not None:
+        (tmp / "export_info.json").write_text(json.dumps(info, indent=1, sort_keys=True))
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_model(engine: Engine, out_dir: Path, dtype: torch.dtype, tokenizer: Optional[str] = None,
+                 info: Optional[dict] = None) -> None:
+    """Collective: gather the full weights, rank 0 writes."""
+    state = engine.full_state_dict()
+    if comm.rank() == 0:
+        module = engine.module
+        save_hf(type(module), module.config, state, out_dir, dtype, tokenizer, info)
+    comm.barrier()

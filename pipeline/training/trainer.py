@@ -1,0 +1,238 @@
+"""The training loop: phase x engine x data, with logging, checkpoints, resumption and export.
+
+Everything that can be refused (bad config, missing data or checkpoint, a data
+fingerprint that does not match the checkpoint) is refused in `preflight()`, before
+any process group starts and before anything is written. Control flow is identical
+on every rank: fixed micro-steps per step, collective decisions (non-finite loss,
+checkpoint steps), no data-dependent branches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from pipeline.distributed import DistEnv
+from pipeline.training import comm
+from pipeline.training.checkpointing import (CheckpointManager, maybe_kill, rng_state, seed_everything,
+                                             set_rng_state, tag_for)
+from pipeline.training.config import ConfigError, RunConfig
+from pipeline.training.data import TrainData, check_fingerprint, data_fingerprint, read_manifest, tokenizer_source
+from pipeline.training.engines import build_engine
+from pipeline.training.export import export_model
+from pipeline.training.losses import IGNORE_INDEX
+from pipeline.training.metrics import RunLogger, StepMetrics, setup_console_logging, summarize_partition
+from pipeline.training.phases import Phase, build_phase
+from pipeline.training.schedules import lr_multiplier
+
+log = logging.getLogger("melt.train")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class Preflight:
+    phase: Phase
+    manifest: dict
+    fingerprint: dict
+    checkpoints: CheckpointManager
+    resume_tag: Optional[str]
+
+
+def preflight(cfg: RunConfig, env: DistEnv) -> Preflight:
+    """All checks that need no process group; writes nothing."""
+    phase = build_phase(cfg)
+    phase.check_inputs()
+    manifest = read_manifest(cfg.data.path)
+    vocab, key = phase.vocab_size()
+    if vocab is not None and manifest.get("vocab_size", 0) > vocab:
+        raise ConfigError(f"config key {key!r}: the model's vocabulary ({vocab}) is smaller than the dataset's "
+                          f"({manifest['vocab_size']}, {cfg.data.path})")
+    per_step = cfg.data.micro_batch_size * env.world_size
+    if cfg.data.global_batch_size % per_step:
+        raise ConfigError(f"config key 'data.global_batch_size': {cfg.data.global_batch_size} is not a multiple of "
+                          f"micro_batch_size x world size = {cfg.data.micro_batch_size} x {env.world_size}")
+    fingerprint = data_fingerprint(cfg, manifest)
+    checkpoints = CheckpointManager(cfg.run_dir, cfg.checkpointing.keep_last)
+    tag = checkpoints.latest_tag()
+    if tag is not None:
+        saved = checkpoints.trainer_state(tag)
+        check_fingerprint(saved.get("fingerprint", {}), fingerprint, str(checkpoints.root / tag))
+        if saved.get("phase") not in (None, cfg.phase.name):
+            raise ConfigError(f"run_dir {cfg.run_dir} holds a {saved['phase']} run; this config is phase "
+                              f"{cfg.phase.name}: use another run_dir")
+    return Preflight(phase, manifest, fingerprint, checkpoints, tag)
+
+
+def count_targets(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, env: DistEnv, pre: Preflight):
+        self.cfg, self.env, self.pre = cfg, env, pre
+        self.phase = pre.phase
+        self.run_dir = Path(cfg.run_dir)
+        self.engine = build_engine(cfg, env)
+        self.engine.init_distributed()
+        setup_console_logging(env.rank)
+        seed_everything(cfg.seed)
+        if env.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        comm.barrier()
+
+        self.data = TrainData(cfg)
+        model = self.phase.build_model(self.engine)
+        if cfg.engine.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        groups = self.phase.parameter_groups(model)
+        sched = cfg.schedule
+
+        def lr_lambda(step: int) -> float:
+            return lr_multiplier(step, sched.total_steps, sched.warmup_steps, sched.decay,
+                                 sched.min_lr / cfg.optimizer.lr)
+
+        self.engine.prepare(model, groups, lr_lambda, cfg.optimizer.betas, cfg.optimizer.eps)
+
+        self.step = 0
+        tag = comm.broadcast_object(pre.resume_tag)
+        if tag is not None:
+            client = self.engine.load_checkpoint(str(pre.checkpoints.root), tag)["trainer"]
+            self.step = int(client["step"])
+            self.data.load_state_dict(client["data"])
+            set_rng_state(client["rng"])
+            log.info(f"resumed from {pre.checkpoints.root / tag} at step {self.step}")
+        self.saved_step = self.step if tag is not None else None
+        self.stop_step = min(sched.stop_at_step or sched.total_steps, sched.total_steps)
+
+        self.logger = RunLogger(self.run_dir, env.rank, cfg.phase.name, sched.total_steps, self.step,
+                                cfg.logging.tensorboard)
+        self.logger.text("config", cfg.to_yaml())
+        log.info(f"phase {cfg.phase.name}, {env.world_size} rank(s), engine {self.engine.name}, "
+                 f"{self.engine.grad_accum_steps} micro-step(s) per step, dtype {self.engine.dtype}, "
+                 f"starting at step {self.step} of {sched.total_steps}")
+
+    def record_partition(self) -> None:
+        """Per-rank parameter / optimizer storage (<run_dir>/ranks/rank<r>.json), once the optimizer
+        state exists (after the first step)."""
+        stats = self.engine.partition_stats().as_dict()
+        ranks_dir = self.run_dir / "ranks"
+        ranks_dir.mkdir(exist_ok=True)
+        (ranks_dir / f"rank{self.env.rank}.json").write_text(json.dumps(stats, indent=1))
+        summary = summarize_partition(comm.all_gather_object(stats))
+        self.logger.text("partition", summary)
+        log.info("partitioned storage per rank:\n" + summary)
+
+    # -- one step
+    def check_finite(self, loss: torch.Tensor, step: int, micro: int) -> None:
+        local_bad = not bool(torch.isfinite(loss.detach()).all())
+        if comm.all_reduce(torch.tensor([float(local_bad)]), "max").item() == 0.0:
+            return
+        ranks = [r for r, bad in enumerate(comm.all_gather_object(local_bad)) if bad]
+        message = f"non-finite loss at step {step} (micro-step {micro + 1}) on rank(s) {ranks}"
+        if self.cfg.guards.nonfinite == "stop":
+            raise NonFiniteLoss(message + "; stopping (set guards.nonfinite=skip to skip such steps)")
+        log.warning(message + "; the optimizer step is skipped")
+
+    def train_step(self) -> dict[str, float]:
+        cfg, engine = self.cfg, self.engine
+        scalars = {f"train/{k}": v for k, v in self.phase.begin_step(engine.module, self.step).items()}
+        start = time.perf_counter()
+        batches = [self.data.next_batch() for _ in range(engine.grad_accum_steps)]
+        tokens = torch.tensor([float(sum(count_targets(b["labels"]) for b in batches))])
+        normalizer = max(comm.all_reduce(tokens).item(), 1.0)
+        metrics = StepMetrics()
+        lrs = engine.learning_rates()  # those this step's update uses
+        for micro, batch in enumerate(batches):
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            out = self.phase.micro_step(engine.forward, batch, normalizer)
+            if cfg.guards.inject_nonfinite_at_step == self.step + 1 and micro == 0 and self.env.rank == 0:
+                out.loss.loss = out.loss.loss * float("nan")
+            self.check_finite(out.loss.loss, self.step + 1, micro)
+            engine.backward(out.loss.loss)
+            metrics.add(out)
+        result = engine.optimizer_step()
+        self.step += 1
+        elapsed = time.perf_counter() - start
+        if not (self.step % cfg.logging.every == 0 or self.step == self.stop_step):
+            return {}
+        seq = batches[0]["input_ids"].shape[1]
+        scalars.update(metrics.reduce())
+        scalars.update({f"lr/{k}": v for k, v in lrs.items()})
+        scalars.update({
+            "train/grad_norm": result.grad_norm,
+            "train/step_applied": float(result.applied),
+            "train/samples_seen": float(self.step * cfg.data.global_batch_size),
+            "perf/tokens_per_s": cfg.data.global_batch_size * seq / elapsed,
+            "perf/step_time_s": elapsed,
+        })
+        scalars.update({f"memory/{k}": v for k, v in engine.memory_stats().items()})
+        return scalars
+
+    # -- checkpoints and export
+    def save(self) -> None:
+        tag = tag_for(self.step)
+        root = self.pre.checkpoints.begin_save(tag)
+        state = {"step": self.step, "phase": self.cfg.phase.name, "fingerprint": self.pre.fingerprint,
+                 "data": self.data.state_dict(), "samples_seen": self.step * self.cfg.data.global_batch_size}
+        self.engine.save_checkpoint(root, tag, {"trainer": {**state, "rng": rng_state()}})
+        self.pre.checkpoints.finish_save(tag, state)
+        self.saved_step = self.step
+        log.info(f"checkpoint {self.pre.checkpoints.root / tag}")
+
+    def export(self) -> None:
+        out = self.run_dir / "export"
+        dtype = getattr(torch, self.cfg.checkpointing.export_dtype)
+        info = {"step": self.step, "phase": self.cfg.phase.name, "checkpoint": tag_for(self.step)}
+        export_model(self.engine, out, dtype, tokenizer_source(self.cfg.data.path, self.pre.manifest), info)
+        log.info(f"exported {out}")
+
+    # -- the run
+    def fit(self) -> None:
+        cfg = self.cfg
+        total = cfg.schedule.total_steps
+        first, began = self.step, time.perf_counter()
+        while self.step < self.stop_step:
+            scalars = self.train_step()
+            if self.step == first + 1:
+                self.record_partition()
+            if scalars:
+                rate = (time.perf_counter() - began) / (self.step - first)
+                self.logger.log(self.step, scalars)
+                self.logger.console(self.step, scalars, rate * (total - self.step))
+            maybe_kill("after_step", self.step)
+            if self.step % cfg.checkpointing.every == 0 or self.step == self.stop_step:
+                self.save()
+        if self.saved_step != self.step:
+            self.save()
+        if self.step >= total and cfg.checkpointing.export:
+            self.export()
+        if self.step < total:
+            log.info(f"stopped at step {self.step} of {total} (schedule.stop_at_step); rerun to continue")
+
+    def close(self) -> None:
+        self.logger.close()
+        self.engine.close()
+
+
+def run(cfg: RunConfig, env: DistEnv) -> None:
+    pre = preflight(cfg, env)
+    trainer = Trainer(cfg, env, pre)
+    try:
+        trainer.fit()
+    except NonFiniteLoss:
+        trainer.close()  # decided on every rank together: a clean shutdown
+        raise
+    except BaseException:
+        trainer.logger.close()  # possibly on one rank only: no collective
+        raise
+    trainer.close()
