@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Debian packages the tests need, installed only when missing (root or sudo).
+# The SLURM tests (tests/slurm) start a single-node cluster from these: slurmctld, slurmd,
+# the client commands (sbatch, squeue, scontrol, sinfo, scancel, srun) and munge (munged, mungekey).
 set -euo pipefail
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
 need=()
-command -v g++ >/dev/null || need+=(g++)           # DeepSpeed's CPU comm op compiles once
-command -v sbatch >/dev/null || need+=(slurm-client)
-command -v slurmctld >/dev/null || need+=(slurmctld)
-command -v slurmd >/dev/null || need+=(slurmd)
-command -v munged >/dev/null || need+=(munge)
+have g++ || need+=(g++)                       # DeepSpeed's CPU comm op compiles once
+for cmd in sbatch squeue scontrol sinfo scancel srun; do
+  have "$cmd" || { need+=(slurm-client); break; }
+done
+have slurmctld || need+=(slurmctld)
+have slurmd || need+=(slurmd)
+{ have munged && have mungekey; } || need+=(munge)
 [ ${#need[@]} -eq 0 ] && exit 0
 echo "installing Debian packages: ${need[*]}"
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -1,0 +1,162 @@
+"""Run an experiment's phases on this machine, one after the other (no SLURM).
+
+    python launchers/local.py --config configs/experiments/X.yaml [key=value ...]
+        [--phases a,b] [--resume-from RUN_DIR] [--dry-run]
+
+The same experiment file, run layout and command lines as `launchers/slurm.py`:
+
+- data_prep / evaluate phases: ``python -m data_prep ...`` / ``python -m pipeline.evaluate ...``
+  in a subprocess;
+- train phases: ``deepspeed --num_gpus N --master_port P pipeline/train.py --config ...
+  key=value ...`` (``local.launcher: torchrun`` uses ``torchrun --nproc_per_node N``);
+  N is ``local.nproc_per_node``, else the phase's tasks per node (its GPUs per node, or
+  ``tasks_per_node`` on CPU: set ``DS_ACCELERATOR=cpu`` in ``resources.env``).
+
+A phase that fails stops the run (later phases are not started). Each phase's output is
+also written to ``<run_dir>/local/<phase>.log``. ``resources.env`` is exported;
+``resources.setup`` lines (module load, ...) are for the cluster and are not run here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from typing import Optional
+
+if __package__ in (None, ""):  # run as a script: import the package
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+from launchers.experiment import SINGLE_TASK_KINDS, ExperimentError  # noqa: E402
+from launchers.plan import (REPO_ROOT, LaunchError, Plan, PlannedPhase, add_launch_arguments,  # noqa: E402
+                            plan_from_args, save_experiment)
+
+
+def _free_port() -> int:
+    from pipeline.distributed import free_port
+
+    return free_port()
+
+
+def _target(entry: str, module_flag: str) -> list[str]:
+    """How a launcher names the entry: a script path, or `module_flag module` for packages."""
+    import importlib.util
+
+    if entry.endswith(".py") or "/" in entry:
+        return [entry]
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    spec = importlib.util.find_spec(entry)
+    if spec is not None and spec.submodule_search_locations is None and spec.origin:
+        return [spec.origin]
+    return [module_flag, entry]
+
+
+def nproc(plan: Plan, p: PlannedPhase) -> int:
+    if p.kind in SINGLE_TASK_KINDS:
+        return 1
+    return plan.experiment.local.nproc_per_node or p.resources.ntasks_per_node
+
+
+def command(plan: Plan, p: PlannedPhase, port: Optional[int] = None) -> list[str]:
+    python = sys.executable
+    if p.kind in SINGLE_TASK_KINDS:  # python -m module ... (or python script.py ...)
+        is_script = p.entry.endswith(".py") or "/" in p.entry
+        return [python, *([p.entry] if is_script else ["-m", p.entry]), *p.argv]
+    n = str(nproc(plan, p))
+    port = str(port or _free_port())
+    if plan.experiment.local.launcher == "torchrun":
+        return [python, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", n,
+                "--master_addr", "127.0.0.1", "--master_port", port, *_target(p.entry, "-m"), *p.argv]
+    return [python, "-m", "deepspeed.launcher.runner", "--num_gpus", n, "--master_port", port,
+            *_target(p.entry, "--module"), *p.argv]
+
+
+def phase_env(p: PlannedPhase) -> dict[str, str]:
+    env = dict(os.environ)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # the launcher of each phase sets them
+    for key, value in p.resources.env.items():
+        env[str(key)] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + path if path else "")
+    return env
+
+
+def run_phase(plan: Plan, p: PlannedPhase, out=None) -> int:
+    out = out or sys.stdout
+    cmd = command(plan, p)
+    log = plan.run_dir / "local" / f"{p.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[local] {p.name} ({p.kind}): {shlex.join(cmd)}", file=out, flush=True)
+    start = time.time()
+    with open(log, "a") as sink:
+        sink.write(f"$ {shlex.join(cmd)}\n")
+        proc = subprocess.Popen(cmd, env=phase_env(p), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1, start_new_session=True)
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                out.write(line)
+                sink.write(line)
+            code = proc.wait()
+        except KeyboardInterrupt:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
+            raise
+    print(f"[local] {p.name}: exit {code} after {time.time() - start:.0f}s (log {log})", file=out, flush=True)
+    return code
+
+
+def run(plan: Plan, out=None) -> int:
+    out = out or sys.stdout
+    if not plan.phases:
+        print("nothing to run: every selected phase is complete", file=out)
+        return 0
+    save_experiment(plan.experiment, plan.run_dir)
+    for name, why in plan.skipped.items():
+        print(f"[local] {name}: skipped ({why})", file=out)
+    for p in plan.phases:
+        code = run_phase(plan, p, out)
+        if code != 0:
+            rest = [q.name for q in plan.phases[plan.phases.index(p) + 1:]]
+            print(f"error: phase {p.name} failed (exit {code})"
+                  + (f"; not started: {', '.join(rest)}" if rest else ""), file=sys.stderr, flush=True)
+            return 1
+    print(f"[local] done: {', '.join(p.name for p in plan.phases)} in {plan.run_dir}", file=out)
+    return 0
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Run an experiment's phases on this machine (no SLURM).",
+                                     epilog="The experiment format is documented in launchers/experiment.py.")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    add_launch_arguments(parser, verb="run")
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        plan = plan_from_args(args, strict=not args.dry_run)
+        if not args.dry_run:
+            return run(plan)
+        for p in plan.phases:
+            after = f" (after {', '.join(p.upstream)})" if p.upstream else ""
+            print(f"{p.name}{after}: {shlex.join(command(plan, p, port=29500))}")
+        for name, why in plan.skipped.items():
+            print(f"{name}: skipped ({why})")
+        return 0
+    except (ExperimentError, LaunchError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

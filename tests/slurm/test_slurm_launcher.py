@@ -1,0 +1,312 @@
+"""launchers/slurm.py on a real single-node SLURM cluster (started by the `slurm_cluster` fixture).
+
+The mechanics (dependency order, the distributed environment of each task, a failing phase
+cancelling its dependents, preemption -> requeue -> resume) use `toy_phase.py`, a tiny real
+2-rank gloo training with checkpoints; the smoke experiment runs the real data prep and trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+TOY = str(REPO / "tests" / "slurm" / "toy_phase.py")
+SMOKE = REPO / "configs" / "experiments" / "smoke.yaml"
+
+pytestmark = pytest.mark.slurm
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def launch(*args: str, launcher: str = "slurm.py", timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(REPO / "launchers" / launcher), *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def toy(**args) -> dict:
+    return {"kind": "train", "entry": TOY, "args": [f"{k}={v}" for k, v in args.items()]}
+
+
+def toy_experiment(tmp_path: Path, phases: dict, name: str = "toy") -> Path:
+    exp = {"name": name, "run_dir": str(tmp_path / "run"), "allow_short_signal_delay": True,
+           "resources": {"partition": "debug", "tasks_per_node": 2, "cpus_per_task": 1, "mem_gb": 1, "time": 10,
+                         "signal_delay_s": 30, "max_requeues": 2, "env": {"OMP_NUM_THREADS": 1}},
+           "local": {"launcher": "torchrun"}, "phases": phases}
+    path = tmp_path / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(exp, sort_keys=False))
+    return path
+
+
+def jobs_of(run_dir: Path) -> dict[str, dict]:
+    return json.loads((run_dir / "slurm" / "jobs.json").read_text())["jobs"]
+
+
+def events(run_dir: Path, rank: int) -> list[dict]:
+    path = run_dir / "events" / f"rank{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def job_logs(job: dict) -> str:
+    out = []
+    for key in ("stdout", "stderr"):
+        path = Path(job[key])
+        if path.is_file():
+            out.append(f"--- {path}\n{path.read_text(errors='replace')[-3000:]}")
+    return "\n".join(out)
+
+
+def assert_launched(out: subprocess.CompletedProcess) -> None:
+    assert out.returncode == 0, f"launcher failed ({out.returncode}):\n{out.stdout}\n{out.stderr}"
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.2) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(poll)
+
+
+# ----------------------------------------------------------------------------- mechanics
+
+def test_chain_runs_in_dependency_order_with_slurm_ranks(slurm_cluster, tmp_path):
+    cfg = toy_experiment(tmp_path, {"a": toy(steps=2, sleep=0.5), "b": toy(steps=2, input="{a/export}"),
+                                    "c": toy(steps=2, input="{b/export}")})
+    run_dir = tmp_path / "run"
+    out = launch("--config", cfg)
+    assert_launched(out)
+    jobs = jobs_of(run_dir)
+    ids = {name: job["job_id"] for name, job in jobs.items()}
+    for name, job in jobs.items():  # each job id and its log path are printed
+        assert f"{name}: job {job['job_id']}" in out.stdout and job["stdout"] in out.stdout
+    assert jobs["a"]["dependency"] is None
+    assert jobs["b"]["dependency"] == f"afterok:{ids['a']}" and jobs["c"]["dependency"] == f"afterok:{ids['b']}"
+    script = (run_dir / "slurm" / "b" / f"{ids['b']}_submission.sh").read_text()
+    assert "#SBATCH --kill-on-invalid-dep=yes" in script and "#SBATCH --ntasks-per-node=2" in script
+
+    final = slurm_cluster.wait_jobs(list(ids.values()), timeout=240)
+    for name, job_id in ids.items():
+        assert final[job_id]["JobState"] == "COMPLETED", f"{name}: {final[job_id]}\n{job_logs(jobs[name])}"
+        assert final[job_id]["Dependency"] == "(null)"
+    for earlier, later in (("a", "b"), ("b", "c")):
+        end = max(e["time"] for r in (0, 1) for e in events(run_dir / earlier, r) if e["event"] == "end")
+        start = min(e["time"] for r in (0, 1) for e in events(run_dir / later, r) if e["event"] == "start")
+        assert start > end, f"{later} started before {earlier} ended"
+    for name in ids:
+        starts = [events(run_dir / name, r)[0] for r in (0, 1)]
+        assert sorted(s["rank"] for s in starts) == [0, 1]
+        assert {s["local_rank"] for s in starts} == {0, 1}
+        for s in starts:
+            assert (s["world_size"], s["local_world_size"], s["lws_env"]) == (2, 2, "2")
+            assert s["master_addr"] == slurm_cluster.node and s["job_id"] == ids[name]
+            assert s["cuda_visible"] is None  # not restricted per task
+        assert json.loads((run_dir / name / "export" / "config.json").read_text())["world_size"] == 2
+    assert (run_dir / "experiment.yaml").is_file()
+
+    # --resume-from: everything is complete, nothing is submitted
+    out = launch("--resume-from", run_dir)
+    assert_launched(out)
+    assert "nothing to launch" in out.stdout
+    # ... and after c's output is removed, only c runs again, with no dependency
+    for sub in ("export", "checkpoints"):
+        subprocess.run(["rm", "-rf", str(run_dir / "c" / sub)], check=True)
+    out = launch("--resume-from", run_dir)
+    assert_launched(out)
+    jobs = jobs_of(run_dir)
+    assert list(jobs) == ["c"] and jobs["c"]["dependency"] is None
+    assert "a: skipped (complete (--resume-from))" in out.stdout
+    final = slurm_cluster.wait_jobs([jobs["c"]["job_id"]], timeout=120)
+    assert final[jobs["c"]["job_id"]]["JobState"] == "COMPLETED", job_logs(jobs["c"])
+    assert (run_dir / "c" / "export" / "config.json").is_file()
+    assert len((run_dir / "slurm" / "launches.jsonl").read_text().splitlines()) == 2
+
+
+def test_failing_phase_cancels_its_dependents(slurm_cluster, tmp_path):
+    cfg = toy_experiment(tmp_path, {"a": toy(fail="true"), "b": toy(input="{a/export}"),
+                                    "c": toy(input="{b/export}")}, name="failing")
+    out = launch("--config", cfg)
+    assert_launched(out)
+    jobs = jobs_of(tmp_path / "run")
+    ids = [jobs[n]["job_id"] for n in ("a", "b", "c")]
+    final = slurm_cluster.wait_jobs(ids, timeout=120)  # nothing left pending
+    assert final[ids[0]]["JobState"] == "FAILED", final[ids[0]]
+    for job_id in ids[1:]:
+        assert final[job_id]["JobState"] == "CANCELLED", final[job_id]
+        assert final[job_id]["Reason"] == "DependencyNeverSatisfied", final[job_id]
+    assert "exited with code 3" in Path(jobs["a"]["stderr"]).read_text()
+    assert not slurm_cluster.queued_jobs(ids)
+
+
+def test_preempted_job_requeues_and_resumes_from_its_checkpoint(slurm_cluster, tmp_path):
+    steps = 8
+    cfg = toy_experiment(tmp_path, {"a": toy(steps=steps, sleep=0.6, ckpt_every=1),
+                                    "b": toy(steps=1, input="{a/export}")}, name="requeue")
+    run_dir = tmp_path / "run"
+    out = launch("--config", cfg)
+    assert_launched(out)
+    jobs = jobs_of(run_dir)
+    a, b = jobs["a"]["job_id"], jobs["b"]["job_id"]
+    again = launch("--resume-from", run_dir)  # a second launch into a run that is still going is refused
+    assert again.returncode == 2 and "still queued or running" in again.stderr, again.stderr
+    ckpt = run_dir / "a" / "checkpoints" / "step_000002.pt"
+    wait_for(ckpt.exists, 120, f"{ckpt}")
+    # what SLURM sends signal_delay_s before the time limit, or on preemption (submitit's USR2)
+    slurm_cluster.call("scancel", "--signal=USR2", a, check=True)
+    final = slurm_cluster.wait_jobs([a, b], timeout=300)
+    assert final[a]["JobState"] == "COMPLETED", f"{final[a]}\n{job_logs(jobs['a'])}"
+    assert int(final[a]["Restarts"]) >= 1, final[a]
+    assert final[b]["JobState"] == "COMPLETED", f"{final[b]}\n{job_logs(jobs['b'])}"
+    rank0 = events(run_dir / "a", 0)
+    resumed = [e for e in rank0 if e["event"] == "resume"]
+    assert resumed and 2 <= resumed[0]["step"] < steps, rank0
+    assert [e["restarts"] for e in rank0 if e["event"] == "start"][-1] >= 1
+    log = Path(jobs["a"]["stdout"]).read_text()
+    assert "requeueing" in log and "attempt 2" in log
+    metrics = [json.loads(line) for line in (run_dir / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == steps
+
+    # the same phase, uninterrupted (local launcher, torchrun, 2 ranks): the same final loss
+    ref = toy_experiment(tmp_path / "ref", {"a": toy(steps=steps, sleep=0, ckpt_every=5)}, name="reference")
+    out = launch("--config", ref, launcher="local.py")
+    assert_launched(out)
+    interrupted = json.loads((run_dir / "a" / "export" / "config.json").read_text())["final_loss"]
+    uninterrupted = json.loads((tmp_path / "ref" / "run" / "a" / "export" / "config.json").read_text())["final_loss"]
+    assert interrupted == uninterrupted
+
+
+def test_clear_errors_before_submission(slurm_cluster, tmp_path):
+    cfg = toy_experiment(tmp_path, {"a": toy(), "b": toy(input="{a/export}")}, name="errors")
+    out = launch("--config", cfg, "resources.partition=nope")
+    assert out.returncode == 2
+    assert "partition 'nope' does not exist" in out.stderr and "debug" in out.stderr
+    out = launch("--config", cfg, "--phases", "b")
+    assert out.returncode == 2
+    assert "phase 'b', args[0] = a/export: phase 'a' is not launched" in out.stderr
+    out = launch("--config", cfg, "phases.b.resources.gpus_per_nodes=1")
+    assert out.returncode == 2 and "phases.b.resources.gpus_per_nodes: unknown key" in out.stderr
+    assert not (tmp_path / "run" / "slurm" / "jobs.json").exists()
+
+
+# ----------------------------------------------------------------------------- the real pipeline
+
+def test_smoke_data_prep_phase_on_slurm(slurm_cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    out = launch("--config", SMOKE, f"run_dir={run_dir}", "--phases", "data")
+    assert_launched(out)
+    jobs = jobs_of(run_dir)
+    job_id = jobs["data"]["job_id"]
+    final = slurm_cluster.wait_jobs([job_id], timeout=240)
+    assert final[job_id]["JobState"] == "COMPLETED", job_logs(jobs["data"])
+    for split in ("train", "eval"):
+        assert (run_dir / "data" / split / "manifest.json").is_file()
+    assert "data_prep synthetic" in Path(jobs["data"]["stdout"]).read_text()
+
+
+def _tensorboard_scalars(directory: Path) -> dict[str, list]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(directory))
+    acc.Reload()
+    return {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
+
+
+def _runnable_smoke_phases() -> tuple[list[str], list[str]]:
+    """The smoke phases whose code and run config exist (and whose inputs' phases do), and what is missing."""
+    from launchers.experiment import load_experiment
+    from launchers.plan import entry_exists
+
+    with pytest.warns(UserWarning):
+        exp = load_experiment(SMOKE)
+    missing, runnable = [], []
+    for name, phase in exp.phases.items():
+        if phase.config and not (REPO / phase.config).is_file():
+            missing.append(f"{name}: {phase.config}")
+        elif not entry_exists(phase.entry_point):
+            missing.append(f"{name}: {phase.entry_point}")
+        elif not all(up in runnable for up in exp.upstream_of(name)):
+            missing.append(f"{name}: its inputs' phases")
+        else:
+            runnable.append(name)
+    return runnable, missing
+
+
+@pytest.fixture(scope="module")
+def smoke_run(slurm_cluster, tmp_path_factory):
+    """The smoke experiment submitted once (every phase whose code and config exist)."""
+    phases, missing = _runnable_smoke_phases()
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    out = launch("--config", SMOKE, f"run_dir={run_dir}", "--phases", ",".join(phases))
+    assert_launched(out)
+    jobs = jobs_of(run_dir)
+    final = slurm_cluster.wait_jobs([j["job_id"] for j in jobs.values()], timeout=900)
+    return run_dir, jobs, final, missing
+
+
+@pytest.mark.slow
+def test_smoke_experiment_on_slurm(smoke_run):
+    run_dir, jobs, final, missing = smoke_run
+    for name, job in jobs.items():
+        assert final[job["job_id"]]["JobState"] == "COMPLETED", f"{name}: {final[job['job_id']]}\n{job_logs(job)}"
+    order = sorted(jobs, key=lambda n: final[jobs[n]["job_id"]]["StartTime"])
+    assert order == list(jobs), order
+    for name, job in jobs.items():
+        if job["kind"] != "train":
+            continue
+        phase_dir = run_dir / name
+        assert (phase_dir / "export" / "config.json").is_file(), name
+        assert list((phase_dir / "checkpoints").iterdir()), name
+        scalars = _tensorboard_scalars(phase_dir / "tensorboard")
+        assert scalars.get("train/loss"), f"{name}: no train/loss in {sorted(scalars)}"
+        assert f"rank 1/2" in Path(job["stdout"]).with_name(f"{job['job_id']}_1_log.out").read_text()
+    if "evaluate" in jobs:
+        assert (run_dir / "evaluate" / "results.json").is_file()
+    if missing:
+        pytest.skip(f"ran {', '.join(jobs)}; not runnable yet (missing): {'; '.join(missing)}")
+
+
+@pytest.mark.slow
+def test_real_trainer_requeue_resumes_with_the_same_final_loss(slurm_cluster, smoke_run, tmp_path):
+    """The pretrain phase preempted mid-run vs. the same phase uninterrupted, submitted side by side."""
+    smoke_dir, jobs, final, _ = smoke_run
+    if "pretrain" not in jobs or final[jobs["pretrain"]["job_id"]]["JobState"] != "COMPLETED":
+        pytest.skip("the smoke pretrain phase did not run")
+    data = smoke_dir / "data" / "train"
+    overrides = {"schedule.total_steps": 30, "checkpointing.every": 3, "data.path": str(data)}
+    phase = {"kind": "train", "config": str(REPO / "configs/smoke/pretrain.yaml"), "overrides": overrides}
+    exp = yaml.safe_load(SMOKE.read_text())
+    exp.update(name="requeue-real", run_dir=str(tmp_path / "run"),
+               phases={"interrupted": phase, "reference": phase})
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(yaml.safe_dump(exp, sort_keys=False))
+    out = launch("--config", cfg)
+    assert_launched(out)
+    jobs = jobs_of(tmp_path / "run")
+    victim = jobs["interrupted"]["job_id"]
+    ckpts = tmp_path / "run" / "interrupted" / "checkpoints"
+    wait_for(lambda: any(ckpts.glob("step_*/COMPLETE")), 300, "the first complete checkpoint", poll=0.1)
+    slurm_cluster.call("scancel", "--signal=USR2", victim, check=True)
+    ids = [j["job_id"] for j in jobs.values()]
+    done = slurm_cluster.wait_jobs(ids, timeout=600)
+    for name, job in jobs.items():
+        assert done[job["job_id"]]["JobState"] == "COMPLETED", f"{name}: {done[job['job_id']]}\n{job_logs(job)}"
+    assert int(done[victim]["Restarts"]) >= 1
+    log = Path(jobs["interrupted"]["stdout"]).read_text()
+    assert "resumed from" in log + Path(jobs["interrupted"]["stderr"]).read_text()
+
+    def final_loss(name: str) -> float:
+        loss = _tensorboard_scalars(tmp_path / "run" / name / "tensorboard")["train/loss"]
+        last = max(loss, key=lambda e: (e.step, e.wall_time))
+        assert last.step == 30
+        return last.value
+
+    assert final_loss("interrupted") == pytest.approx(final_loss("reference"), rel=1e-6, abs=1e-7)
