@@ -37,6 +37,7 @@ class MeltConfig(LoopLMConfig):
         gate_init_bias: float = -4.0,
         chunk_size: int = 64,
         prefill_chunk_size: Optional[int] = None,
+        chunk_sizes: Optional[list] = None,
         alpha: float = 1.0,
         truncate_chunk_gradients: bool = False,
         **kwargs,
@@ -45,6 +46,10 @@ class MeltConfig(LoopLMConfig):
         self.gate_init_bias = gate_init_bias
         self.chunk_size = chunk_size
         self.prefill_chunk_size = prefill_chunk_size
+        # explicit chunk lengths for fixed-length rows, used whenever they cover the whole input from
+        # position 0 (e.g. [9, 1, 1, 1]: a 9-token prompt as one chunk, then the answer token by token,
+        # exactly as prefill + decoding see it)
+        self.chunk_sizes = list(chunk_sizes) if chunk_sizes is not None else None
         self.alpha = alpha
         self.truncate_chunk_gradients = truncate_chunk_gradients
         super().__init__(**kwargs)
@@ -56,6 +61,8 @@ class MeltConfig(LoopLMConfig):
         validate_chunk_size(self.chunk_size, "chunk_size")
         if self.prefill_chunk_size is not None:
             validate_chunk_size(self.prefill_chunk_size, "prefill_chunk_size")
+        for size in self.chunk_sizes or []:
+            validate_chunk_size(size, "chunk_sizes entries")
         validate_alpha(self.alpha)
 
 
@@ -285,6 +292,8 @@ class MeltModel(MeltPreTrainedModel):
 
     def _chunk_bounds(self, seq: int, past: int, chunk_size) -> list[tuple[int, int]]:
         cfg = self.config
+        if chunk_size is None and past == 0 and cfg.chunk_sizes and sum(cfg.chunk_sizes) == seq:
+            chunk_size = cfg.chunk_sizes
         if chunk_size is None:
             if seq == 1:
                 chunk_size = 1

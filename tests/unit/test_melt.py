@@ -300,3 +300,23 @@ def test_bad_input_is_refused():
     melt.set_alpha(0.5)
     with pytest.raises(ValueError, match="needs per-loop keys"):
         melt(torch.zeros(1, 1, dtype=torch.long), past_key_values=cache)
+
+
+def test_configured_chunk_sizes_apply_to_inputs_they_cover():
+    melt = random_gates(melt_from(tiny_looplm(), chunk_size=4, chunk_sizes=[5, 1, 1], prefill_chunk_size=5))
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        configured = melt(ids).logits
+        explicit = melt(ids, chunk_size=[5, 1, 1]).logits
+        default = melt(ids, chunk_size=4).logits
+        prefill = melt(ids[:, :5], use_cache=True)          # 5 tokens: prefill_chunk_size, one chunk
+        cache, steps = prefill.past_key_values, [prefill.logits]
+        for i in (5, 6):
+            out = melt(ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits)
+    torch.testing.assert_close(configured, explicit, atol=0, rtol=0)
+    assert not torch.allclose(configured, default, atol=1e-4)
+    torch.testing.assert_close(torch.cat(steps, 1), configured, **TOL)
+    with pytest.raises(ValueError, match="chunk_sizes entries must be an integer >= 1"):
+        MeltConfig(chunk_sizes=[3, 0])
