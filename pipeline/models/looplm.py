@@ -214,22 +214,30 @@ class LoopLMPreTrainedModel(LoopedPreTrainedModel):
     config_class = LoopLMConfig
 
 
-class LoopLMModel(LoopLMPreTrainedModel):
-    def __init__(self, config: LoopLMConfig):
-        super().__init__(config)
+class BackboneMixin:
+    """Embedding, decoder layers, final norm, RoPE and exit gate: the LoopLM's and MELT's backbone
+    (under Ouro's parameter names)."""
+
+    def build_backbone(self, config, layer_cls) -> None:
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(layer_cls(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.early_exit_gate = nn.Linear(config.hidden_size, 1)
         self.gradient_checkpointing = False
-        self.post_init()
 
     def get_input_embeddings(self):
         return self.embed_tokens
 
     def set_input_embeddings(self, value):
         self.embed_tokens = value
+
+
+class LoopLMModel(BackboneMixin, LoopLMPreTrainedModel):
+    def __init__(self, config: LoopLMConfig):
+        super().__init__(config)
+        self.build_backbone(config, DecoderLayer)
+        self.post_init()
 
     def run_layer(self, layer, hidden, cos, sin, attend):
         if self.gradient_checkpointing and self.training:
@@ -307,6 +315,22 @@ class LoopLMModel(LoopLMPreTrainedModel):
 class LoopedCausalLMMixin:
     """lm_head on the loop states, exit options and the LM loss, shared by the LoopLM and MELT."""
 
+    def build_head(self, backbone: nn.Module) -> None:
+        self.model = backbone
+        self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
     def causal_lm_output(self, base, labels, logits_to_keep, output_loop_logits, exit_at_loop,
                          exit_threshold, expected_logits, output_cls):
         num_loops = len(base.exit_logits)
@@ -351,21 +375,8 @@ class LoopLMForCausalLM(LoopedCausalLMMixin, LoopLMPreTrainedModel, GenerationMi
 
     def __init__(self, config: LoopLMConfig):
         super().__init__(config)
-        self.model = LoopLMModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.build_head(LoopLMModel(config))
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
 
     def forward(
         self,

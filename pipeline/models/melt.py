@@ -19,9 +19,9 @@ from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin
 
 from .cache import MeltCache
-from .layers import DecoderLayer, RMSNorm, RotaryEmbedding, causal_padding_mask
-from .looplm import (LoopedCausalLMMixin, LoopedPreTrainedModel, LoopLMConfig, LoopLMForCausalLM, LoopLMOutput,
-                     check_positions, default_position_ids)
+from .layers import DecoderLayer, causal_padding_mask
+from .looplm import (BackboneMixin, LoopedCausalLMMixin, LoopedPreTrainedModel, LoopLMConfig, LoopLMForCausalLM,
+                     LoopLMOutput, check_positions, default_position_ids)
 
 GATE_VARIANTS = ("elementwise", "headwise", "overwrite", "mean")
 
@@ -187,22 +187,11 @@ def mix(own: torch.Tensor, slot: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.lerp(own, slot, alpha)
 
 
-class MeltModel(MeltPreTrainedModel):
+class MeltModel(BackboneMixin, MeltPreTrainedModel):
     def __init__(self, config: MeltConfig):
         super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList(MeltDecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
-        self.early_exit_gate = nn.Linear(config.hidden_size, 1)
-        self.gradient_checkpointing = False
+        self.build_backbone(config, MeltDecoderLayer)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
 
     def forward(
         self,
@@ -219,8 +208,11 @@ class MeltModel(MeltPreTrainedModel):
         output_attention_outputs: bool = False,
         keep_loop_states: bool = True,
         output_gate_stats: bool = False,
+        layer_inputs: Optional[Sequence[Sequence[torch.Tensor]]] = None,
         **kwargs,
     ) -> MeltBaseOutput:
+        """layer_inputs (teacher forcing): [loop][layer] -> [B, S, H], the hidden state each layer gets
+        at each loop instead of the previous layer's output (e.g. a LoopLM teacher's layer inputs)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         cfg = self.config
@@ -231,6 +223,12 @@ class MeltModel(MeltPreTrainedModel):
         num_loops = cfg.total_ut_steps if exit_at_loop is None else exit_at_loop
         if not 1 <= num_loops <= cfg.total_ut_steps:
             raise ValueError(f"exit_at_loop must be in 1..{cfg.total_ut_steps} (1-based), got {exit_at_loop}")
+        if layer_inputs is not None:
+            shapes = [[tuple(x.shape) for x in loop] for loop in layer_inputs]
+            if len(shapes) < num_loops or any(s != [tuple(hidden.shape)] * cfg.num_hidden_layers
+                                              for s in shapes[:num_loops]):
+                raise ValueError(f"layer_inputs must hold {num_loops} loops x {cfg.num_hidden_layers} layers of "
+                                 f"{list(hidden.shape)} tensors, got shapes {shapes}")
 
         use_cache = cfg.use_cache if use_cache is None else use_cache
         cache = past_key_values
@@ -262,8 +260,10 @@ class MeltModel(MeltPreTrainedModel):
                                            query_pos, prefix + end - start)
             # the prefix is read here, not inside the chunk, so that a checkpointed replay sees the same one
             prefixes = {entry: cache.prefix(entry) for entry in range(len(cache.layers))}
+            forced = None if layer_inputs is None else \
+                [[x[:, start:end] for x in layer_inputs[t]] for t in range(num_loops)]
             args = (hidden[:, start:end], cos[:, start:end], sin[:, start:end], mask, cache, prefixes, num_loops,
-                    alpha, exit_threshold, output_attention_outputs, keep_loop_states, stats)
+                    alpha, exit_threshold, output_attention_outputs, keep_loop_states, stats, forced)
             if self.gradient_checkpointing and self.training:
                 out = checkpoint(self._run_chunk, *args, use_reentrant=False)
             else:
@@ -327,7 +327,8 @@ class MeltModel(MeltPreTrainedModel):
             cache.append(entry, *((k.detach(), v.detach()) if detach else (k, v)))
 
     def _run_chunk(self, hidden, cos, sin, mask, cache: MeltCache, prefixes: dict, num_loops: int, alpha: float,
-                   exit_threshold: Optional[float], keep_attn: bool, keep_states: bool, stats: GateStats):
+                   exit_threshold: Optional[float], keep_attn: bool, keep_states: bool, stats: GateStats,
+                   forced: Optional[list] = None):
         """All loops of one chunk, given the cache's prefix tensors. Pure (the cache is only asked for
         entry numbers), so that activation checkpointing can replay it; the caller stores the result."""
         cfg = self.config
@@ -384,6 +385,8 @@ class MeltModel(MeltPreTrainedModel):
                         full_kv[index] = (own_k, own_v)  # already prefix + final slots: the next cache
                     return layer.self_attn.attend(q, own_k, own_v, mask, is_causal)
 
+                if forced is not None:  # teacher forcing: this layer's input is given
+                    hidden = forced[loop][index]
                 hidden, attn_out = layer(hidden, cos, sin, attend)
                 if keep_attn:
                     loop_attn.append(attn_out)
@@ -415,21 +418,8 @@ class MeltForCausalLM(LoopedCausalLMMixin, MeltPreTrainedModel, GenerationMixin)
 
     def __init__(self, config: MeltConfig):
         super().__init__(config)
-        self.model = MeltModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.build_head(MeltModel(config))
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
 
     @property
     def alpha(self) -> float:
@@ -479,16 +469,19 @@ class MeltForCausalLM(LoopedCausalLMMixin, MeltPreTrainedModel, GenerationMixin)
         expected_logits: bool = False,
         chunk_size: Optional[int | Sequence[int]] = None,
         output_gate_stats: bool = False,
+        layer_inputs: Optional[Sequence[Sequence[torch.Tensor]]] = None,
         **kwargs,
     ) -> MeltOutput:
         """As LoopLMForCausalLM.forward, chunk-wise. exit_at_loop runs only that many loops;
-        exit_threshold (Q-exit) freezes each token, and its slot, at its exit loop."""
+        exit_threshold (Q-exit) freezes each token, and its slot, at its exit loop; layer_inputs
+        ([loop][layer] -> [B, S, H]) forces every layer's input (teacher forcing, MeltModel.forward)."""
         base = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             cache_position=cache_position, chunk_size=chunk_size, exit_at_loop=exit_at_loop,
             exit_threshold=exit_threshold, output_attention_outputs=output_attention_outputs,
             keep_loop_states=output_loop_logits or expected_logits, output_gate_stats=output_gate_stats,
+            layer_inputs=layer_inputs,
         )
         out = self.causal_lm_output(base, labels, logits_to_keep, output_loop_logits, None,
                                     None, expected_logits, MeltOutput)
