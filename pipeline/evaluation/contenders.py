@@ -77,7 +77,7 @@ def load_contender(name: str, path: str | Path, chunk_size: Optional[int] = None
     if name == "melt":
         model = MeltForCausalLM.from_pretrained(path).eval()
         if chunk_size is not None:
-            model.config.prefill_chunk_size = chunk_size
+            model.config.prompt_chunk_size = chunk_size
         return Contender(name, model, model.config.total_ut_steps, count_parameters(model))
     looplm = LoopLMForCausalLM.from_pretrained(path).eval()
     if name == "standard" and looplm.config.total_ut_steps != 1:

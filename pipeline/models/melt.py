@@ -36,7 +36,7 @@ class MeltConfig(LoopLMConfig):
         gate: str = "elementwise",
         gate_init_bias: float = -4.0,
         chunk_size: int = 64,
-        prefill_chunk_size: Optional[int] = None,
+        prompt_chunk_size: Optional[int] = None,
         chunk_sizes: Optional[list] = None,
         alpha: float = 1.0,
         truncate_chunk_gradients: bool = False,
@@ -45,7 +45,7 @@ class MeltConfig(LoopLMConfig):
         self.gate = gate
         self.gate_init_bias = gate_init_bias
         self.chunk_size = chunk_size
-        self.prefill_chunk_size = prefill_chunk_size
+        self.prompt_chunk_size = prompt_chunk_size
         # explicit chunk lengths for fixed-length rows, used whenever they cover the whole input from
         # position 0 (e.g. [9, 1, 1, 1]: a 9-token prompt as one chunk, then the answer token by token,
         # exactly as prefill + decoding see it)
@@ -59,8 +59,8 @@ class MeltConfig(LoopLMConfig):
         if self.gate not in GATE_VARIANTS:
             raise ValueError(f"MeltConfig.gate={self.gate!r} is not one of {GATE_VARIANTS}")
         validate_chunk_size(self.chunk_size, "chunk_size")
-        if self.prefill_chunk_size is not None:
-            validate_chunk_size(self.prefill_chunk_size, "prefill_chunk_size")
+        if self.prompt_chunk_size is not None:
+            validate_chunk_size(self.prompt_chunk_size, "prompt_chunk_size")
         for size in self.chunk_sizes or []:
             validate_chunk_size(size, "chunk_sizes entries")
         validate_alpha(self.alpha)
@@ -297,8 +297,8 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
         if chunk_size is None:
             if seq == 1:
                 chunk_size = 1
-            elif past == 0 and not self.training and cfg.prefill_chunk_size is not None:
-                chunk_size = cfg.prefill_chunk_size
+            elif past == 0 and not self.training and cfg.prompt_chunk_size is not None:
+                chunk_size = cfg.prompt_chunk_size
             else:
                 chunk_size = cfg.chunk_size
         if isinstance(chunk_size, int):
@@ -436,7 +436,7 @@ class MeltForCausalLM(LoopedCausalLMMixin, MeltPreTrainedModel, GenerationMixin)
         """A MELT model with the LoopLM's weights (by name) and fresh gates.
 
         looplm: a LoopLMForCausalLM or the path of an Ouro/LoopLM checkpoint. options: any other
-        MeltConfig field (gate_init_bias, prefill_chunk_size, truncate_chunk_gradients, ...)
+        MeltConfig field (gate_init_bias, prompt_chunk_size, truncate_chunk_gradients, ...)
         or LoopLM config override (total_ut_steps, ...).
         """
         if not isinstance(looplm, LoopLMForCausalLM):

@@ -303,13 +303,13 @@ def test_bad_input_is_refused():
 
 
 def test_configured_chunk_sizes_apply_to_inputs_they_cover():
-    melt = random_gates(melt_from(tiny_looplm(), chunk_size=4, chunk_sizes=[5, 1, 1], prefill_chunk_size=5))
+    melt = random_gates(melt_from(tiny_looplm(), chunk_size=4, chunk_sizes=[5, 1, 1], prompt_chunk_size=5))
     ids = torch.randint(0, 97, (2, 7))
     with torch.no_grad():
         configured = melt(ids).logits
         explicit = melt(ids, chunk_size=[5, 1, 1]).logits
         default = melt(ids, chunk_size=4).logits
-        prefill = melt(ids[:, :5], use_cache=True)          # 5 tokens: prefill_chunk_size, one chunk
+        prefill = melt(ids[:, :5], use_cache=True)          # 5 tokens: prompt_chunk_size, one chunk
         cache, steps = prefill.past_key_values, [prefill.logits]
         for i in (5, 6):
             out = melt(ids[:, i:i + 1], past_key_values=cache, use_cache=True)
@@ -318,5 +318,8 @@ def test_configured_chunk_sizes_apply_to_inputs_they_cover():
     torch.testing.assert_close(configured, explicit, atol=0, rtol=0)
     assert not torch.allclose(configured, default, atol=1e-4)
     torch.testing.assert_close(torch.cat(steps, 1), configured, **TOL)
+    # generate runs the prompt as one chunk too (and transformers' own prefill chunking stays off)
+    generated = melt.generate(ids[:, :5], max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert generated.shape == (2, 7) and generated[:, 5].tolist() == configured[:, 4].argmax(-1).tolist()
     with pytest.raises(ValueError, match="chunk_sizes entries must be an integer >= 1"):
         MeltConfig(chunk_sizes=[3, 0])
