@@ -3,7 +3,8 @@ manifest checked first and the loader state wrapped in a fingerprint (DESIGN.md 
 
 Batches are dicts of LongTensors: ``input_ids`` [B, S] and ``labels`` [B, S] (HF convention,
 -100 ignored; from the ``labels`` column, or from ``loss_mask``, or a copy of the ids for
-concatenated text), plus ``difficulty`` and ``prompt_length`` [B] when the dataset has them.
+concatenated text), plus ``difficulty`` and ``prompt_length`` [B] when the dataset has them, and
+``attention_mask`` [B, S] (0 on the left padding) when its rows are left-padded (synthetic tasks).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 from streaming import StreamingDataLoader, StreamingDataset
+
+from pipeline.data.padding import leading_pad_mask, left_pad_id
 
 from data_prep.errors import DataPrepError
 from data_prep.manifest import MANIFEST, read_manifest
@@ -44,8 +47,9 @@ class LoaderFingerprint:
 class Collate:
     """Samples (dicts of numpy arrays) -> the batch contract above."""
 
-    def __init__(self, columns: dict[str, str]):
+    def __init__(self, columns: dict[str, str], left_pad_id: int | None = None):
         self.columns = columns
+        self.left_pad_id = left_pad_id  # rows padded on the left: the batch carries an attention_mask
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         def stack(name: str) -> torch.Tensor:
@@ -59,6 +63,8 @@ class Collate:
         else:
             labels = ids.clone()
         batch = {"input_ids": ids, "labels": labels}
+        if self.left_pad_id is not None:
+            batch["attention_mask"] = leading_pad_mask(ids, self.left_pad_id)
         batch.update({name: stack(name) for name in SCALAR_COLUMNS if name in self.columns})
         return batch
 
@@ -138,5 +144,6 @@ def build_train_loader(path: str | os.PathLike, micro_batch_size: int, global_ba
                                shuffle_seed=seed, num_canonical_nodes=num_canonical_nodes, **dataset_kwargs)
     fingerprint = LoaderFingerprint(manifest["index_sha256"], seed, global_batch_size, num_canonical_nodes, shuffle)
     return FingerprintedLoader(dataset, fingerprint=fingerprint, manifest=manifest, batch_size=micro_batch_size,
-                               collate_fn=Collate(manifest["columns"]), num_workers=num_workers,
+                               collate_fn=Collate(manifest["columns"], left_pad_id(manifest)),
+                               num_workers=num_workers,
                                drop_last=drop_last)

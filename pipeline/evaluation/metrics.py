@@ -10,16 +10,12 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+from pipeline.data.padding import leading_pad_mask
 from pipeline.models.exits import exit_probabilities, q_exit_loop
 from pipeline.training.losses import IGNORE_INDEX, shift_labels, token_cross_entropy
 
 from .contenders import Contender
 from .data import EvalSplit
-
-
-def leading_pad_mask(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """1 for real tokens, 0 for the left padding (only leading pads count as padding)."""
-    return (~(ids == pad_id).int().cumprod(-1).bool()).long()
 
 
 @torch.no_grad()

@@ -34,9 +34,13 @@ def test_batches_follow_the_contract(datasets):
     assert torch.equal(pad["labels"][kept], pad["input_ids"][kept])
 
     syn = next(iter(build_train_loader(datasets / "s3", 8, 8, seed=0, split="train")))
-    assert set(syn) == {"input_ids", "labels", "difficulty", "prompt_length"}
+    assert set(syn) == {"input_ids", "labels", "difficulty", "prompt_length", "attention_mask"}
     assert syn["input_ids"].shape == syn["labels"].shape == (8, 12) and syn["labels"].dtype == torch.long
     assert syn["difficulty"].shape == (8,) and (syn["prompt_length"] == 9).all()
+    # left padding is masked: a prompt of k permutations and "=" starts at 9 - (k + 1)
+    starts = 9 - (syn["difficulty"] + 1)
+    assert syn["attention_mask"].sum(-1).tolist() == (12 - starts).tolist()
+    assert (syn["input_ids"][syn["attention_mask"] == 0] == 0).all()
     evaluation = next(iter(build_train_loader(datasets / "s3", 4, 4, seed=0, split="eval", shuffle=False)))
     assert evaluation["difficulty"].tolist() == [1, 1, 1, 1]
 

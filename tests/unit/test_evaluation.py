@@ -7,7 +7,8 @@ import torch
 from pipeline.evaluate import main as evaluate_main
 from pipeline.evaluation.contenders import Contender, load_contender
 from pipeline.evaluation.data import EvalSplit
-from pipeline.evaluation.metrics import evaluate, leading_pad_mask
+from pipeline.data.padding import leading_pad_mask
+from pipeline.evaluation.metrics import evaluate
 from pipeline.models import LoopLMCache, MeltForCausalLM
 
 from .helpers import tiny_looplm
