@@ -1,0 +1,180 @@
+"""The demo's report: one entry per contender, the paper's three claims checked plainly,
+KV bytes against the loop count, and plots (accuracy by difficulty, KV bytes, training curves)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from pipeline.bench.common import generate
+from pipeline.evaluation.report import markdown_table
+from pipeline.models import LoopLMConfig, LoopLMForCausalLM, MeltForCausalLM
+
+CONTENDER_ORDER = ("standard", "looplm", "looplm_lastkv", "looplm_lastkv_chunked", "melt")
+KEEP = ("accuracy", "accuracy_by_difficulty", "kv_cache_bytes", "kv_bytes_per_token", "loops", "parameters",
+        "perplexity", "loop_perplexity", "decode_tokens_per_s", "samples", "model_path")
+CLEAR_MARGIN = 0.05          # "clearly above": at least 5 points of exact match
+MELT_OF_LOOPLM = 0.98        # MELT keeps at least 98% of the LoopLM's accuracy
+TRAIN_PHASES = ("pretrain_standard", "pretrain", "transition", "distill")
+
+
+def kv_bytes_against_loops(export_dir: Path, tokens: int, loops=(1, 2, 4, 8)) -> list[dict]:
+    """Cache bytes read from the cache objects after generating `tokens` tokens, for the demo's
+    architecture at each loop count (random weights: the size does not depend on them)."""
+    rows = []
+    for t in loops:
+        looplm = LoopLMForCausalLM(LoopLMConfig.from_pretrained(export_dir, total_ut_steps=t)).eval()
+        prompt = torch.randint(4, looplm.config.vocab_size, (1, tokens // 2))
+        for name, model in (("looplm", looplm), ("melt", MeltForCausalLM.from_looplm(looplm, chunk_size=1).eval())):
+            cache = generate(model, prompt, tokens - prompt.shape[1]).past_key_values
+            rows.append({"model": name, "loops": t, "context": cache.get_seq_length(), "kv_cache_bytes": cache.nbytes})
+    return rows
+
+
+def phase_seconds(run_dir: Path) -> dict[str, float]:
+    """Wall time of each phase, from the local launcher's logs (the last run of each)."""
+    out = {}
+    for log in sorted((run_dir / "local").glob("*.log")):
+        found = re.findall(r"\[local\] \S+: exit 0 after (\d+)s", log.read_text(errors="replace"))
+        if found:
+            out[log.stem] = float(found[-1])
+    return out
+
+
+def training_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    curves = {}
+    for phase in TRAIN_PHASES:
+        path = run_dir / phase / "metrics.jsonl"
+        if path.is_file():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            curves[phase] = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    return curves
+
+
+def check_targets(c: dict) -> dict:
+    melt, looplm, standard = c["melt"], c["looplm"], c["standard"]
+    baselines = [c[k]["accuracy"] for k in ("looplm_lastkv", "looplm_lastkv_chunked") if k in c]
+    return {
+        "melt_at_least_98pct_of_looplm": {
+            "met": melt["accuracy"] >= MELT_OF_LOOPLM * looplm["accuracy"],
+            "value": melt["accuracy"] / max(looplm["accuracy"], 1e-9)},
+        "melt_clearly_above_standard": {
+            "met": melt["accuracy"] >= standard["accuracy"] + CLEAR_MARGIN,
+            "value": melt["accuracy"] - standard["accuracy"]},
+        "melt_clearly_above_zero_shot_last_kv": {
+            "met": all(melt["accuracy"] >= b + CLEAR_MARGIN for b in baselines),
+            "value": melt["accuracy"] - max(baselines)},
+        "melt_kv_equals_standard": {
+            "met": melt["kv_cache_bytes"] == standard["kv_cache_bytes"],
+            "value": melt["kv_cache_bytes"] / standard["kv_cache_bytes"]},
+        "melt_kv_is_1_over_T_of_looplm": {
+            "met": melt["kv_cache_bytes"] * looplm["loops"] == looplm["kv_cache_bytes"],
+            "value": melt["kv_cache_bytes"] / looplm["kv_cache_bytes"]},
+    }
+
+
+def _plots(run_dir: Path, contenders: dict, chance: float, kv_rows: list, curves: dict) -> dict[str, str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = {}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, c in contenders.items():
+        ks = sorted(c["accuracy_by_difficulty"], key=int)
+        ax.plot([int(k) for k in ks], [c["accuracy_by_difficulty"][k] for k in ks], marker="o", label=name)
+    ax.axhline(chance, color="gray", linestyle="--", label=f"chance ({chance:.3f})")
+    ax.set_xlabel("difficulty k (permutations composed)")
+    ax.set_ylabel("exact match (all answer tokens)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("S3 word problem: accuracy by difficulty")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(run_dir / "accuracy_by_difficulty.png", dpi=120)
+    plt.close(fig)
+    files["accuracy_by_difficulty"] = "accuracy_by_difficulty.png"
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model in ("looplm", "melt"):
+        rows = [r for r in kv_rows if r["model"] == model]
+        ax.plot([r["loops"] for r in rows], [r["kv_cache_bytes"] for r in rows], marker="o", label=model)
+    standard = next(r["kv_cache_bytes"] for r in kv_rows if r["model"] == "looplm" and r["loops"] == 1)
+    ax.axhline(standard, color="gray", linestyle="--", label="standard transformer (T = 1)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("loops T")
+    ax.set_ylabel(f"KV cache bytes ({kv_rows[0]['context']} tokens)")
+    ax.set_title("KV cache against the loop count")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "kv_bytes_vs_loops.png", dpi=120)
+    plt.close(fig)
+    files["kv_bytes_vs_loops"] = "kv_bytes_vs_loops.png"
+
+    if curves:
+        fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.5))
+        for ax, (phase, points) in zip([axes] if len(curves) == 1 else axes, curves.items()):
+            ax.plot([p[0] for p in points], [p[1] for p in points])
+            ax.set_title(phase)
+            ax.set_xlabel("step")
+            ax.set_ylabel("train/loss")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(run_dir / "training_curves.png", dpi=120)
+        plt.close(fig)
+        files["training_curves"] = "training_curves.png"
+    return files
+
+
+def _markdown(contenders: dict, targets: dict, chance: float, kv_rows: list, seconds: dict, files: dict) -> str:
+    lines = ["# MELT demo: the paper's claims in miniature", "",
+             "S3 word problem (compose k permutations of {0,1,2}; answer: 3 digit tokens, all exact), "
+             f"greedy decoding. Chance (best prompt-blind guess): {chance:.3f}.", "",
+             markdown_table(contenders), "",
+             "- `looplm_lastkv`: zero-shot baseline in Ouro's setting (the prompt with the full per-loop "
+             "cache, decoded tokens see earlier tokens through their last loop only); with MELT's chunking "
+             "(the prompt as one chunk, the answer token by token) it is the same computation.",
+             "- `looplm_lastkv_chunked`: the same zero-shot baseline token by token from the first token.",
+             "", "## Targets", ""]
+    for name, t in targets.items():
+        lines.append(f"- {'met' if t['met'] else 'NOT MET'}: {name.replace('_', ' ')} ({t['value']:.3f})")
+    if not all(t["met"] for t in targets.values()):
+        lines += ["", "**Some targets are not met** (see above); the figures are reported as measured."]
+    lines += ["", "## KV cache bytes against loops", "", "| T | LoopLM | MELT |", "|---|---|---|"]
+    for t in sorted({r["loops"] for r in kv_rows}):
+        by = {r["model"]: r["kv_cache_bytes"] for r in kv_rows if r["loops"] == t}
+        lines.append(f"| {t} | {by['looplm']:,} | {by['melt']:,} |")
+    if seconds:
+        lines += ["", "## Phase wall time", ""] + [f"- {k}: {v:.0f} s" for k, v in seconds.items()]
+    lines += ["", "## Figures", ""] + [f"![{k}]({v})" for k, v in files.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: Path, experiment=None) -> dict:
+    run_dir = Path(run_dir)
+    results_path = run_dir / "evaluate" / "results.json"
+    if not results_path.is_file():
+        raise FileNotFoundError(f"{results_path} is missing: the evaluate phase has not finished")
+    results = json.loads(results_path.read_text())["results"]
+    contenders = {n: {k: results[n][k] for k in KEEP if k in results[n]} for n in CONTENDER_ORDER if n in results}
+    missing = [n for n in ("standard", "looplm", "looplm_lastkv", "melt") if n not in contenders]
+    if missing:
+        raise ValueError(f"{results_path} lacks the contenders {missing}")
+    manifest = json.loads((run_dir / "data" / "eval" / "manifest.json").read_text())
+    chance = float(manifest.get("chance", 0.0))
+    kv_rows = kv_bytes_against_loops(Path(contenders["looplm"]["model_path"]), manifest["seq_len"])
+    curves = training_curves(run_dir)
+    targets = check_targets(contenders)
+    seconds = phase_seconds(run_dir)
+    files = _plots(run_dir, contenders, chance, kv_rows, curves)
+    report = {**contenders, "chance": chance, "task": manifest.get("task"), "targets": targets,
+              "all_targets_met": all(t["met"] for t in targets.values()), "kv_bytes_vs_loops": kv_rows,
+              "phase_seconds": seconds, "figures": files}
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    markdown = _markdown(contenders, targets, chance, kv_rows, seconds, files)
+    (run_dir / "report.md").write_text(markdown)
+    return {**report, "markdown": markdown}
