@@ -1,0 +1,57 @@
+"""`make demo`: the whole pipeline on the embedded default, then one report.
+
+    python -m pipeline.demo [--run-dir runs/demo] [--config configs/experiments/demo.yaml] [key=value ...]
+
+Runs the demo experiment's phases with the local launcher (data -> standard and LoopLM
+pretraining -> MELT transition and distillation on 2 ranks under DeepSpeed ZeRO-3 ->
+evaluation), skipping phases already complete in the run directory (rerun to continue),
+then writes <run_dir>/report.md, report.json and plots, and prints the table.
+TensorBoard: `tensorboard --logdir runs/demo`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from launchers.experiment import ExperimentError, load_experiment
+from launchers.local import run
+from launchers.plan import REPO_ROOT, LaunchError, build_plan
+from pipeline.evaluation.demo_report import write_report
+
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "experiments" / "demo.yaml"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="the demo experiment")
+    parser.add_argument("--run-dir", default=None, help="default: the experiment's run_dir (runs/demo)")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the report from a finished run")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="experiment overrides")
+    args = parser.parse_args(argv)
+
+    overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
+    start = time.time()
+    try:
+        experiment = load_experiment(args.config, overrides)
+        plan = build_plan(experiment, resume=True, base=REPO_ROOT)
+    except (ExperimentError, LaunchError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not args.report_only:
+        print(f"[demo] run directory {plan.run_dir}; phases to run: "
+              f"{', '.join(p.name for p in plan.phases) or 'none (all complete)'}", flush=True)
+        if run(plan) != 0:
+            return 1
+    report = write_report(plan.run_dir, experiment)
+    print(report["markdown"])
+    print(f"[demo] report: {plan.run_dir / 'report.md'} ({time.time() - start:.0f}s); "
+          f"TensorBoard: tensorboard --logdir {plan.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
