@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE ?= 1
 
 .PHONY: setup debian-deps test test-fast demo clean
 
-setup: $(STAMP) debian-deps
+setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,13 +20,14 @@ $(STAMP): pyproject.toml constraints.txt
 debian-deps:
 	bash scripts/install_debian_deps.sh
 
-test: setup
+test: setup debian-deps
 	$(PY) -m pytest tests
 
-test-fast: setup
+test-fast: setup debian-deps
 	$(PY) -m pytest tests -m "not slow"
 
 demo: setup
+	bash scripts/install_debian_deps.sh --demo
 	$(PY) -m pipeline.demo --run-dir runs/demo
 
 clean:
