@@ -43,7 +43,8 @@ Format (every key, with its default)::
       srun_args: []                 # extra arguments of the srun line, e.g. ["--cpu-bind=none"]
 
     local:                          # launchers/local.py only
-      launcher: deepspeed           # train phases: deepspeed or torchrun
+      launcher: deepspeed           # train phases: deepspeed or torchrun (a phase whose run
+                                    #   config says engine.name: fsdp always uses torchrun)
       nproc_per_node: null          # default: the phase's tasks per node
 
     phases:                         # run in this order; the keys are the phase names

@@ -8,7 +8,8 @@ The same experiment file, run layout and command lines as `launchers/slurm.py`:
 - data_prep / evaluate phases: ``python -m data_prep ...`` / ``python -m pipeline.evaluate ...``
   in a subprocess;
 - train phases: ``deepspeed --num_gpus N --master_port P pipeline/train.py --config ...
-  key=value ...`` (``local.launcher: torchrun`` uses ``torchrun --nproc_per_node N``);
+  key=value ...`` (``local.launcher: torchrun`` uses ``torchrun --nproc_per_node N``, and so
+  does every phase whose run config, with its overrides, says ``engine.name: fsdp``);
   N is ``local.nproc_per_node``, else the phase's tasks per node (its GPUs per node, or
   ``tasks_per_node`` on CPU: set ``DS_ACCELERATOR=cpu`` in ``resources.env``).
 
@@ -33,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: import the package
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, os.path.dirname(_here))
 
-from launchers.experiment import SINGLE_TASK_KINDS, ExperimentError  # noqa: E402
+from launchers.experiment import DEFAULT_ENTRY, SINGLE_TASK_KINDS, ExperimentError  # noqa: E402
 from launchers.plan import (REPO_ROOT, LaunchError, Plan, PlannedPhase, add_launch_arguments,  # noqa: E402
                             plan_from_args, save_experiment)
 
@@ -64,6 +65,28 @@ def nproc(plan: Plan, p: PlannedPhase) -> int:
     return plan.experiment.local.nproc_per_node or p.resources.ntasks_per_node
 
 
+def train_engine(p: PlannedPhase) -> Optional[str]:
+    """`engine.name` of a trainer phase's run config with its overrides (None when unreadable)."""
+    if p.kind != "train" or p.entry != DEFAULT_ENTRY["train"]:
+        return None
+    from pipeline.train import parse_args
+    from pipeline.training.config import ConfigError, apply_overrides, load_yaml_with_includes, select_phase
+
+    try:
+        args = parse_args(p.argv)
+        raw = apply_overrides(select_phase(load_yaml_with_includes(args.config), args.phase, args.config),
+                              args.overrides)
+    except (ConfigError, SystemExit):
+        return None
+    engine = raw.get("engine")
+    return engine.get("name") if isinstance(engine, dict) else None
+
+
+def use_torchrun(plan: Plan, p: PlannedPhase) -> bool:
+    """torchrun for `local.launcher: torchrun`, and for the FSDP engine whatever the launcher setting."""
+    return plan.experiment.local.launcher == "torchrun" or train_engine(p) == "fsdp"
+
+
 def command(plan: Plan, p: PlannedPhase, port: Optional[int] = None) -> list[str]:
     python = sys.executable
     if p.kind in SINGLE_TASK_KINDS:  # python -m module ... (or python script.py ...)
@@ -71,7 +94,7 @@ def command(plan: Plan, p: PlannedPhase, port: Optional[int] = None) -> list[str
         return [python, *([p.entry] if is_script else ["-m", p.entry]), *p.argv]
     n = str(nproc(plan, p))
     port = str(port or _free_port())
-    if plan.experiment.local.launcher == "torchrun":
+    if use_torchrun(plan, p):
         return [python, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", n,
                 "--master_addr", "127.0.0.1", "--master_port", port, *_target(p.entry, "-m"), *p.argv]
     return [python, "-m", "deepspeed.launcher.runner", "--num_gpus", n, "--master_port", port,
@@ -110,7 +133,9 @@ def run_phase(plan: Plan, p: PlannedPhase, out=None) -> int:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait()
             raise
-    print(f"[local] {p.name}: exit {code} after {time.time() - start:.0f}s (log {log})", file=out, flush=True)
+        ending = f"[local] {p.name}: exit {code} after {time.time() - start:.0f}s"
+        sink.write(ending + "\n")  # the log keeps each run's outcome and wall time (the demo report reads it)
+    print(f"{ending} (log {log})", file=out, flush=True)
     return code
 
 

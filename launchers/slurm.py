@@ -9,7 +9,9 @@
 - One task per GPU across all nodes (``--ntasks-per-node = gpus_per_node``); CPU-only
   phases run one task per node, or ``tasks_per_node`` (CPU test runs). Inside the job
   every task resolves its rank from SLURM and runs the trainer in-process
-  (`launchers/job.py`), as ``deepspeed pipeline/train.py --config ... key=value`` would.
+  (`launchers/job.py`), as ``deepspeed pipeline/train.py --config ... key=value`` would
+  (or ``torchrun``, for a run config with ``engine.name: fsdp``: the engine starts its
+  process group from the same exported environment).
 - Outputs: ``<run_dir>/<phase>/`` (train: tensorboard/, checkpoints/, export/), data in
   ``<run_dir>/data/``; logs in ``<run_dir>/slurm/<phase>/<jobid>_<task>_log.{out,err}``;
   job ids in ``<run_dir>/slurm/jobs.json``. Each phase's inputs are resolved before

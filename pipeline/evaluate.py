@@ -20,6 +20,7 @@ from pipeline.evaluation.contenders import CONTENDERS, load_contender
 from pipeline.evaluation.data import load_eval_split
 from pipeline.evaluation.metrics import evaluate
 from pipeline.evaluation.report import markdown_table
+from pipeline.training.phases import HUB_NAME
 
 
 def parse_models(values: list[str], default_contender: str | None) -> list[tuple[str, str]]:
@@ -33,8 +34,11 @@ def parse_models(values: list[str], default_contender: str | None) -> list[tuple
             raise SystemExit(f"--model {value}: say which contender it is (NAME=DIR or --contender NAME)")
         if name not in CONTENDERS:
             raise SystemExit(f"--model {value}: unknown contender {name!r}; choose from {', '.join(CONTENDERS)}")
-        if not (Path(path) / "config.json").is_file():
+        local = Path(path)
+        if local.exists() and not (local / "config.json").is_file():
             raise SystemExit(f"--model {value}: {path} is not an exported model (no config.json)")
+        if not local.exists() and not HUB_NAME.match(path):
+            raise SystemExit(f"--model {value}: {path} does not exist (and is not a hub name like org/model)")
         models.append((name, path))
     return models
 

@@ -1,7 +1,8 @@
 """Train one phase.
 
     deepspeed pipeline/train.py --config configs/smoke/pretrain.yaml [dotted.key=value ...]
-    deepspeed pipeline/train.py --config configs/experiments/ouro-1.4b-melt.yaml --phase transition
+    deepspeed pipeline/train.py --config configs/ouro/1.4b.yaml --phase transition
+    torchrun --nproc_per_node 2 pipeline/train.py --config configs/smoke/pretrain.yaml engine.name=fsdp
 
 Rerunning the same command resumes from the run's latest complete checkpoint.
 Exit codes: 0 done (or stopped at schedule.stop_at_step), 2 refused (configuration,
@@ -21,7 +22,8 @@ if __package__ in (None, ""):  # run as a script: import the package, not siblin
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train one phase of the MELT pipeline (DeepSpeed ZeRO-3).")
+    parser = argparse.ArgumentParser(
+        description="Train one phase of the MELT pipeline (DeepSpeed ZeRO-3, or FSDP2 with engine.name=fsdp).")
     parser.add_argument("--config", required=True, help="run config YAML, or an experiment YAML with --phase")
     parser.add_argument("--phase", default=None, help="which section of an experiment file to run")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,

@@ -1,8 +1,9 @@
 """Checkpoints under <run_dir>/checkpoints/, safe against a kill at any moment.
 
 Layout: one directory per checkpoint tag (`step_00000040/`) holding the engine's files
-(DeepSpeed's format, written by every rank), our `trainer_state.json` and, last, a
-`COMPLETE` marker; and a `latest` file naming the newest complete tag.
+(DeepSpeed's format, or torch.distributed.checkpoint's for FSDP; written by every rank),
+our `trainer_state.json` and, last, a `COMPLETE` marker; and a `latest` file naming the
+newest complete tag.
 
 Saving (collective): rank 0 removes any leftover directory of that tag (from an
 interrupted run), barrier; every rank writes its part; barrier; rank 0 writes

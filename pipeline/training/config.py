@@ -98,7 +98,49 @@ class TransitionPhaseSection(Section):
     melt_options: dict[str, Any] = {}        # passed on to MeltForCausalLM.from_looplm
 
 
-PhaseSection = Annotated[Union[PretrainPhaseSection, TransitionPhaseSection], Field(discriminator="name")]
+class KDSection(Section):
+    """Logit distillation: KL(teacher || student) (forward), KL(student || teacher) (reverse) or JSD."""
+    kind: Literal["forward", "reverse", "jsd"] = "forward"
+    temperature: float = Field(1.0, gt=0)
+    top_k: Optional[int] = Field(None, gt=0)  # both distributions restricted to the teacher's top-k tokens
+    all_loops: bool = False                  # average over every loop (else the last loop only)
+
+
+class DistillPhaseSection(Section):
+    """MELT student (alpha = 1) from model.init_from (a transition's MELT export, or a LoopLM: then
+    fresh gates), frozen LoopLM teacher (teacher.init_from); loss =
+    w_attn * attention alignment + w_kd * logit distillation + w_ce * CE."""
+    name: Literal["distill"]
+    w_attn: float = Field(1.0, ge=0)
+    w_kd: float = Field(1.0, ge=0)
+    w_ce: float = Field(0.0, ge=0)
+    kd: KDSection = KDSection()
+    teacher_forcing: bool = False            # each student layer gets the teacher's input to that (loop, layer)
+    chunk_size: int = Field(64, gt=0)
+    trainable: Literal["all", "gates", "gates+attention"] = "all"
+    gate: Optional[Literal["elementwise", "headwise", "overwrite", "mean"]] = None  # None: the MELT checkpoint's
+    melt_options: dict[str, Any] = {}        # MeltConfig overrides (gate_init_bias for a LoopLM student, ...)
+
+    @model_validator(mode="after")
+    def _some_loss(self):
+        if self.w_attn == self.w_kd == self.w_ce == 0:
+            raise ValueError("w_attn, w_kd and w_ce are all 0: nothing to train on")
+        owned = sorted({"alpha", "chunk_size", "gate"} & set(self.melt_options))
+        if owned:
+            raise ValueError(f"melt_options may not set {owned} (distill runs at alpha 1; use phase.chunk_size, "
+                             "phase.gate)")
+        return self
+
+
+PhaseSection = Annotated[Union[PretrainPhaseSection, TransitionPhaseSection, DistillPhaseSection],
+                         Field(discriminator="name")]
+
+
+class TeacherSection(Section):
+    """The frozen LoopLM teacher of phase distill (partitioned across all ranks, inference only)."""
+    init_from: str                           # an Ouro/LoopLM checkpoint: HF export directory or hub name
+    offload_params: bool = False             # keep the teacher's parameter partitions in CPU memory
+    verify_unchanged: bool = True            # at the end, check the held weights against init_from (digests)
 
 
 class GroupSection(Section):
@@ -136,12 +178,22 @@ class ScheduleSection(Section):
         return self
 
 
+class FsdpSection(Section):
+    """Options of the FSDP2 engine (engine.name: fsdp; launched with torchrun)."""
+    reshard_after_forward: bool = True       # free each layer's gathered parameters after its forward
+                                             #   (re-gathered per loop and for backward); false: fewer
+                                             #   all-gathers for looped models, more memory
+    reduce_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # gradient reduce-scatter with bf16
+                                             #   compute; auto: bf16 (fp32 compute reduces in fp32)
+
+
 class EngineSection(Section):
-    name: Literal["deepspeed"] = "deepspeed"  # the FSDP2 engine will add "fsdp2"
+    name: Literal["deepspeed", "fsdp"] = "deepspeed"  # fsdp: FSDP2 (fully_shard), launched with torchrun
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     grad_clip: float = Field(1.0, ge=0)      # 0 disables clipping
     activation_checkpointing: bool = False
     deepspeed: dict[str, Any] = {}           # DeepSpeed config (usually `_base_: configs/deepspeed/zero3.yaml`)
+    fsdp: FsdpSection = FsdpSection()        # FSDP2 options (engine.name: fsdp)
 
     @field_validator("deepspeed")
     @classmethod
@@ -188,6 +240,7 @@ class RunConfig(Section):
     logging: LoggingSection = LoggingSection()
     checkpointing: CheckpointingSection = CheckpointingSection()
     guards: GuardsSection = GuardsSection()
+    teacher: Optional[TeacherSection] = None  # phase distill only
 
     @model_validator(mode="after")
     def _cross_checks(self):
@@ -197,6 +250,13 @@ class RunConfig(Section):
         if name == "transition" and (self.model.init_from is None or self.model.config is not None):
             raise ValueError("phase transition starts from a LoopLM checkpoint: set model.init_from, "
                              "not model.config")
+        if name == "distill" and (self.model.init_from is None or self.model.config is not None):
+            raise ValueError("phase distill starts from a MELT (or LoopLM) checkpoint: set model.init_from, "
+                             "not model.config")
+        if name == "distill" and self.teacher is None:
+            raise ValueError("phase distill needs a teacher: set teacher.init_from (a LoopLM checkpoint)")
+        if name != "distill" and self.teacher is not None:
+            raise ValueError(f"teacher is only used by phase distill (this is phase {name}): remove it")
         if self.schedule.min_lr > self.optimizer.lr:
             raise ValueError(f"schedule.min_lr={self.schedule.min_lr} exceeds optimizer.lr={self.optimizer.lr}")
         if self.schedule.stop_at_step is not None and self.schedule.stop_at_step > self.schedule.total_steps:

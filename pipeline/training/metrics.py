@@ -120,6 +120,7 @@ class RunLogger:
             return
         lrs = " ".join(f"{k[3:]}={v:.2e}" for k, v in scalars.items() if k.startswith("lr/"))
         extra = f" alpha {scalars['train/alpha']:.3f}" if "train/alpha" in scalars else ""
+        extra += "".join(f" {k} {scalars[f'train/{k}']:.4f}" for k in ("align", "kl") if f"train/{k}" in scalars)
         log.info(f"[{self.phase}] step {step}/{self.total_steps} loss {scalars['train/loss']:.4f} lr {lrs}"
                  f"{extra} grad_norm {scalars.get('train/grad_norm', float('nan')):.3f} "
                  f"tok/s {scalars.get('perf/tokens_per_s', 0):,.0f} eta {format_duration(eta_s)}")

@@ -9,13 +9,15 @@ interface (partitioned construction / loading) and computes its loss through a
     groups = phase.parameter_groups(model)              # freezes the rest
     every step:    scalars = phase.begin_step(model, step)          # e.g. MELT's alpha
     every micro:   out = phase.micro_step(engine.forward, batch, normalizer)
+    at the end:    phase.after_fit(run_dir)                         # collective
 
-A later `distill` phase plugs in the same way: its build_model also builds the frozen
-teacher partitioned (engine.init_context + engine.load_weights) and has the engine
-wrap it for inference (an Engine method to add then: DeepSpeed's ZeRO-3 inference
-engine, FSDP2's fully_shard without optimizer); its micro_step runs teacher and
+The `distill` phase (phases_distill.py) plugs in the same way: its build_model also
+builds the frozen teacher partitioned (engine.frozen_init_context + engine.load_weights)
+and has the engine wrap it for inference (engine.build_frozen); it names it in
+frozen_models() (the trainer records its partition); its micro_step runs teacher and
 student on the same batch, returns the summed losses (each normalised by the same
-global token count) and logs the parts through LossOutput.metrics.
+global token count), logs the parts through LossOutput.metrics and reports the
+teacher's forward time in MicroStepOutput.timings.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from torch import nn
 
 from pipeline.models.melt import is_gate_parameter
 from pipeline.training.config import ConfigError, RunConfig
-from pipeline.training.engines.base import Engine, ParamGroup
+from pipeline.training.engines.base import Engine, FrozenModel, ParamGroup
 from pipeline.training.losses import LossOutput, last_loop_lm_loss, ouro_stage1_loss
 from pipeline.training.schedules import ramp
 from pipeline.training.weights import CheckpointTensors, full_shapes, resolve_checkpoint_dir
@@ -44,6 +46,8 @@ HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 class MicroStepOutput:
     loss: LossOutput                        # .loss is backpropagated; .metrics are per-token means
     stats: dict[str, tuple[float, str]] = field(default_factory=dict)  # name -> (value, "mean" | "min" | "max")
+    # seconds spent in micro_step on work other than the trained model's forward, by name (e.g. "teacher")
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def lm_loss(kind: str, beta: float, outputs, labels: torch.Tensor, normalizer) -> LossOutput:
@@ -109,6 +113,27 @@ class Phase(ABC):
     @abstractmethod
     def micro_step(self, forward: Callable, batch: dict, normalizer) -> MicroStepOutput: ...
 
+    def resume_identity(self) -> dict[str, str]:
+        """What must not change between a checkpoint and its resumption besides the data, by config key
+        (e.g. the distillation teacher); saved in trainer_state.json."""
+        return {}
+
+    def check_resume(self, saved: dict[str, str], where: str) -> None:
+        """ConfigError when an input named in resume_identity() differs from the checkpoint's."""
+        current = self.resume_identity()
+        diffs = [f"config key {k!r}: checkpoint {saved[k]}, now {current[k]}" for k in sorted(saved)
+                 if k in current and saved[k] != current[k]]
+        if diffs:
+            raise ConfigError(f"refusing to resume from {where}: " + "; ".join(diffs)
+                              + ". Resume with the original inputs, or use a new run_dir.")
+
+    def frozen_models(self) -> dict[str, FrozenModel]:
+        """Frozen models this phase holds besides the trained one (e.g. {"teacher": ...}), by name."""
+        return {}
+
+    def after_fit(self, run_dir: Path) -> None:
+        """Collective: called on every rank when the trainer's loop has ended (also at stop_at_step)."""
+
 
 class PretrainPhase(Phase):
     """A LoopLM from scratch, Ouro stage-I loss."""
@@ -128,7 +153,8 @@ class PretrainPhase(Phase):
         return model
 
     def micro_step(self, forward, batch, normalizer) -> MicroStepOutput:
-        out = forward(input_ids=batch["input_ids"], output_loop_logits=True, use_cache=False)
+        out = forward(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                      output_loop_logits=True, use_cache=False)
         loss_cfg = self.cfg.phase.loss
         return MicroStepOutput(lm_loss(loss_cfg.kind, loss_cfg.beta, out, batch["labels"], normalizer))
 
@@ -143,12 +169,54 @@ def check_checkpoint_source(path: str, key: str) -> None:
         raise ConfigError(f"config key {key!r}: {path} does not exist (and is not a hub name like org/model)")
 
 
-class TransitionPhase(Phase):
-    """MELT initialised from a LoopLM checkpoint; alpha ramps start -> end; LM loss."""
-    name = "transition"
+def gate_stats(out) -> dict[str, tuple[float, str]]:
+    """MELT's per-layer gate statistics of one forward (train mode), as MicroStepOutput.stats."""
+    stats: Optional[torch.Tensor] = getattr(out, "gate_stats", None)
+    result = {}
+    if stats is not None:
+        for layer, (mean, low, high) in enumerate(stats.tolist()):
+            result[f"gates/layer{layer}/mean"] = (mean, "mean")
+            result[f"gates/layer{layer}/min"] = (low, "min")
+            result[f"gates/layer{layer}/max"] = (high, "max")
+    return result
+
+
+class MeltStudentPhase(Phase):
+    """A MELT model trained from a checkpoint; parameter groups gates / attention / other."""
     group_names = ("gates", "attention", "other")
     TRAINABLE = {"all": {"gates", "attention", "other"}, "gates": {"gates"},
                  "gates+attention": {"gates", "attention"}}
+
+    def role(self, param_name: str) -> str:
+        if is_gate_parameter(param_name):
+            return "gates"
+        if ".self_attn." in param_name:
+            return "attention"
+        return "other"
+
+    def trainable_roles(self) -> set[str]:
+        return self.TRAINABLE[self.cfg.phase.trainable]
+
+    def load_melt(self, engine: Engine, directory, config, fresh_gates: bool) -> nn.Module:
+        """MELT built partitioned; the checkpoint's tensors loaded by name; with fresh_gates (a LoopLM
+        checkpoint) the gates are initialised instead."""
+        from pipeline.models import MeltForCausalLM
+        with engine.init_context():
+            model = MeltForCausalLM(config)
+        tensors = CheckpointTensors(directory)
+        shapes = full_shapes(model)
+        tensors.check_fits(shapes, may_be_missing=[n for n in shapes if fresh_gates and self.role(n) == "gates"])
+        if fresh_gates:
+            for name, module in model.named_modules():
+                if name.endswith(".kv_gate"):
+                    engine.init_weights(module, model._init_weights)
+        engine.load_weights(model, tensors)
+        return model
+
+
+class TransitionPhase(MeltStudentPhase):
+    """MELT initialised from a LoopLM checkpoint; alpha ramps start -> end; LM loss."""
+    name = "transition"
 
     def check_inputs(self) -> None:
         phase = self.cfg.phase
@@ -163,16 +231,6 @@ class TransitionPhase(Phase):
             return None, ""
         return json.loads(config.read_text()).get("vocab_size"), "model.init_from"
 
-    def role(self, param_name: str) -> str:
-        if is_gate_parameter(param_name):
-            return "gates"
-        if ".self_attn." in param_name:
-            return "attention"
-        return "other"
-
-    def trainable_roles(self) -> set[str]:
-        return self.TRAINABLE[self.cfg.phase.trainable]
-
     def melt_config(self, directory):
         from pipeline.models import LoopLMConfig, MeltConfig
         phase = self.cfg.phase
@@ -182,18 +240,8 @@ class TransitionPhase(Phase):
 
     def build_model(self, engine: Engine) -> nn.Module:
         """MELT built partitioned; the LoopLM's tensors loaded by name; the new gates initialised."""
-        from pipeline.models import MeltForCausalLM
         directory = resolve_checkpoint_dir(self.cfg.model.init_from)
-        with engine.init_context():
-            model = MeltForCausalLM(self.melt_config(directory))
-        tensors = CheckpointTensors(directory)
-        shapes = full_shapes(model)
-        tensors.check_fits(shapes, may_be_missing=[n for n in shapes if self.role(n) == "gates"])
-        for name, module in model.named_modules():
-            if name.endswith(".kv_gate"):
-                engine.init_weights(module, model._init_weights)
-        engine.load_weights(model, tensors)
-        return model
+        return self.load_melt(engine, directory, self.melt_config(directory), fresh_gates=True)
 
     def alpha(self, step: int) -> float:
         """Alpha for step `step` (0-based): the ramp's value at the end of that step, so a ramp from 0
@@ -208,22 +256,20 @@ class TransitionPhase(Phase):
         return {"alpha": alpha}
 
     def micro_step(self, forward, batch, normalizer) -> MicroStepOutput:
-        out = forward(input_ids=batch["input_ids"], output_loop_logits=True, use_cache=False)
+        out = forward(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                      output_loop_logits=True, use_cache=False)
         loss_cfg = self.cfg.phase.loss
-        result = MicroStepOutput(lm_loss(loss_cfg.kind, loss_cfg.beta, out, batch["labels"], normalizer))
-        stats: Optional[torch.Tensor] = getattr(out, "gate_stats", None)
-        if stats is not None:
-            for layer, (mean, low, high) in enumerate(stats.tolist()):
-                result.stats[f"gates/layer{layer}/mean"] = (mean, "mean")
-                result.stats[f"gates/layer{layer}/min"] = (low, "min")
-                result.stats[f"gates/layer{layer}/max"] = (high, "max")
-        return result
+        return MicroStepOutput(lm_loss(loss_cfg.kind, loss_cfg.beta, out, batch["labels"], normalizer),
+                               gate_stats(out))
 
 
 PHASES: dict[str, type[Phase]] = {p.name: p for p in (PretrainPhase, TransitionPhase)}
 
 
 def build_phase(cfg: RunConfig) -> Phase:
+    if cfg.phase.name == "distill" and "distill" not in PHASES:
+        from pipeline.training.phases_distill import DistillPhase  # imports this module
+        PHASES["distill"] = DistillPhase
     try:
         cls = PHASES[cfg.phase.name]
     except KeyError:

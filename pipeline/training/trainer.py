@@ -66,9 +66,13 @@ def preflight(cfg: RunConfig, env: DistEnv) -> Preflight:
     if tag is not None:
         saved = checkpoints.trainer_state(tag)
         check_fingerprint(saved.get("fingerprint", {}), fingerprint, str(checkpoints.root / tag))
+        phase.check_resume(saved.get("phase_identity", {}), str(checkpoints.root / tag))
         if saved.get("phase") not in (None, cfg.phase.name):
             raise ConfigError(f"run_dir {cfg.run_dir} holds a {saved['phase']} run; this config is phase "
                               f"{cfg.phase.name}: use another run_dir")
+        if saved.get("engine", "deepspeed") != cfg.engine.name:  # each engine reads only its own format
+            raise ConfigError(f"config key 'engine.name': the checkpoints in {checkpoints.root} were written by "
+                              f"engine {saved.get('engine', 'deepspeed')}, not {cfg.engine.name}: use another run_dir")
     return Preflight(phase, manifest, fingerprint, checkpoints, tag)
 
 
@@ -125,10 +129,13 @@ class Trainer:
         """Per-rank parameter / optimizer storage (<run_dir>/ranks/rank<r>.json), once the optimizer
         state exists (after the first step)."""
         stats = self.engine.partition_stats().as_dict()
+        frozen = {name: model.partition_stats().as_dict() for name, model in self.phase.frozen_models().items()}
         ranks_dir = self.run_dir / "ranks"
         ranks_dir.mkdir(exist_ok=True)
-        (ranks_dir / f"rank{self.env.rank}.json").write_text(json.dumps(stats, indent=1))
+        (ranks_dir / f"rank{self.env.rank}.json").write_text(json.dumps({**stats, **frozen}, indent=1))
         summary = summarize_partition(comm.all_gather_object(stats))
+        for name, part in frozen.items():  # e.g. the distillation teacher
+            summary += f"\n{name}:\n" + summarize_partition(comm.all_gather_object(part))
         self.logger.text("partition", summary)
         log.info("partitioned storage per rank:\n" + summary)
 
@@ -152,13 +159,20 @@ class Trainer:
         normalizer = max(comm.all_reduce(tokens).item(), 1.0)
         metrics = StepMetrics()
         lrs = engine.learning_rates()  # those this step's update uses
+        compute_s, side_s = 0.0, {}  # forward + backward; the phase's other work (e.g. a teacher's forward)
         for micro, batch in enumerate(batches):
             batch = {k: v.to(engine.device) for k, v in batch.items()}
+            began = time.perf_counter()
             out = self.phase.micro_step(engine.forward, batch, normalizer)
             if cfg.guards.inject_nonfinite_at_step == self.step + 1 and micro == 0 and self.env.rank == 0:
                 out.loss.loss = out.loss.loss * float("nan")
             self.check_finite(out.loss.loss, self.step + 1, micro)
             engine.backward(out.loss.loss)
+            if out.timings and engine.device.type == "cuda":
+                torch.cuda.synchronize(engine.device)
+            compute_s += time.perf_counter() - began
+            for name, seconds in out.timings.items():
+                side_s[name] = side_s.get(name, 0.0) + seconds
             metrics.add(out)
         result = engine.optimizer_step()
         self.step += 1
@@ -175,6 +189,14 @@ class Trainer:
             "perf/tokens_per_s": cfg.data.global_batch_size * seq / elapsed,
             "perf/step_time_s": elapsed,
         })
+        if side_s:  # the trained model's forward + backward, apart from the phase's other work
+            tokens_per_step = cfg.data.global_batch_size * seq
+            student_s = max(compute_s - sum(side_s.values()), 1e-9)
+            scalars.update({"perf/student_tokens_per_s": tokens_per_step / student_s,
+                            "perf/student_forward_backward_s": student_s})
+            for name, seconds in side_s.items():
+                scalars.update({f"perf/{name}_tokens_per_s": tokens_per_step / max(seconds, 1e-9),
+                                f"perf/{name}_forward_s": seconds})
         scalars.update({f"memory/{k}": v for k, v in engine.memory_stats().items()})
         return scalars
 
@@ -182,7 +204,8 @@ class Trainer:
     def save(self) -> None:
         tag = tag_for(self.step)
         root = self.pre.checkpoints.begin_save(tag)
-        state = {"step": self.step, "phase": self.cfg.phase.name, "fingerprint": self.pre.fingerprint,
+        state = {"step": self.step, "phase": self.cfg.phase.name, "engine": self.engine.name,
+                 "fingerprint": self.pre.fingerprint, "phase_identity": self.phase.resume_identity(),
                  "data": self.data.state_dict(), "samples_seen": self.step * self.cfg.data.global_batch_size}
         self.engine.save_checkpoint(root, tag, {"trainer": {**state, "rng": rng_state()}})
         self.pre.checkpoints.finish_save(tag, state)
@@ -216,6 +239,7 @@ class Trainer:
             self.save()
         if self.step >= total and cfg.checkpointing.export:
             self.export()
+        self.phase.after_fit(self.run_dir)
         if self.step < total:
             log.info(f"stopped at step {self.step} of {total} (schedule.stop_at_step); rerun to continue")
 

@@ -1,4 +1,5 @@
-"""Running the trainer as users do (`deepspeed --num_gpus N pipeline/train.py ...`) and reading what it wrote."""
+"""Running the trainer as users do (`deepspeed --num_gpus N pipeline/train.py ...`, or `torchrun
+--nproc_per_node N pipeline/train.py ...`) and reading what it wrote."""
 
 from __future__ import annotations
 
@@ -11,14 +12,19 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 
 def train(config: str, run_dir: Path, *overrides: str, ranks: int = 2, env: dict | None = None,
-          timeout: float = 300, launcher: bool = True) -> subprocess.CompletedProcess:
-    """Run one training invocation; its own process group, so a SIGKILL from inside ends only it."""
+          timeout: float = 300, launcher: bool = True, torchrun: bool = False) -> subprocess.CompletedProcess:
+    """Run one training invocation; its own process group, so a SIGKILL from inside ends only it.
+    torchrun: launch with torchrun instead of the deepspeed launcher."""
     from pipeline.distributed import free_port
     args = ["--config", str(REPO / config), f"run_dir={run_dir}", *overrides]
-    if launcher:
+    if launcher and torchrun:
+        cmd = [str(TORCHRUN), "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1", "--master_port",
+               str(free_port()), str(REPO / "pipeline/train.py"), *args]
+    elif launcher:
         cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()),
                str(REPO / "pipeline/train.py"), *args]
     else:  # one plain process (the trainer's refusals happen before any process group)
@@ -61,3 +67,15 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
     """Every file under `directory` with its size and modification time."""
     return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+def write_tiny_looplm(path: Path, seed: int = 0) -> Path:
+    """A fresh LoopLM checkpoint of the smoke model (configs/model/looplm-tiny.yaml), seeded."""
+    import torch
+    import yaml
+
+    from pipeline.models import LoopLMConfig, LoopLMForCausalLM
+    torch.manual_seed(seed)
+    config = LoopLMConfig(**yaml.safe_load((REPO / "configs/model/looplm-tiny.yaml").read_text()))
+    LoopLMForCausalLM(config).save_pretrained(path)
+    return path

@@ -244,3 +244,18 @@ def test_resume_from_reloads_the_saved_experiment(tmp_path, monkeypatch, capsys)
     assert "disagree" in capsys.readouterr().err
     json.dumps(saved)  # plain data
     assert os.path.isabs(saved["run_dir"])
+
+
+@pytest.mark.parametrize("size, nodes", [("1.4b", 1), ("2.6b", 2)])
+def test_ouro_experiments_plan_the_whole_chain(size, nodes, tmp_path):
+    exp = load_experiment(REPO / "configs" / "experiments" / f"ouro-{size}-melt.yaml", [f"run_dir={tmp_path}"])
+    plan = build_plan(exp, base=REPO, strict=False)
+    graph = {p.name: p.upstream for p in plan.phases}
+    assert graph == {"data": [], "data_eval": [], "transition": ["data"], "distill": ["data", "transition"],
+                     "evaluate": ["data_eval", "distill"]}
+    transition = plan.phase("transition")
+    assert transition.resources.gpus_per_node == 8 and transition.resources.nodes == nodes
+    assert transition.argv[:4] == ["--config", str(REPO / "configs" / "ouro" / f"{size}.yaml"), "--phase",
+                                   "transition"]
+    assert f"model.init_from={tmp_path / 'transition' / 'export'}" in plan.phase("distill").argv
+    assert exp.resources.signal_delay_s >= 120

@@ -77,18 +77,18 @@ def test_override_syntax_and_files():
         load_run_config(SMOKE_PRETRAIN, phase="transition")
 
 
-@pytest.mark.parametrize("name", ["ouro-1.4b-melt", "ouro-2.6b-melt"])
+@pytest.mark.parametrize("name", ["1.4b", "2.6b"])
 def test_experiment_configs_validate(name):
-    path = REPO / "configs/experiments" / f"{name}.yaml"
+    path = REPO / "configs/ouro" / f"{name}.yaml"
     runs = load_experiment(path)
-    assert set(runs) == {"transition"}
+    assert set(runs) == {"transition", "distill"}  # distill: tests/unit/test_distill_phase.py
     cfg = runs["transition"]
     assert cfg.model.init_from.startswith("ByteDance/Ouro-")
     assert cfg.engine.name == "deepspeed" and cfg.engine.precision == "auto" and cfg.engine.activation_checkpointing
     assert cfg.engine.deepspeed["zero_optimization"]["stage"] == 3
     assert cfg.phase.chunk_size == 128 and cfg.phase.alpha.end == 1.0
     assert cfg.data.global_batch_size == 128 and cfg.data.num_canonical_nodes == 8
-    assert name.replace("-melt", "") in cfg.run_dir.lower()
+    assert f"ouro-{name}" in cfg.run_dir.lower()
     # the same section through the trainer's loader, with --phase and overrides
     again = load_run_config(path, ["data.path=/data/train"], phase="transition")
     assert again.data.path == "/data/train" and again.model.init_from == cfg.model.init_from

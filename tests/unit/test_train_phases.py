@@ -137,3 +137,23 @@ def test_transition_refuses_a_checkpoint_that_does_not_fit(looplm_dir, tmp_path)
     phase = build_phase(transition_cfg(bad))
     with pytest.raises(ValueError, match=r"missing tensors \['model.norm.weight'\]; unexpected tensors"):
         phase.build_model(LocalEngine())
+
+
+def test_phases_pass_the_batch_attention_mask(looplm_dir):
+    """Left-padded rows (synthetic tasks): the phase runs the model with the batch's attention mask,
+    so training sees padding exactly as evaluation does."""
+    cfg = transition_cfg(looplm_dir, "phase.alpha.start=0", "phase.alpha.end=0")
+    looplm = LoopLMForCausalLM.from_pretrained(looplm_dir)
+    reference = PretrainPhase.__new__(PretrainPhase)
+    reference.cfg = cfg
+    b = batch()
+    b["input_ids"][:, :4] = 0
+    b["labels"][:, :5] = -100  # nothing is predicted from the padding
+    b["attention_mask"] = (torch.arange(24) >= 4).long().expand(3, 24)
+    with torch.no_grad():
+        masked = reference.micro_step(looplm, b, 10.0).loss.loss
+        unmasked = reference.micro_step(looplm, {k: v for k, v in b.items() if k != "attention_mask"}, 10.0).loss.loss
+        alone = reference.micro_step(looplm, {"input_ids": b["input_ids"][:, 4:], "labels": b["labels"][:, 4:]},
+                                     10.0).loss.loss
+    torch.testing.assert_close(masked, alone, rtol=1e-5, atol=1e-6)  # the padded rows score as if unpadded
+    assert not torch.allclose(masked, unmasked)

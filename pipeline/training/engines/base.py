@@ -17,7 +17,7 @@ import contextlib
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -55,6 +55,33 @@ class PartitionStats:
         return dict(self.__dict__)
 
 
+class FrozenModel(ABC):
+    """A frozen model wrapped by `Engine.build_frozen` for inference (e.g. the distillation teacher).
+
+    Calling it runs the model's forward in eval mode under `torch.no_grad()`; it is collective
+    (partitioned parameters are gathered layer by layer), so every rank calls it equally often.
+    It never gets gradients or optimizer state, and it is not part of the engine's checkpoints
+    (it is reloaded from its own checkpoint on resumption).
+    """
+
+    @property
+    @abstractmethod
+    def module(self) -> nn.Module:
+        """The model itself (unwrapped), e.g. to read its config or register hooks."""
+
+    @abstractmethod
+    def __call__(self, **inputs) -> Any: ...
+
+    @abstractmethod
+    def partition_stats(self) -> PartitionStats:
+        """This rank's share of the frozen model's parameters (optimizer fields 0)."""
+
+    @abstractmethod
+    def full_tensors(self) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
+        """Collective: (name, full tensor on CPU on rank 0 / None elsewhere), one parameter or
+        persistent buffer at a time, in named_parameters() order, then the buffers."""
+
+
 class Engine(ABC):
     name: str = "abstract"
 
@@ -89,7 +116,23 @@ class Engine(ABC):
     @abstractmethod
     def load_weights(self, model: nn.Module, tensors) -> None:
         """Fill each parameter and persistent buffer whose name is `in tensors` with `tensors(name)`
-        (read on demand, e.g. a `weights.CheckpointTensors`)."""
+        (read on demand, e.g. a `weights.CheckpointTensors`).
+
+        An engine may defer these writes (and init_weights') until it wraps the model (`prepare`,
+        `build_frozen`; FSDP builds on the meta device and writes into each rank's shards then):
+        read a model's weights only after that."""
+
+    def frozen_init_context(self, offload_params: bool = False) -> contextlib.AbstractContextManager:
+        """Like `init_context`, for a model that `build_frozen` will wrap (its parameters partitioned
+        across all ranks, in CPU memory with offload_params)."""
+        return self.init_context()
+
+    def build_frozen(self, model: nn.Module, offload_params: bool = False) -> FrozenModel:
+        """Wrap a frozen model (built inside `frozen_init_context`, weights loaded with `load_weights`)
+        for inference only: no optimizer, no gradients (requires_grad is switched off), parameters
+        kept partitioned across all ranks (offloaded to CPU memory with offload_params). DeepSpeed:
+        a second engine with a ZeRO-3 inference config; FSDP2: fully_shard without optimizer."""
+        raise NotImplementedError(f"engine {self.name!r} cannot hold a frozen model (needed by phase distill)")
 
     @abstractmethod
     def prepare(self, model: nn.Module, groups: list[ParamGroup], lr_lambda: Callable[[int], float],

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from pipeline.training.engines.base import Engine, ParamGroup, PartitionStats, StepResult
+from pipeline.training.engines.base import Engine, FrozenModel, ParamGroup, PartitionStats, StepResult
 from pipeline.training.weights import persistent_buffers
 
 
@@ -24,6 +24,50 @@ def post_order(module: nn.Module):
 def _on_gpu() -> bool:
     from deepspeed.accelerator import get_accelerator
     return get_accelerator().device_name() == "cuda"
+
+
+def param_partition(module: nn.Module) -> tuple[int, int, int]:
+    """(elements of the whole model, elements held by this rank, bytes held by this rank)."""
+    total = local = held_bytes = 0
+    for p in module.parameters():
+        total += getattr(p, "ds_numel", p.numel())
+        held = getattr(p, "ds_tensor", p)
+        local += held.numel()
+        held_bytes += held.numel() * held.element_size()
+    return total, local, held_bytes
+
+
+def gathered(param: nn.Parameter) -> torch.Tensor:
+    """A copy of a (possibly ZeRO-3 partitioned) parameter's full value (collective)."""
+    import deepspeed
+    with deepspeed.zero.GatheredParameters([param]):
+        return param.data.detach().clone()
+
+
+class DeepSpeedFrozenModel(FrozenModel):
+    """A frozen model in a DeepSpeed engine with a ZeRO-3 inference config (no optimizer)."""
+
+    def __init__(self, engine, rank: int, world_size: int):
+        self._engine, self.rank, self.world_size = engine, rank, world_size
+
+    @property
+    def module(self) -> nn.Module:
+        return self._engine.module
+
+    def __call__(self, **inputs) -> Any:
+        with torch.no_grad():
+            return self._engine(**inputs)
+
+    def partition_stats(self) -> PartitionStats:
+        total, local, held_bytes = param_partition(self.module)
+        return PartitionStats(self.rank, self.world_size, total, local, held_bytes, 0, 0)
+
+    def full_tensors(self):
+        for name, param in self.module.named_parameters():
+            full = gathered(param)
+            yield name, (full.cpu() if self.rank == 0 else None)
+        for name, buf in persistent_buffers(self.module):
+            yield name, (buf.detach().cpu() if self.rank == 0 else None)
 
 
 class DeepSpeedEngine(Engine):
@@ -50,6 +94,18 @@ class DeepSpeedEngine(Engine):
         ds["fp16"] = {"enabled": False}
         ds.setdefault("steps_per_print", 2**31 - 1)
         ds.setdefault("wall_clock_breakdown", False)
+        return ds
+
+    def build_frozen_ds_config(self, offload_params: bool) -> dict:
+        """ZeRO-3 for inference: the run's ZeRO-3 settings without optimizer-side options; parameters
+        partitioned across all ranks, their partitions in CPU memory with offload_params."""
+        ds = copy.deepcopy(self.ds_config)
+        zero = ds["zero_optimization"]
+        zero.pop("offload_optimizer", None)
+        if offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": _on_gpu()}
+        else:
+            zero.pop("offload_param", None)
         return ds
 
     # -- process group and placement
@@ -120,6 +176,19 @@ class DeepSpeedEngine(Engine):
                 with torch.no_grad():
                     buf.copy_(tensors(name))
 
+    def frozen_init_context(self, offload_params: bool = False):
+        import deepspeed
+        return deepspeed.zero.Init(config_dict_or_path=self.build_frozen_ds_config(offload_params))
+
+    def build_frozen(self, model: nn.Module, offload_params: bool = False) -> FrozenModel:
+        # ZeRO-3 without an optimizer: DeepSpeed's parameter-offload hooks only (ZeRO-Inference)
+        import deepspeed
+        model.requires_grad_(False)
+        model.eval()
+        engine, _, _, _ = deepspeed.initialize(model=model, config=self.build_frozen_ds_config(offload_params))
+        engine.eval()
+        return DeepSpeedFrozenModel(engine, self.rank, self.world_size)
+
     def prepare(self, model, groups: list[ParamGroup], lr_lambda, betas, eps) -> None:
         import deepspeed
         torch_groups, self._group_names = [], []
@@ -182,7 +251,6 @@ class DeepSpeedEngine(Engine):
     def full_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
         # The fp32 master weights of trainable parameters (what zero_to_fp32 recovers from a
         # checkpoint, whatever the training precision); frozen ones as they are.
-        import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
         state, seen = {}, {}
         for name, param in self.module.named_parameters(remove_duplicate=False):
@@ -192,20 +260,14 @@ class DeepSpeedEngine(Engine):
             seen[id(param)] = name
             full = safe_get_full_fp32_param(param) if param.requires_grad else None
             if full is None:
-                with deepspeed.zero.GatheredParameters([param]):
-                    full = param.data.detach().clone()
+                full = gathered(param)
             state[name] = full.cpu() if self.rank == 0 else None
         for name, buf in persistent_buffers(self.module):
             state[name] = buf.detach().cpu()
         return state if self.rank == 0 else None
 
     def partition_stats(self) -> PartitionStats:
-        total = local = param_bytes = 0
-        for p in self.module.parameters():
-            total += getattr(p, "ds_numel", p.numel())
-            held = getattr(p, "ds_tensor", p)
-            local += held.numel()
-            param_bytes += held.numel() * held.element_size()
+        total, local, param_bytes = param_partition(self.module)
         opt = self._engine.optimizer
         master_bytes = state_bytes = 0
         params_storage = {id(p.ds_tensor) for p in self.module.parameters() if hasattr(p, "ds_tensor")}

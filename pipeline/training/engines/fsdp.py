@@ -1,0 +1,435 @@
+"""FSDP2 engine (DESIGN.md 4): `torch.distributed.fsdp.fully_shard` per decoder layer and at
+the root, launched with torchrun (`engine.name: fsdp`).
+
+- Models are built with their parameters on the meta device (`init_context`); the weights
+  asked for by `init_weights` / `load_weights` are written when the model is sharded
+  (`prepare`, `build_frozen`): each rank allocates only its shards (`to_empty`) and copies its
+  rows of each full tensor in, one tensor at a time, so a model loaded from a checkpoint is
+  never whole on one rank. From-scratch initialisation runs `init_fn` on the full tensors of
+  the subtree, identically on every rank, from the torch RNG state at the time of the call
+  (building on the meta device draws nothing; DeepSpeed's zero.Init runs the modules' own
+  initialisation first, so a from-scratch model differs between the engines, a loaded one not).
+- Mixed precision (`MixedPrecisionPolicy`): fp32 sharded parameters (the master weights),
+  bf16 compute and gradient reduction on GPU (`engine.fsdp.reduce_dtype`), fp32 on CPU.
+- Gradients are reduce-scattered after every micro-step and summed over ranks (divide factor
+  1: the losses are global means already); clipping with `clip_grad_norm_` on the DTensors;
+  a step whose gradient norm is not finite is skipped (the schedule does not advance), as
+  DeepSpeed does.
+- Checkpoints: `torch.distributed.checkpoint` (sharded, model + optimizer through
+  `get_state_dict` / `set_state_dict`) in <tag>/, and each rank's client state and lr
+  schedule in <tag>/client_rank<r>.pt.
+- Export: the full state dict gathered on rank 0 (on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from pipeline.training.engines.base import Engine, FrozenModel, ParamGroup, PartitionStats, StepResult
+from pipeline.training.engines.deepspeed import post_order  # (no DeepSpeed import: that module loads it lazily)
+from pipeline.training.weights import persistent_buffers
+
+CLIENT_STATE = "client_rank{rank}.pt"
+
+# Decoder layers return (hidden, attention output) and the attention output is a view; nothing
+# modifies these outputs in place (tests compare FSDP gradients with the unsharded model's).
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+
+def _on_gpu() -> bool:
+    """CUDA unless unavailable or DS_ACCELERATOR says otherwise (the same switch as the DeepSpeed engine)."""
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
+
+
+@contextlib.contextmanager
+def meta_parameters():
+    """Parameters registered inside live on the meta device (no memory, no initialisation, no RNG
+    draws); buffers stay real, so computed ones (rotary frequencies) keep their values."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def is_meta(module: nn.Module) -> bool:
+    return any(p.is_meta for p in module.parameters())
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (the tensor itself otherwise)."""
+    from torch.distributed.tensor import DTensor
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def write_full(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's part of the full value `full` into `param` (sharded or not)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if tuple(full.shape) != tuple(param.shape):
+        raise ValueError(f"shape {list(full.shape)} given for a parameter of shape {list(param.shape)}")
+    with torch.no_grad():
+        if isinstance(param, DTensor):  # every rank holds `full`: cut locally, no communication
+            full = distribute_tensor(full.to(param.device_mesh.device_type), param.device_mesh, param.placements,
+                                     src_data_rank=None)
+            param.to_local().copy_(full.to_local())
+        else:
+            param.copy_(full)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP shards one by one: those of a class named in the model's `_no_split_modules`
+    (also subclasses: MELT's layers are DecoderLayers)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if m is not model and any(c.__name__ in names for c in type(m).__mro__)]
+
+
+def param_partition(module: nn.Module) -> tuple[int, int, int]:
+    """(elements of the whole model, elements held by this rank, bytes held by this rank)."""
+    total = local = held_bytes = 0
+    for p in module.parameters():
+        held = local_part(p)
+        total += p.numel()
+        local += held.numel()
+        held_bytes += held.numel() * held.element_size()
+    return total, local, held_bytes
+
+
+def rng_states(device: torch.device) -> tuple:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def set_rng_states(states: tuple, device: torch.device) -> None:
+    torch.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.cuda.set_rng_state(states[1], device)
+
+
+@dataclass
+class PendingWrite:
+    """An init_weights / load_weights call on a model still on the meta device, run once it is sharded."""
+    target: nn.Module
+    run: Callable[[], set[int]]       # writes the values; returns the ids of the parameters it wrote
+    rng: Optional[tuple] = None       # RNG states to start from (the first pending initialisation)
+
+
+class FSDPFrozenModel(FrozenModel):
+    """A frozen model sharded with fully_shard (no optimizer), run in eval mode without gradients."""
+
+    def __init__(self, model: nn.Module, rank: int, world_size: int):
+        self._model, self.rank, self.world_size = model, rank, world_size
+
+    @property
+    def module(self) -> nn.Module:
+        return self._model
+
+    def __call__(self, **inputs) -> Any:
+        with torch.no_grad():
+            return self._model(**inputs)
+
+    def partition_stats(self) -> PartitionStats:
+        total, local, held_bytes = param_partition(self._model)
+        return PartitionStats(self.rank, self.world_size, total, local, held_bytes, 0, 0)
+
+    def full_tensors(self) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
+        from torch.distributed.tensor import DTensor
+        for name, param in self._model.named_parameters():
+            full = param.full_tensor() if isinstance(param, DTensor) else param.detach()
+            yield name, (full.cpu() if self.rank == 0 else None)
+        for name, buf in persistent_buffers(self._model):
+            yield name, (buf.detach().cpu() if self.rank == 0 else None)
+
+
+class FSDPEngine(Engine):
+    name = "fsdp"
+
+    def __init__(self, cfg, env):
+        super().__init__(cfg, env)
+        self.options = cfg.engine.fsdp
+        precision = cfg.engine.precision
+        self.bf16 = precision == "bf16" or (precision == "auto" and _on_gpu())
+        self.mesh = None
+        self._model: Optional[nn.Module] = None
+        self._optimizer: Optional[torch.optim.Optimizer] = None
+        self._scheduler = None
+        self._params: list[nn.Parameter] = []
+        self._group_names: list[str] = []
+        self._micro_steps = 0
+        self._pending: list[PendingWrite] = []
+
+    # -- process group and placement
+    def init_distributed(self) -> None:
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        self.env.export()
+        if _on_gpu():
+            torch.cuda.set_device(self.env.local_rank)
+        elif "OMP_NUM_THREADS" not in os.environ:  # ranks share the node's cores: do not oversubscribe
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, self.env.local_world_size)))
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if _on_gpu() else "gloo")
+        self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(f"cuda:{self.env.local_rank}") if _on_gpu() else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (the sharded parameters stay fp32)."""
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+    def mp_policy(self):
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        if not self.bf16:
+            return MixedPrecisionPolicy()
+        reduce = {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce[self.options.reduce_dtype])
+
+    # -- models
+    def init_context(self):
+        return meta_parameters()
+
+    def init_weights(self, root: nn.Module, init_fn: Callable[[nn.Module], None]) -> None:
+        if not is_meta(root):  # a model built outside init_context: its own tensors, not sharded yet
+            with torch.no_grad():
+                for module in post_order(root):
+                    init_fn(module)
+            return
+        first = not any(p.rng is not None for p in self._pending)
+        self._pending.append(PendingWrite(root, lambda: self._init_full(root, init_fn),
+                                          rng_states(self.device) if first else None))
+
+    def _init_full(self, root: nn.Module, init_fn) -> set[int]:
+        """init_fn in post-order on full-size stand-ins of every parameter under `root` (NaN first, so a
+        parameter init_fn leaves alone is an error, not garbage); each rank then keeps its shards."""
+        full: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
+        slots = []
+        for module in root.modules():
+            for name, param in module._parameters.items():
+                if param is None:
+                    continue
+                if id(param) not in full:  # tied parameters share one stand-in
+                    stand_in = torch.full(param.shape, float("nan"), dtype=param.dtype, device=self.device)
+                    full[id(param)] = (param, nn.Parameter(stand_in, requires_grad=False))
+                slots.append((module, name, param))
+                module._parameters[name] = full[id(param)][1]
+        try:
+            with torch.no_grad():
+                for module in post_order(root):
+                    init_fn(module)
+        finally:
+            for module, name, param in slots:
+                module._parameters[name] = param
+        names = {id(p): n for n, p in root.named_parameters()}
+        untouched = sorted(names[i] for i, (_, value) in full.items() if bool(torch.isnan(value).any()))
+        if untouched:
+            raise RuntimeError(f"initialisation left parameters unset (NaN): {untouched}")
+        for param, value in full.values():
+            write_full(param, value.data)
+        return set(full)
+
+    def load_weights(self, model: nn.Module, tensors) -> None:
+        def load() -> set[int]:
+            written = set()
+            for name, param in model.named_parameters():
+                if name in tensors:
+                    write_full(param, tensors(name).to(self.device))
+                    written.add(id(param))
+            for name, buf in persistent_buffers(model):
+                if name in tensors:
+                    with torch.no_grad():
+                        buf.copy_(tensors(name))
+            return written
+
+        if is_meta(model):
+            self._pending.append(PendingWrite(model, load))
+        else:
+            load()
+
+    def shard(self, model: nn.Module, mp_policy, reshard_after_forward: bool, frozen: bool = False,
+              offload: bool = False) -> None:
+        """fully_shard each decoder layer, then the root (embeddings, final norm, exit gate, lm_head);
+        gradients summed over ranks, not averaged. A trained root stays gathered from its forward to
+        its backward (FSDP's default); a frozen one (no backward) is resharded after its forward."""
+        from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
+        kwargs = dict(mesh=self.mesh, mp_policy=mp_policy,
+                      offload_policy=CPUOffloadPolicy(pin_memory=_on_gpu()) if offload else OffloadPolicy())
+        for layer in decoder_layers(model):
+            fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
+        fully_shard(model, reshard_after_forward=True if frozen else None, **kwargs)
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)  # gloo has no AVG / PREMUL_SUM
+
+    def materialize(self, model: nn.Module, device: Optional[torch.device] = None) -> None:
+        """Allocate this rank's shards of a (sharded) meta model and run the writes asked for it."""
+        if not is_meta(model):
+            return
+        device = device or self.device
+        buffers = dict(model.named_buffers())  # real already: to_empty would overwrite them
+        model.to_empty(device=device)
+        for name, buf in buffers.items():
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._buffers[leaf] = buf.to(self.device)
+        members = set(model.modules())
+        mine = [p for p in self._pending if p.target in members]
+        self._pending = [p for p in self._pending if p.target not in members]
+        written: set[int] = set()
+        for pending in mine:
+            if pending.rng is not None:  # draw what an eager call would have drawn
+                set_rng_states(pending.rng, self.device)
+            written |= pending.run()
+        missing = [n for n, p in model.named_parameters() if id(p) not in written]
+        if missing:
+            raise RuntimeError(f"parameters neither initialised nor loaded: {missing}")
+
+    def frozen_init_context(self, offload_params: bool = False):
+        return meta_parameters()
+
+    def build_frozen(self, model: nn.Module, offload_params: bool = False) -> FrozenModel:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        model.requires_grad_(False)
+        model.eval()
+        for module in model.modules():  # held in the compute dtype: no master copy to keep
+            for name, param in module._parameters.items():
+                if param is not None and param.is_floating_point() and param.dtype != self.dtype:
+                    module._parameters[name] = nn.Parameter(param.to(self.dtype), requires_grad=False)
+        offload = offload_params and _on_gpu()
+        self.shard(model, MixedPrecisionPolicy(), reshard_after_forward=True, frozen=True, offload=offload)
+        self.materialize(model, torch.device("cpu") if offload else None)
+        return FSDPFrozenModel(model, self.rank, self.world_size)
+
+    def prepare(self, model, groups: list[ParamGroup], lr_lambda, betas, eps) -> None:
+        # fully_shard replaces the parameters: the groups are remembered by name
+        names = {id(p): n for n, p in model.named_parameters()}
+        spec = []
+        for group in groups:
+            for params, wd in ((group.params, group.weight_decay), (group.no_decay, 0.0)):
+                if params:
+                    spec.append((group.name, [names[id(p)] for p in params], group.lr, wd))
+        self.shard(model, self.mp_policy(), self.options.reshard_after_forward)
+        self.materialize(model)
+        by_name = dict(model.named_parameters())
+        torch_groups = [{"params": [by_name[n] for n in params], "lr": lr, "weight_decay": wd}
+                        for _, params, lr, wd in spec]
+        self._group_names = [name for name, _, _, _ in spec]
+        self._params = [p for g in torch_groups for p in g["params"]]
+        self._optimizer = torch.optim.AdamW(torch_groups, betas=betas, eps=eps)
+        self.init_optimizer_state()
+        self._scheduler = torch.optim.lr_scheduler.LambdaLR(self._optimizer, lr_lambda)
+        self._model = model
+        model.train()
+
+    def init_optimizer_state(self) -> None:
+        """AdamW's state for every trainable parameter now, as a fresh one (zero moments, step 0), not
+        at its first gradient: a parameter the loss never reaches (the exit gate under a plain CE) then
+        still has state in every checkpoint, which resuming requires. One step at lr 0 on zero
+        gradients creates it without moving anything."""
+        lrs = [group["lr"] for group in self._optimizer.param_groups]
+        for group in self._optimizer.param_groups:
+            group["lr"] = 0.0
+        for param in self._params:
+            param.grad = torch.zeros_like(param)
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        for group, lr in zip(self._optimizer.param_groups, lrs):
+            group["lr"] = lr
+        for state in self._optimizer.state.values():
+            state["step"].zero_()
+
+    @property
+    def module(self) -> nn.Module:
+        return self._model
+
+    # -- steps
+    def forward(self, **inputs) -> Any:
+        return self._model(**inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if loss.grad_fn is None:
+            raise RuntimeError("the loss does not depend on any trainable parameter (nothing to train)")
+        loss.backward()  # each micro-step's gradients are reduce-scattered (summed) into the sharded .grad
+        self._micro_steps += 1
+
+    def optimizer_step(self) -> StepResult:
+        from torch.distributed.tensor import DTensor
+        if self._micro_steps != self.grad_accum_steps:
+            raise RuntimeError(f"optimizer_step() after {self._micro_steps} micro-step(s); the step has "
+                               f"{self.grad_accum_steps} (gradient_accumulation_steps)")
+        self._micro_steps = 0
+        norm = torch.nn.utils.clip_grad_norm_(self._params, self.cfg.engine.grad_clip or float("inf"))
+        norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        applied = math.isfinite(norm)
+        if applied:
+            self._optimizer.step()
+            self._scheduler.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        return StepResult(applied=applied, grad_norm=norm)
+
+    def learning_rates(self) -> dict[str, float]:
+        out = {}
+        for name, group in zip(self._group_names, self._optimizer.param_groups):
+            out.setdefault(name, float(group["lr"]))
+        return out
+
+    # -- checkpoints
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        path = Path(directory) / tag
+        model_state, optim_state = get_state_dict(self._model, self._optimizer)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path))
+        with open(path / CLIENT_STATE.format(rank=self.rank), "wb") as handle:
+            torch.save({"client": client_state, "scheduler": self._scheduler.state_dict(),
+                        "world_size": self.world_size}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def load_checkpoint(self, directory: str, tag: str) -> dict:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        path = Path(directory) / tag
+        client_file = path / CLIENT_STATE.format(rank=self.rank)
+        if not client_file.is_file():
+            raise RuntimeError(f"{path} is not an FSDP checkpoint of {self.world_size} ranks (no {client_file.name})")
+        model_state, optim_state = get_state_dict(self._model, self._optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(self._model, self._optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+        saved = torch.load(client_file, weights_only=False)
+        self._scheduler.load_state_dict(saved["scheduler"])
+        return saved["client"]
+
+    def full_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(self._model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if self.rank == 0 else None
+
+    def partition_stats(self) -> PartitionStats:
+        total, local, param_bytes = param_partition(self._model)
+        state_bytes = 0
+        for state in self._optimizer.state.values():
+            for value in state.values():
+                held = local_part(value) if torch.is_tensor(value) else None
+                if held is not None and value.dim() > 0:
+                    state_bytes += held.numel() * held.element_size()
+        # the sharded fp32 parameters are the master weights (bf16 copies exist only while gathered)
+        return PartitionStats(self.rank, self.world_size, total, local, param_bytes, 0, state_bytes)
