@@ -34,6 +34,8 @@ def one_thread():
 
 
 class LocalFrozen(FrozenModel):
+    rank = 0
+
     def __init__(self, model):
         self._model = model
 
@@ -49,9 +51,8 @@ class LocalFrozen(FrozenModel):
         n = sum(p.numel() for p in self._model.parameters())
         return PartitionStats(0, 1, n, n, 4 * n, 0, 0)
 
-    def full_tensors(self):
-        for name, p in self._model.named_parameters():
-            yield name, p.detach().clone()
+    def gather_full(self, param):
+        return param.detach().clone()
 
 
 class LocalEngine(PlainLocalEngine):

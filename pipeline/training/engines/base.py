@@ -24,6 +24,7 @@ from torch import nn
 
 from pipeline.distributed import DistEnv
 from pipeline.training.config import RunConfig
+from pipeline.training.weights import persistent_buffers
 
 
 @dataclass
@@ -76,10 +77,20 @@ class FrozenModel(ABC):
     def partition_stats(self) -> PartitionStats:
         """This rank's share of the frozen model's parameters (optimizer fields 0)."""
 
+    rank: int
+
     @abstractmethod
+    def gather_full(self, param: nn.Parameter) -> torch.Tensor:
+        """Collective: the whole parameter, however the engine partitions it."""
+
     def full_tensors(self) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
         """Collective: (name, full tensor on CPU on rank 0 / None elsewhere), one parameter or
         persistent buffer at a time, in named_parameters() order, then the buffers."""
+        for name, param in self.module.named_parameters():
+            full = self.gather_full(param)
+            yield name, (full.cpu() if self.rank == 0 else None)
+        for name, buf in persistent_buffers(self.module):
+            yield name, (buf.detach().cpu() if self.rank == 0 else None)
 
 
 class Engine(ABC):

@@ -62,12 +62,8 @@ class DeepSpeedFrozenModel(FrozenModel):
         total, local, held_bytes = param_partition(self.module)
         return PartitionStats(self.rank, self.world_size, total, local, held_bytes, 0, 0)
 
-    def full_tensors(self):
-        for name, param in self.module.named_parameters():
-            full = gathered(param)
-            yield name, (full.cpu() if self.rank == 0 else None)
-        for name, buf in persistent_buffers(self.module):
-            yield name, (buf.detach().cpu() if self.rank == 0 else None)
+    def gather_full(self, param):
+        return gathered(param)
 
 
 class DeepSpeedEngine(Engine):

@@ -29,7 +29,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -146,13 +146,9 @@ class FSDPFrozenModel(FrozenModel):
         total, local, held_bytes = param_partition(self._model)
         return PartitionStats(self.rank, self.world_size, total, local, held_bytes, 0, 0)
 
-    def full_tensors(self) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
+    def gather_full(self, param):
         from torch.distributed.tensor import DTensor
-        for name, param in self._model.named_parameters():
-            full = param.full_tensor() if isinstance(param, DTensor) else param.detach()
-            yield name, (full.cpu() if self.rank == 0 else None)
-        for name, buf in persistent_buffers(self._model):
-            yield name, (buf.detach().cpu() if self.rank == 0 else None)
+        return param.full_tensor() if isinstance(param, DTensor) else param.detach()
 
 
 class FSDPEngine(Engine):
