@@ -101,18 +101,26 @@ class Engine(ABC):
         self.rank, self.world_size = env.rank, env.world_size
         micro, global_batch = cfg.data.micro_batch_size, cfg.data.global_batch_size
         self.grad_accum_steps = global_batch // (micro * env.world_size)
+        precision = cfg.engine.precision
+        self.bf16 = precision == "bf16" or (precision == "auto" and self.on_gpu())
 
     # -- process group and placement
+    @staticmethod
+    @abstractmethod
+    def on_gpu() -> bool:
+        """Whether this engine runs on CUDA devices (else CPU)."""
+
     @abstractmethod
     def init_distributed(self) -> None: ...
 
     @property
-    @abstractmethod
-    def device(self) -> torch.device: ...
+    def device(self) -> torch.device:
+        return torch.device(f"cuda:{self.env.local_rank}") if self.on_gpu() else torch.device("cpu")
 
     @property
-    @abstractmethod
-    def dtype(self) -> torch.dtype: ...
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: bf16 when engine.precision says so (auto: on GPU), else fp32."""
+        return torch.bfloat16 if self.bf16 else torch.float32
 
     # -- models
     def init_context(self) -> contextlib.AbstractContextManager:

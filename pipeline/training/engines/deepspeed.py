@@ -68,6 +68,7 @@ class DeepSpeedFrozenModel(FrozenModel):
 
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
+    on_gpu = staticmethod(_on_gpu)
 
     def __init__(self, cfg, env):
         super().__init__(cfg, env)
@@ -75,8 +76,6 @@ class DeepSpeedEngine(Engine):
         self._model: Optional[nn.Module] = None
         self._group_names: list[str] = []
         self._last: Optional[StepResult] = None
-        precision = cfg.engine.precision
-        self.bf16 = precision == "bf16" or (precision == "auto" and _on_gpu())
         self.ds_config = self.build_ds_config()
 
     def build_ds_config(self) -> dict:
@@ -131,14 +130,6 @@ class DeepSpeedEngine(Engine):
             os.unlink(os.path.join("/dev/shm", name))
         except FileNotFoundError:
             pass
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device(f"cuda:{self.env.local_rank}") if _on_gpu() else torch.device("cpu")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.bf16 else torch.float32
 
     # -- models
     def init_context(self):

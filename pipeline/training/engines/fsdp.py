@@ -153,12 +153,11 @@ class FSDPFrozenModel(FrozenModel):
 
 class FSDPEngine(Engine):
     name = "fsdp"
+    on_gpu = staticmethod(_on_gpu)  # the sharded parameters stay fp32; `dtype` is the compute dtype
 
     def __init__(self, cfg, env):
         super().__init__(cfg, env)
         self.options = cfg.engine.fsdp
-        precision = cfg.engine.precision
-        self.bf16 = precision == "bf16" or (precision == "auto" and _on_gpu())
         self.mesh = None
         self._model: Optional[nn.Module] = None
         self._optimizer: Optional[torch.optim.Optimizer] = None
@@ -180,15 +179,6 @@ class FSDPEngine(Engine):
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if _on_gpu() else "gloo")
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device(f"cuda:{self.env.local_rank}") if _on_gpu() else torch.device("cpu")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The compute dtype (the sharded parameters stay fp32)."""
-        return torch.bfloat16 if self.bf16 else torch.float32
 
     def mp_policy(self):
         from torch.distributed.fsdp import MixedPrecisionPolicy
