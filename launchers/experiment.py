@@ -46,6 +46,8 @@ Format (every key, with its default)::
       launcher: deepspeed           # train phases: deepspeed or torchrun (a phase whose run
                                     #   config says engine.name: fsdp always uses torchrun)
       nproc_per_node: null          # default: the phase's tasks per node
+      max_tasks: 1                  # processes at once; above 1, independent phases run side
+                                    #   by side (in file order, as their inputs are done)
 
     phases:                         # run in this order; the keys are the phase names
       data:
@@ -230,6 +232,7 @@ _NOT_INHERITED_BY_SINGLE_TASK = ("nodes", "gpus_per_node", "tasks_per_node")
 class LocalSettings(_Strict):
     launcher: Literal["deepspeed", "torchrun"] = "deepspeed"
     nproc_per_node: Optional[int] = Field(None, ge=1)
+    max_tasks: int = Field(1, ge=1)  # processes at once: independent phases side by side when > 1
 
 
 def placeholders(text: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Run an experiment's phases on this machine, one after the other (no SLURM).
+"""Run an experiment's phases on this machine (no SLURM): one after the other, or side by side.
 
     python launchers/local.py --config configs/experiments/X.yaml [key=value ...]
         [--phases a,b] [--resume-from RUN_DIR] [--dry-run]
@@ -13,7 +13,10 @@ The same experiment file, run layout and command lines as `launchers/slurm.py`:
   N is ``local.nproc_per_node``, else the phase's tasks per node (its GPUs per node, or
   ``tasks_per_node`` on CPU: set ``DS_ACCELERATOR=cpu`` in ``resources.env``).
 
-A phase that fails stops the run (later phases are not started). Each phase's output is
+``local.max_tasks`` (default 1) is how many processes may run at once: above 1, independent
+phases run side by side as SLURM would run them (each line of output prefixed with its phase),
+starting in file order as their upstream phases finish and their processes fit. A phase that
+fails stops the run: nothing more is started, phases already running finish. Each phase's output is
 also written to ``<run_dir>/local/<phase>.log``. ``resources.env`` is exported;
 ``resources.setup`` lines (module load, ...) are for the cluster and are not run here.
 """
@@ -22,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Optional
 
@@ -112,34 +117,62 @@ def phase_env(p: PlannedPhase) -> dict[str, str]:
     return env
 
 
+class PhaseProcess:
+    """One phase running in a subprocess: its output goes to the console (prefixed with the
+    phase name when phases run side by side) and to ``<run_dir>/local/<phase>.log``."""
+
+    def __init__(self, plan: Plan, p: PlannedPhase, out, port: Optional[int] = None, prefix: bool = False):
+        self.phase, self.out = p, out
+        self.tag = f"[{p.name}] " if prefix else ""
+        self.cmd = command(plan, p, port)
+        self.log = plan.run_dir / "local" / f"{p.name}.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        print(f"[local] {p.name} ({p.kind}): {shlex.join(self.cmd)}", file=out, flush=True)
+        self.start = time.time()
+        self.sink = open(self.log, "a")
+        self.sink.write(f"$ {shlex.join(self.cmd)}\n")
+        self.proc = subprocess.Popen(self.cmd, env=phase_env(p), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, bufsize=1, start_new_session=True)
+
+    def pump(self, lock: threading.Lock) -> int:
+        """Copy the output until the process ends; return its exit code."""
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with lock:
+                self.out.write(self.tag + line)
+                self.out.flush()
+            self.sink.write(line)
+        code = self.proc.wait()
+        ending = (f"[local] {self.phase.name}: exit {code} after {time.time() - self.start:.0f}s, "
+                  f"at {time.strftime('%Y-%m-%dT%H:%M:%S')}")
+        self.sink.write(ending + "\n")  # the log keeps each run's outcome and wall time (the demo report reads it)
+        self.sink.close()
+        with lock:
+            print(f"{ending} (log {self.log})", file=self.out, flush=True)
+        return code
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+
+
 def run_phase(plan: Plan, p: PlannedPhase, out=None) -> int:
-    out = out or sys.stdout
-    cmd = command(plan, p)
-    log = plan.run_dir / "local" / f"{p.name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[local] {p.name} ({p.kind}): {shlex.join(cmd)}", file=out, flush=True)
-    start = time.time()
-    with open(log, "a") as sink:
-        sink.write(f"$ {shlex.join(cmd)}\n")
-        proc = subprocess.Popen(cmd, env=phase_env(p), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1, start_new_session=True)
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                out.write(line)
-                sink.write(line)
-            code = proc.wait()
-        except KeyboardInterrupt:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait()
-            raise
-        ending = f"[local] {p.name}: exit {code} after {time.time() - start:.0f}s"
-        sink.write(ending + "\n")  # the log keeps each run's outcome and wall time (the demo report reads it)
-    print(f"{ending} (log {log})", file=out, flush=True)
-    return code
+    return PhaseProcess(plan, p, out or sys.stdout).pump(threading.Lock())
+
+
+def _ports(used: set[int]) -> int:
+    """A free port no phase of this run was given yet (a phase binds it only once it starts)."""
+    while True:
+        port = _free_port()
+        if port not in used:
+            used.add(port)
+            return port
 
 
 def run(plan: Plan, out=None) -> int:
+    """Run the plan's phases in order. With ``local.max_tasks`` above 1, a phase whose upstream
+    phases are done starts as soon as its processes fit beside the running ones (in file order);
+    a phase that needs more than max_tasks runs alone."""
     out = out or sys.stdout
     if not plan.phases:
         print("nothing to run: every selected phase is complete", file=out)
@@ -147,13 +180,42 @@ def run(plan: Plan, out=None) -> int:
     save_experiment(plan.experiment, plan.run_dir)
     for name, why in plan.skipped.items():
         print(f"[local] {name}: skipped ({why})", file=out)
-    for p in plan.phases:
-        code = run_phase(plan, p, out)
-        if code != 0:
-            rest = [q.name for q in plan.phases[plan.phases.index(p) + 1:]]
-            print(f"error: phase {p.name} failed (exit {code})"
-                  + (f"; not started: {', '.join(rest)}" if rest else ""), file=sys.stderr, flush=True)
-            return 1
+    max_tasks = plan.experiment.local.max_tasks
+    pending, running, done, failed = list(plan.phases), {}, [], []
+    finished: queue.Queue = queue.Queue()
+    lock, ports = threading.Lock(), set()
+    try:
+        while pending or running:
+            busy = sum(nproc(plan, r.phase) for r in running.values())
+            for p in [] if failed else list(pending):
+                if any(u not in done for u in p.upstream):
+                    continue
+                need = nproc(plan, p)
+                if running and busy + need > max_tasks:
+                    continue
+                port = None if p.kind in SINGLE_TASK_KINDS else _ports(ports)
+                with lock:
+                    running[p.name] = proc = PhaseProcess(plan, p, out, port, prefix=max_tasks > 1)
+                threading.Thread(target=lambda proc=proc: finished.put((proc.phase.name, proc.pump(lock))),
+                                 daemon=True).start()
+                pending.remove(p)
+                busy += need
+            if not running:
+                break
+            name, code = finished.get()
+            del running[name]
+            (done if code == 0 else failed).append(name)
+            if code != 0:
+                with lock:
+                    print(f"error: phase {name} failed (exit {code})", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        for proc in running.values():
+            proc.terminate()
+        raise
+    if failed:
+        if pending:
+            print(f"error: not started: {', '.join(p.name for p in pending)}", file=sys.stderr, flush=True)
+        return 1
     print(f"[local] done: {', '.join(p.name for p in plan.phases)} in {plan.run_dir}", file=out)
     return 0
 

@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 restarts=int(os.environ.get("SLURM_RESTART_COUNT", "0")),
                 lws_env=os.environ.get("LOCAL_WORLD_SIZE"), cuda_visible=os.environ.get("CUDA_VISIBLE_DEVICES"))
     _event(run_dir, env.rank, event="start", **info)
+    print(f"toy_phase: rank {env.rank} of {env.world_size} starts", flush=True)
     if "input" in args and not (Path(args["input"]) / "config.json").is_file():
         print(f"toy_phase: input {args['input']} holds no export (config.json)", file=sys.stderr)
         return 4

@@ -1,0 +1,47 @@
+"""launchers/local.py with `local.max_tasks` > 1: independent phases side by side, dependents after
+their inputs, a failure stopping what has not started (real processes: tests/slurm/toy_phase.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .test_slurm_launcher import events, launch, toy, toy_experiment
+
+
+def _span(run_dir: Path, phase: str) -> tuple[float, float]:
+    rank0 = events(run_dir / phase, 0)
+    return rank0[0]["time"], rank0[-1]["time"]
+
+
+def _launch_side_by_side(tmp_path: Path, phases: dict):
+    for phase in phases.values():
+        phase["resources"] = {"tasks_per_node": 1}
+    return launch("--config", toy_experiment(tmp_path, phases), "local.max_tasks=2", launcher="local.py")
+
+
+def test_independent_phases_run_side_by_side(tmp_path):
+    phases = {"a": toy(steps=6, sleep=0.5), "b": toy(steps=6, sleep=0.5),
+              "c": toy(steps=1, sleep=0, input="{a/export}", other="{b/export}")}
+    out = _launch_side_by_side(tmp_path, phases)
+    assert out.returncode == 0, out.stdout + out.stderr
+    run = tmp_path / "run"
+    (a0, a1), (b0, b1), (c0, _) = (_span(run, n) for n in "abc")
+    assert b0 < a1 and a0 < b1, "a and b should overlap"
+    assert c0 > max(a1, b1), "c reads both exports: it starts after them"
+    ports = {events(run / n, 0)[0]["master_port"] for n in "abc"}
+    assert len(ports) == 3, ports
+    assert "[a] " in out.stdout and "[b] " in out.stdout          # interleaved output says whose it is
+    for n in "abc":
+        assert "exit 0 after" in (run / "local" / f"{n}.log").read_text()
+
+
+def test_a_failure_starts_nothing_more_and_lets_running_phases_finish(tmp_path):
+    phases = {"a": toy(steps=1, sleep=0, fail="true"), "b": toy(steps=6, sleep=0.5),
+              "c": toy(steps=1, sleep=0, input="{a/export}"), "d": toy(steps=1, sleep=0, input="{b/export}")}
+    out = _launch_side_by_side(tmp_path, phases)
+    assert out.returncode == 1
+    assert "phase a failed (exit " in out.stderr and "not started: c, d" in out.stderr, out.stderr
+    run = tmp_path / "run"
+    assert json.loads((run / "b" / "export" / "config.json").read_text())["steps"] == 6   # b finished
+    assert not (run / "c").exists() and not (run / "d").exists()
