@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup debian-deps test test-fast demo clean
+.PHONY: setup debian-deps test test-fast demo reproduce clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ test-fast: setup debian-deps
 demo: setup
 	bash scripts/install_debian_deps.sh --demo
 	$(PY) -m pipeline.demo --run-dir runs/demo
+
+reproduce: setup
+	bash scripts/install_debian_deps.sh --demo
+	$(PY) -m pipeline.reproduce --run-dir runs/reproduce
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

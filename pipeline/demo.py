@@ -3,9 +3,9 @@
     python -m pipeline.demo [--run-dir runs/demo] [--config configs/experiments/demo.yaml] [key=value ...]
 
 Runs the demo experiment's phases with the local launcher (data -> standard and LoopLM
-pretraining -> MELT transition and distillation on 2 ranks under DeepSpeed ZeRO-3 ->
-evaluation), skipping phases already complete in the run directory (rerun to continue),
-then writes <run_dir>/report.md, report.json and plots, and prints the table.
+pretraining side by side -> MELT transition and distillation on 2 ranks under DeepSpeed
+ZeRO-3 -> evaluation), skipping phases already complete in the run directory (rerun to
+continue), then writes <run_dir>/report.md, report.json and plots, and prints the table.
 TensorBoard: `tensorboard --logdir runs/demo`.
 """
 
@@ -15,20 +15,20 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from launchers.experiment import ExperimentError, load_experiment
 from launchers.local import run
 from launchers.plan import REPO_ROOT, LaunchError, build_plan
-from pipeline.evaluation.demo_report import write_report
-
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "experiments" / "demo.yaml"
+from pipeline.evaluation import demo_report
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="the demo experiment")
-    parser.add_argument("--run-dir", default=None, help="default: the experiment's run_dir (runs/demo)")
+def run_then_report(argv, prog: str, doc: str, default_config: Path,
+                    write_report: Callable[[Path, object], dict]) -> int:
+    """Run an experiment's missing phases locally, then write and print its report."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(default_config), help="the experiment")
+    parser.add_argument("--run-dir", default=None, help="default: the experiment's run_dir")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from a finished run")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="experiment overrides")
     args = parser.parse_args(argv)
@@ -41,16 +41,22 @@ def main(argv=None) -> int:
     except (ExperimentError, LaunchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    tag = prog.rsplit(".", 1)[-1]
     if not args.report_only:
-        print(f"[demo] run directory {plan.run_dir}; phases to run: "
+        print(f"[{tag}] run directory {plan.run_dir}; phases to run: "
               f"{', '.join(p.name for p in plan.phases) or 'none (all complete)'}", flush=True)
         if run(plan) != 0:
             return 1
     report = write_report(plan.run_dir, experiment)
     print(report["markdown"])
-    print(f"[demo] report: {plan.run_dir / 'report.md'} ({time.time() - start:.0f}s); "
+    print(f"[{tag}] report: {plan.run_dir / 'report.md'} ({time.time() - start:.0f}s); "
           f"TensorBoard: tensorboard --logdir {plan.run_dir}")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_then_report(argv, "python -m pipeline.demo", __doc__,
+                           REPO_ROOT / "configs" / "experiments" / "demo.yaml", demo_report.write_report)
 
 
 if __name__ == "__main__":

@@ -259,3 +259,26 @@ def test_ouro_experiments_plan_the_whole_chain(size, nodes, tmp_path):
                                    "transition"]
     assert f"model.init_from={tmp_path / 'transition' / 'export'}" in plan.phase("distill").argv
     assert exp.resources.signal_delay_s >= 120
+
+
+@pytest.mark.parametrize("name", ["smoke", "demo", "reproduce"])
+def test_local_experiments_plan_and_their_run_configs_validate(name, tmp_path):
+    """What `make demo` / `make reproduce` would launch: every train phase's run config, with the
+    experiment's overrides and inputs, is a valid RunConfig (a typo fails here, not 30 minutes in)."""
+    from pipeline.train import parse_args
+    from pipeline.training.config import load_run_config
+
+    exp = load_experiment(REPO / "configs" / "experiments" / f"{name}.yaml", [f"run_dir={tmp_path}"])
+    plan = build_plan(exp, base=REPO, strict=False)
+    trains = [p for p in plan.phases if p.kind == "train"]
+    assert trains
+    configs = {}
+    for p in trains:
+        args = parse_args(p.argv)
+        configs[p.name] = load_run_config(args.config, args.overrides, args.phase)
+        assert str(configs[p.name].run_dir) == str(tmp_path / p.name), p.name
+    if name == "reproduce":
+        assert {n: c.model.config["total_ut_steps"] for n, c in configs.items() if n.startswith("pretrain")} == \
+            {"pretrain_standard": 1, "pretrain_t2": 2, "pretrain_t4": 4, "pretrain_t8": 8}
+        assert {p.name for p in plan.phases if p.kind == "evaluate"} == \
+            {"evaluate_standard", "evaluate_t2", "evaluate_t4", "evaluate_t8"}
