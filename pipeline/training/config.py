@@ -72,6 +72,15 @@ class DataSection(Section):
 class LossSection(Section):
     kind: Literal["ouro_stage1", "last_loop_ce"] = "ouro_stage1"
     beta: float = Field(0.1, ge=0)           # entropy weight of the Ouro stage-I loss
+    # false (last_loop_ce only): only the last loop's logits are computed; no per-loop CE / exit
+    # metrics, but T - 1 fewer [batch, seq, vocab] tensors (GBs at Ouro's vocabulary and length)
+    per_loop_metrics: bool = True
+
+    @model_validator(mode="after")
+    def _stage1_needs_every_loop(self):
+        if self.kind == "ouro_stage1" and not self.per_loop_metrics:
+            raise ValueError("per_loop_metrics: false needs kind last_loop_ce (the Ouro stage-I loss uses every loop)")
+        return self
 
 
 class PretrainPhaseSection(Section):
@@ -116,6 +125,7 @@ class DistillPhaseSection(Section):
     w_ce: float = Field(0.0, ge=0)
     kd: KDSection = KDSection()
     teacher_forcing: bool = False            # each student layer gets the teacher's input to that (loop, layer)
+    per_loop_metrics: bool = True            # false: both models compute the last loop's logits only (see LossSection)
     chunk_size: int = Field(64, gt=0)
     trainable: Literal["all", "gates", "gates+attention"] = "all"
     gate: Optional[Literal["elementwise", "headwise", "overwrite", "mean"]] = None  # None: the MELT checkpoint's
@@ -129,6 +139,8 @@ class DistillPhaseSection(Section):
         if owned:
             raise ValueError(f"melt_options may not set {owned} (distill runs at alpha 1; use phase.chunk_size, "
                              "phase.gate)")
+        if self.kd.all_loops and not self.per_loop_metrics:
+            raise ValueError("kd.all_loops needs every loop's logits: set per_loop_metrics: true")
         return self
 
 

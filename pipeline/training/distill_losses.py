@@ -71,9 +71,11 @@ def _kd_per_token(student_logits, teacher_logits, temperature: float, kind: str,
 def logit_distillation_loss(student_loop_logits: Sequence[torch.Tensor], teacher_loop_logits: Sequence[torch.Tensor],
                             labels: torch.Tensor, temperature: float = 1.0, kind: str = "forward",
                             top_k: Optional[int] = None, all_loops: bool = False,
-                            normalizer=None) -> LossOutput:
+                            normalizer=None, loop_numbers: Optional[Sequence[int]] = None) -> LossOutput:
     """KL between teacher and student next-token distributions on valid tokens, on the last loop
-    (or averaged over every loop with all_loops). Per-loop values are logged either way."""
+    (or averaged over every loop with all_loops). Per-loop values are logged either way.
+    loop_numbers: the loop of each entry, for the metric names (default 1..T; e.g. [T] when only
+    the last loop's logits were computed)."""
     valid = valid_positions(labels)
     mask = valid.float()
     count = valid.sum()
@@ -84,7 +86,8 @@ def logit_distillation_loss(student_loop_logits: Sequence[torch.Tensor], teacher
         use = t in loops
         with torch.set_grad_enabled(use and torch.is_grad_enabled()):
             kl = _kd_per_token(student_loop_logits[t], teacher_loop_logits[t], temperature, kind, top_k)
-        metrics[f"kl_loop{t + 1}"] = ((kl * mask).sum() / count.clamp_min(1)).detach()
+        metrics[f"kl_loop{loop_numbers[t] if loop_numbers else t + 1}"] = \
+            ((kl * mask).sum() / count.clamp_min(1)).detach()
         if use:
             per_token = per_token + kl / len(loops)
     norm = _normaliser(valid, normalizer)

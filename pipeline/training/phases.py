@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from pipeline.models.melt import is_gate_parameter
-from pipeline.training.config import ConfigError, RunConfig
+from pipeline.training.config import ConfigError, LossSection, RunConfig
 from pipeline.training.engines.base import Engine, FrozenModel, ParamGroup
-from pipeline.training.losses import LossOutput, last_loop_lm_loss, ouro_stage1_loss
+from pipeline.training.losses import LossOutput, causal_lm_loss, last_loop_lm_loss, ouro_stage1_loss
 from pipeline.training.schedules import ramp
 from pipeline.training.weights import CheckpointTensors, full_shapes, resolve_checkpoint_dir
 
@@ -50,12 +50,15 @@ class MicroStepOutput:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def lm_loss(kind: str, beta: float, outputs, labels: torch.Tensor, normalizer) -> LossOutput:
-    if kind == "ouro_stage1":
-        return ouro_stage1_loss(outputs.loop_logits, outputs.exit_logits, labels, beta=beta, normalizer=normalizer)
-    if kind == "last_loop_ce":
-        return last_loop_lm_loss(outputs.loop_logits, outputs.exit_logits, labels, beta=beta, normalizer=normalizer)
-    raise ValueError(f"unknown loss kind {kind!r}")
+def lm_loss(cfg: LossSection, outputs, labels: torch.Tensor, normalizer) -> LossOutput:
+    if cfg.kind == "ouro_stage1":
+        return ouro_stage1_loss(outputs.loop_logits, outputs.exit_logits, labels, beta=cfg.beta, normalizer=normalizer)
+    if cfg.kind == "last_loop_ce":
+        if not cfg.per_loop_metrics:  # the forward computed the last loop's logits only
+            return causal_lm_loss(outputs.logits, labels, normalizer)
+        return last_loop_lm_loss(outputs.loop_logits, outputs.exit_logits, labels, beta=cfg.beta,
+                                 normalizer=normalizer)
+    raise ValueError(f"unknown loss kind {cfg.kind!r}")
 
 
 class Phase(ABC):
@@ -153,10 +156,10 @@ class PretrainPhase(Phase):
         return model
 
     def micro_step(self, forward, batch, normalizer) -> MicroStepOutput:
-        out = forward(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                      output_loop_logits=True, use_cache=False)
         loss_cfg = self.cfg.phase.loss
-        return MicroStepOutput(lm_loss(loss_cfg.kind, loss_cfg.beta, out, batch["labels"], normalizer))
+        out = forward(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                      output_loop_logits=loss_cfg.per_loop_metrics, use_cache=False)
+        return MicroStepOutput(lm_loss(loss_cfg, out, batch["labels"], normalizer))
 
 
 def check_checkpoint_source(path: str, key: str) -> None:
@@ -256,11 +259,10 @@ class TransitionPhase(MeltStudentPhase):
         return {"alpha": alpha}
 
     def micro_step(self, forward, batch, normalizer) -> MicroStepOutput:
-        out = forward(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                      output_loop_logits=True, use_cache=False)
         loss_cfg = self.cfg.phase.loss
-        return MicroStepOutput(lm_loss(loss_cfg.kind, loss_cfg.beta, out, batch["labels"], normalizer),
-                               gate_stats(out))
+        out = forward(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                      output_loop_logits=loss_cfg.per_loop_metrics, use_cache=False)
+        return MicroStepOutput(lm_loss(loss_cfg, out, batch["labels"], normalizer), gate_stats(out))
 
 
 PHASES: dict[str, type[Phase]] = {p.name: p for p in (PretrainPhase, TransitionPhase)}

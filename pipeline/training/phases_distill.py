@@ -37,7 +37,7 @@ from pipeline.training.checkpointing import write_durable
 from pipeline.training.config import ConfigError
 from pipeline.training.distill_losses import attention_alignment_loss, logit_distillation_loss
 from pipeline.training.engines.base import Engine, FrozenModel
-from pipeline.training.losses import LossOutput, last_loop_lm_loss
+from pipeline.training.losses import LossOutput, causal_lm_loss, last_loop_lm_loss
 from pipeline.training.phases import MeltStudentPhase, MicroStepOutput, check_checkpoint_source, gate_stats
 from pipeline.training.weights import CheckpointTensors, full_shapes, resolve_checkpoint_dir
 
@@ -225,8 +225,9 @@ class DistillPhase(MeltStudentPhase):
         phase = self.cfg.phase
         ids, labels = batch["input_ids"], batch["labels"]
         # left-padded rows (synthetic tasks) carry an attention mask; both models see it
-        inputs = dict(input_ids=ids, attention_mask=batch.get("attention_mask"), output_loop_logits=True,
-                      output_attention_outputs=phase.w_attn > 0, use_cache=False)
+        inputs = dict(input_ids=ids, attention_mask=batch.get("attention_mask"),
+                      output_loop_logits=phase.per_loop_metrics, output_attention_outputs=phase.w_attn > 0,
+                      use_cache=False)
         start = time.perf_counter()
         if self.recorder is not None:
             with self.recorder:
@@ -244,13 +245,19 @@ class DistillPhase(MeltStudentPhase):
             parts.append((phase.w_attn, attention_alignment_loss(
                 student.attention_outputs, teacher.attention_outputs, labels, heads, normalizer)))
         kd = phase.kd
+        if phase.per_loop_metrics:
+            student_logits, teacher_logits, loop_numbers = student.loop_logits, teacher.loop_logits, None
+        else:  # the last loop's logits only: `logits` is the last loop's
+            student_logits, teacher_logits = (student.logits,), (teacher.logits,)
+            loop_numbers = [self.teacher.module.config.total_ut_steps]
         with torch.set_grad_enabled(phase.w_kd > 0 and torch.is_grad_enabled()):
             parts.append((phase.w_kd, logit_distillation_loss(
-                student.loop_logits, teacher.loop_logits, labels, temperature=kd.temperature, kind=kd.kind,
-                top_k=kd.top_k, all_loops=kd.all_loops, normalizer=normalizer)))
+                student_logits, teacher_logits, labels, temperature=kd.temperature, kind=kd.kind,
+                top_k=kd.top_k, all_loops=kd.all_loops, normalizer=normalizer, loop_numbers=loop_numbers)))
         with torch.set_grad_enabled(phase.w_ce > 0 and torch.is_grad_enabled()):
             parts.append((phase.w_ce, last_loop_lm_loss(student.loop_logits, student.exit_logits, labels,
-                                                        normalizer=normalizer)))
+                                                        normalizer=normalizer) if phase.per_loop_metrics
+                          else causal_lm_loss(student.logits, labels, normalizer)))
         total = sum(weight * part.loss for weight, part in parts if weight > 0)
         metrics = {}
         for _, part in parts:

@@ -122,6 +122,7 @@ def test_smoke_config_loads_with_the_launcher_keys():
     (["phase.alpha.end=1"], "config key 'phase.alpha': unknown key"),  # distill runs at alpha = 1
     (["phase.melt_options={alpha: 0.5}"], r"melt_options may not set \['alpha'\]"),
     (["model.init_from=null", "model.config={hidden_size: 8}"], "phase distill starts from a MELT"),
+    (["phase.per_loop_metrics=false", "phase.kd.all_loops=true"], "kd.all_loops needs every loop's logits"),
 ])
 def test_bad_distill_configs_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -251,6 +252,27 @@ def test_losses_are_weighted_sums_and_split_invariant(teacher_dir, other_dir):
         if name in grads:
             torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
     assert any(g.abs().max() > 0 for n, g in grads.items() if ".kv_gate." in n)
+
+
+def test_last_loop_logits_only_give_the_same_loss_and_gradient(teacher_dir, other_dir):
+    """per_loop_metrics false (for large vocabularies): the same loss and gradients from the last
+    loop's logits alone; only the per-loop KL metrics of the other loops are gone."""
+    overrides = ("phase.w_attn=0.5", "phase.w_kd=1.0", "phase.w_ce=0.3")
+    results = []
+    for per_loop in (True, False):
+        phase, student = built(*overrides, f"phase.per_loop_metrics={per_loop}", student=other_dir,
+                               teacher=teacher_dir)
+        out = phase.micro_step(student, batch(size=(2, 24)), 40.0)
+        out.loss.loss.backward()
+        results.append((out.loss, {n: p.grad for n, p in student.named_parameters() if p.grad is not None}))
+    (full, full_grads), (last, last_grads) = results
+    torch.testing.assert_close(last.loss, full.loss, rtol=1e-6, atol=1e-7)
+    assert full_grads.keys() == last_grads.keys()
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(last_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert {"kl_loop1", "kl_loop2", "kl_loop3"} <= set(full.metrics) and "kl_loop1" not in last.metrics
+    for key in ("kl_loop3", "kl", "ce", "align"):
+        torch.testing.assert_close(last.metrics[key], full.metrics[key], rtol=1e-6, atol=1e-7)
 
 
 def test_left_padded_rows_are_masked_in_both_models(teacher_dir, other_dir):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.models import LoopLMConfig, LoopLMForCausalLM
-from pipeline.training.config import load_run_config
+from pipeline.training.config import ConfigError, load_run_config
 from pipeline.training.engines.deepspeed import post_order
 from pipeline.training.phases import PretrainPhase, build_phase
 
@@ -157,3 +157,19 @@ def test_phases_pass_the_batch_attention_mask(looplm_dir):
                                      10.0).loss.loss
     torch.testing.assert_close(masked, alone, rtol=1e-5, atol=1e-6)  # the padded rows score as if unpadded
     assert not torch.allclose(masked, unmasked)
+
+
+def test_transition_with_last_loop_logits_only(looplm_dir):
+    """loss.per_loop_metrics false: the same last-loop CE without computing the other loops' logits;
+    the Ouro stage-I loss needs every loop, so that combination is refused."""
+    losses = {}
+    for per_loop in (True, False):
+        cfg = transition_cfg(looplm_dir, "phase.alpha.start=0.5", f"phase.loss.per_loop_metrics={per_loop}")
+        phase = build_phase(cfg)
+        melt = phase.build_model(LocalEngine())
+        phase.begin_step(melt, 0)
+        losses[per_loop] = phase.micro_step(melt, batch(), 50.0).loss
+    torch.testing.assert_close(losses[False].loss, losses[True].loss, rtol=1e-6, atol=1e-7)
+    assert "ce_loop1" in losses[True].metrics and not losses[False].metrics.keys() & {"ce_loop1", "ce_loop2"}
+    with pytest.raises(ConfigError, match="per_loop_metrics: false needs kind last_loop_ce"):
+        transition_cfg(looplm_dir, "phase.loss.kind=ouro_stage1", "phase.loss.per_loop_metrics=false")
