@@ -96,6 +96,16 @@ def check_targets(c: dict) -> dict:
     }
 
 
+def save_figure(fig, run_dir: Path, key: str, files: dict[str, str]) -> None:
+    """Write the figure as <run_dir>/<key>.png, close it and list it in files."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(run_dir / f"{key}.png", dpi=120)
+    plt.close(fig)
+    files[key] = f"{key}.png"
+
+
 def _plots(run_dir: Path, contenders: dict, chance: float, kv_rows: list, curves: dict) -> dict[str, str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -113,10 +123,7 @@ def _plots(run_dir: Path, contenders: dict, chance: float, kv_rows: list, curves
     ax.set_title("S3 word problem: accuracy by difficulty")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(run_dir / "accuracy_by_difficulty.png", dpi=120)
-    plt.close(fig)
-    files["accuracy_by_difficulty"] = "accuracy_by_difficulty.png"
+    save_figure(fig, run_dir, "accuracy_by_difficulty", files)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for model in ("looplm", "melt"):
@@ -130,10 +137,7 @@ def _plots(run_dir: Path, contenders: dict, chance: float, kv_rows: list, curves
     ax.set_title("KV cache against the loop count")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(run_dir / "kv_bytes_vs_loops.png", dpi=120)
-    plt.close(fig)
-    files["kv_bytes_vs_loops"] = "kv_bytes_vs_loops.png"
+    save_figure(fig, run_dir, "kv_bytes_vs_loops", files)
 
     if curves:
         fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.5))
@@ -143,10 +147,7 @@ def _plots(run_dir: Path, contenders: dict, chance: float, kv_rows: list, curves
             ax.set_xlabel("step")
             ax.set_ylabel("train/loss")
             ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(run_dir / "training_curves.png", dpi=120)
-        plt.close(fig)
-        files["training_curves"] = "training_curves.png"
+        save_figure(fig, run_dir, "training_curves", files)
     return files
 
 

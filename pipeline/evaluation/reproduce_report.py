@@ -10,8 +10,8 @@ import json
 import re
 from pathlib import Path
 
-from pipeline.evaluation.demo_report import (KEEP, check_targets, phase_seconds, phase_time_lines, training_curves,
-                                             wall_seconds)
+from pipeline.evaluation.demo_report import (KEEP, check_targets, phase_seconds, phase_time_lines, save_figure,
+                                             training_curves, wall_seconds)
 from pipeline.evaluation.report import markdown_table
 
 PER_T = ("looplm", "looplm_lastkv", "melt")
@@ -103,10 +103,7 @@ def _plots(run_dir: Path, standard: dict, by_loops: dict, rows: list, chance: fl
     ax.set_title("Accuracy against the loop count")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(run_dir / "accuracy_vs_loops.png", dpi=120)
-    plt.close(fig)
-    files["accuracy_vs_loops"] = "accuracy_vs_loops.png"
+    save_figure(fig, run_dir, "accuracy_vs_loops", files)
 
     fig, axes = plt.subplots(1, len(by_loops), figsize=(4.2 * len(by_loops), 3.8), sharey=True, squeeze=False)
     for ax, (t, c) in zip(axes[0], by_loops.items()):
@@ -118,10 +115,7 @@ def _plots(run_dir: Path, standard: dict, by_loops: dict, rows: list, chance: fl
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("exact match")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(run_dir / "accuracy_by_difficulty.png", dpi=120)
-    plt.close(fig)
-    files["accuracy_by_difficulty"] = "accuracy_by_difficulty.png"
+    save_figure(fig, run_dir, "accuracy_by_difficulty", files)
 
     curves = training_curves(run_dir, sorted(p.parent.name for p in run_dir.glob("*/metrics.jsonl")))
     if curves:
@@ -133,10 +127,7 @@ def _plots(run_dir: Path, standard: dict, by_loops: dict, rows: list, chance: fl
         ax.set_ylabel("train/loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        fig.savefig(run_dir / "training_curves.png", dpi=120)
-        plt.close(fig)
-        files["training_curves"] = "training_curves.png"
+        save_figure(fig, run_dir, "training_curves", files)
     return files
 
 

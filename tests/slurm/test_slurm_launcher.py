@@ -310,3 +310,32 @@ def test_real_trainer_requeue_resumes_with_the_same_final_loss(slurm_cluster, sm
         return last.value
 
     assert final_loss("interrupted") == pytest.approx(final_loss("reference"), rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.slow
+def test_fsdp_phase_on_slurm(slurm_cluster, smoke_run, tmp_path):
+    """The FSDP2 engine under SLURM (srun tasks, no torchrun): the smoke transition from the smoke
+    LoopLM on 2 ranks, its TensorBoard loss, and an export that loads as MELT."""
+    from pipeline.models import MeltForCausalLM
+
+    smoke_dir, jobs, final, _ = smoke_run
+    if "pretrain" not in jobs or final[jobs["pretrain"]["job_id"]]["JobState"] != "COMPLETED":
+        pytest.skip("the smoke pretrain phase did not run")
+    phase = {"kind": "train", "config": str(REPO / "configs/smoke/fsdp/transition.yaml"),
+             "overrides": {"data.path": str(smoke_dir / "data" / "train"),
+                           "model.init_from": str(smoke_dir / "pretrain" / "export")}}
+    exp = yaml.safe_load(SMOKE.read_text())
+    exp.update(name="fsdp-on-slurm", run_dir=str(tmp_path / "run"), phases={"transition": phase})
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(yaml.safe_dump(exp, sort_keys=False))
+    assert_launched(launch("--config", cfg))
+    job = jobs_of(tmp_path / "run")["transition"]
+    done = slurm_cluster.wait_jobs([job["job_id"]], timeout=600)
+    assert done[job["job_id"]]["JobState"] == "COMPLETED", f"{done[job['job_id']]}\n{job_logs(job)}"
+    phase_dir = tmp_path / "run" / "transition"
+    assert _tensorboard_scalars(phase_dir / "tensorboard").get("train/loss")
+    log = Path(job["stdout"]).read_text() + Path(job["stderr"]).read_text()
+    assert "fsdp" in log.lower(), log[-2000:]
+    assert "rank 1/2" in Path(job["stdout"]).with_name(f"{job['job_id']}_1_log.out").read_text()
+    melt = MeltForCausalLM.from_pretrained(phase_dir / "export")
+    assert melt.config.model_type == "melt" and melt.config.alpha == 1.0
