@@ -156,10 +156,6 @@ class PhaseProcess:
             os.killpg(self.proc.pid, signal.SIGTERM)
 
 
-def run_phase(plan: Plan, p: PlannedPhase, out=None) -> int:
-    return PhaseProcess(plan, p, out or sys.stdout).pump(threading.Lock())
-
-
 def _ports(used: set[int]) -> int:
     """A free port no phase of this run was given yet (a phase binds it only once it starts)."""
     while True:
@@ -211,6 +207,8 @@ def run(plan: Plan, out=None) -> int:
     except KeyboardInterrupt:
         for proc in running.values():
             proc.terminate()
+        for proc in running.values():
+            proc.proc.wait()
         raise
     if failed:
         if pending:

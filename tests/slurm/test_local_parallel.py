@@ -4,9 +4,12 @@ their inputs, a failure stopping what has not started (real processes: tests/slu
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
-from .test_slurm_launcher import events, launch, toy, toy_experiment
+from .test_slurm_launcher import REPO, events, launch, toy, toy_experiment, wait_for
 
 
 def _span(run_dir: Path, phase: str) -> tuple[float, float]:
@@ -45,3 +48,28 @@ def test_a_failure_starts_nothing_more_and_lets_running_phases_finish(tmp_path):
     run = tmp_path / "run"
     assert json.loads((run / "b" / "export" / "config.json").read_text())["steps"] == 6   # b finished
     assert not (run / "c").exists() and not (run / "d").exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in status  # a zombie has exited
+
+
+def test_ctrl_c_stops_every_running_phase(tmp_path):
+    phases = {"a": toy(steps=200, sleep=0.5), "b": toy(steps=200, sleep=0.5)}
+    for phase in phases.values():
+        phase["resources"] = {"tasks_per_node": 1}
+    cfg = toy_experiment(tmp_path, phases)
+    launcher = subprocess.Popen([sys.executable, str(REPO / "launchers" / "local.py"), "--config", str(cfg),
+                                 "local.max_tasks=2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run = tmp_path / "run"
+    starts = [run / n / "events" / "rank0.jsonl" for n in phases]
+    wait_for(lambda: all(p.is_file() for p in starts), 120, "both phases to start")
+    pids = [events(run / n, 0)[0]["pid"] for n in phases]
+    launcher.send_signal(signal.SIGINT)
+    launcher.wait(timeout=60)
+    wait_for(lambda: not any(_alive(pid) for pid in pids), 30, "the phases' processes to stop")
+    assert not (run / "a" / "export").exists() and not (run / "b" / "export").exists()

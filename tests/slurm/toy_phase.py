@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args["run_dir"])
     steps, sleep = int(args.get("steps", 8)), float(args.get("sleep", 0.2))
     ckpt_every = int(args.get("ckpt_every", 1))
-    info = dict(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,
+    info = dict(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank, pid=os.getpid(),
                 local_world_size=env.local_world_size, master_addr=env.master_addr, master_port=env.master_port,
                 launcher=env.launcher, job_id=os.environ.get("SLURM_JOB_ID"),
                 restarts=int(os.environ.get("SLURM_RESTART_COUNT", "0")),
