@@ -34,11 +34,11 @@ from torch import nn
 
 from pipeline.training import comm
 from pipeline.training.checkpointing import write_durable
-from pipeline.training.config import ConfigError
+from pipeline.training.config import ConfigError, LossSection
 from pipeline.training.distill_losses import attention_alignment_loss, logit_distillation_loss
 from pipeline.training.engines.base import Engine, FrozenModel
-from pipeline.training.losses import LossOutput, causal_lm_loss, last_loop_lm_loss
-from pipeline.training.phases import MeltStudentPhase, MicroStepOutput, check_checkpoint_source, gate_stats
+from pipeline.training.losses import LossOutput
+from pipeline.training.phases import MeltStudentPhase, MicroStepOutput, check_checkpoint_source, gate_stats, lm_loss
 from pipeline.training.weights import CheckpointTensors, full_shapes, resolve_checkpoint_dir
 
 log = logging.getLogger("melt.train")
@@ -255,9 +255,8 @@ class DistillPhase(MeltStudentPhase):
                 student_logits, teacher_logits, labels, temperature=kd.temperature, kind=kd.kind,
                 top_k=kd.top_k, all_loops=kd.all_loops, normalizer=normalizer, loop_numbers=loop_numbers)))
         with torch.set_grad_enabled(phase.w_ce > 0 and torch.is_grad_enabled()):
-            parts.append((phase.w_ce, last_loop_lm_loss(student.loop_logits, student.exit_logits, labels,
-                                                        normalizer=normalizer) if phase.per_loop_metrics
-                          else causal_lm_loss(student.logits, labels, normalizer)))
+            ce = LossSection(kind="last_loop_ce", per_loop_metrics=phase.per_loop_metrics)
+            parts.append((phase.w_ce, lm_loss(ce, student, labels, normalizer)))
         total = sum(weight * part.loss for weight, part in parts if weight > 0)
         metrics = {}
         for _, part in parts:
