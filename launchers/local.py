@@ -156,6 +156,18 @@ class PhaseProcess:
             os.killpg(self.proc.pid, signal.SIGTERM)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _stop_on_sigterm():
+    """SIGTERM stops the run like Ctrl-C (the phases run in their own sessions: nothing else would
+    stop them). Returns the previous handler (None off the main thread, where none can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _interrupt)
+
+
 def _ports(used: set[int]) -> int:
     """A free port no phase of this run was given yet (a phase binds it only once it starts)."""
     while True:
@@ -180,6 +192,7 @@ def run(plan: Plan, out=None) -> int:
     pending, running, done, failed = list(plan.phases), {}, [], []
     finished: queue.Queue = queue.Queue()
     lock, ports = threading.Lock(), set()
+    on_sigterm = _stop_on_sigterm()
     try:
         while pending or running:
             busy = sum(nproc(plan, r.phase) for r in running.values())
@@ -204,12 +217,15 @@ def run(plan: Plan, out=None) -> int:
             if code != 0:
                 with lock:
                     print(f"error: phase {name} failed (exit {code})", file=sys.stderr, flush=True)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (kill, timeout, a job manager)
         for proc in running.values():
             proc.terminate()
         for proc in running.values():
             proc.proc.wait()
         raise
+    finally:
+        if on_sigterm is not None:
+            signal.signal(signal.SIGTERM, on_sigterm)
     if failed:
         if pending:
             print(f"error: not started: {', '.join(p.name for p in pending)}", file=sys.stderr, flush=True)
@@ -241,6 +257,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ExperimentError, LaunchError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the running phases were stopped; rerun to resume", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

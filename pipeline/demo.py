@@ -45,8 +45,12 @@ def run_then_report(argv, prog: str, doc: str, default_config: Path,
     if not args.report_only:
         print(f"[{tag}] run directory {plan.run_dir}; phases to run: "
               f"{', '.join(p.name for p in plan.phases) or 'none (all complete)'}", flush=True)
-        if run(plan) != 0:
-            return 1
+        try:
+            if run(plan) != 0:
+                return 1
+        except KeyboardInterrupt:
+            print(f"[{tag}] interrupted: the running phases were stopped; rerun to resume", file=sys.stderr)
+            return 130
     report = write_report(plan.run_dir, experiment)
     print(report["markdown"])
     print(f"[{tag}] report: {plan.run_dir / 'report.md'} ({time.time() - start:.0f}s); "

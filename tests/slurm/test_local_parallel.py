@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .test_slurm_launcher import REPO, events, launch, toy, toy_experiment, wait_for
 
 
@@ -58,18 +60,22 @@ def _alive(pid: int) -> bool:
     return "State:\tZ" not in status  # a zombie has exited
 
 
-def test_ctrl_c_stops_every_running_phase(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupt_stops_every_running_phase(tmp_path, signum):
     phases = {"a": toy(steps=200, sleep=0.5), "b": toy(steps=200, sleep=0.5)}
     for phase in phases.values():
         phase["resources"] = {"tasks_per_node": 1}
     cfg = toy_experiment(tmp_path, phases)
+    # SIGINT back to its default: a shell ignores it in background jobs, and Python then keeps it ignored
     launcher = subprocess.Popen([sys.executable, str(REPO / "launchers" / "local.py"), "--config", str(cfg),
-                                 "local.max_tasks=2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                 "local.max_tasks=2"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     run = tmp_path / "run"
     starts = [run / n / "events" / "rank0.jsonl" for n in phases]
     wait_for(lambda: all(p.is_file() for p in starts), 120, "both phases to start")
     pids = [events(run / n, 0)[0]["pid"] for n in phases]
-    launcher.send_signal(signal.SIGINT)
-    launcher.wait(timeout=60)
+    launcher.send_signal(signum)
+    _, err = launcher.communicate(timeout=60)
+    assert launcher.returncode == 130 and "interrupted: the running phases were stopped" in err, err
     wait_for(lambda: not any(_alive(pid) for pid in pids), 30, "the phases' processes to stop")
     assert not (run / "a" / "export").exists() and not (run / "b" / "export").exists()
