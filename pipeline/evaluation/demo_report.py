@@ -49,19 +49,16 @@ def _phase_runs(run_dir: Path) -> dict[str, tuple[float, str | None]]:
     return out
 
 
-def phase_seconds(run_dir: Path) -> dict[str, float]:
-    """Wall time of each phase, from the local launcher's logs (the last run of each)."""
-    return {name: seconds for name, (seconds, _) in _phase_runs(run_dir).items()}
-
-
-def wall_seconds(run_dir: Path) -> float | None:
-    """From the first phase's start to the last phase's end (phases may have run side by side);
-    None when a log does not say when its phase ended."""
-    runs = _phase_runs(run_dir).values()
-    if not runs or any(ended is None for _, ended in runs):
-        return None
-    ends = [datetime.fromisoformat(ended).timestamp() for _, ended in runs]
-    return max(ends) - min(end - seconds for end, (seconds, _) in zip(ends, runs))
+def phase_times(run_dir: Path) -> tuple[dict[str, float], float | None]:
+    """Wall time of each phase (its last successful run in the local launcher's logs), and from the
+    first phase's start to the last phase's end (phases may have run side by side; None when a log
+    does not say when its phase ended)."""
+    runs = _phase_runs(run_dir)
+    seconds = {name: s for name, (s, _) in runs.items()}
+    if not runs or any(ended is None for _, ended in runs.values()):
+        return seconds, None
+    spans = [(datetime.fromisoformat(ended).timestamp(), s) for s, ended in runs.values()]
+    return seconds, max(end for end, _ in spans) - min(end - s for end, s in spans)
 
 
 def training_curves(run_dir: Path, phases=TRAIN_PHASES) -> dict[str, list[tuple[int, float]]]:
@@ -198,7 +195,7 @@ def write_report(run_dir: Path, experiment=None) -> dict:
     kv_rows = kv_bytes_against_loops(Path(contenders["looplm"]["model_path"]), manifest["seq_len"])
     curves = training_curves(run_dir)
     targets = check_targets(contenders)
-    seconds, wall = phase_seconds(run_dir), wall_seconds(run_dir)
+    seconds, wall = phase_times(run_dir)
     files = _plots(run_dir, contenders, chance, kv_rows, curves)
     report = {**contenders, "chance": chance, "task": manifest.get("task"), "targets": targets,
               "all_targets_met": all(t["met"] for t in targets.values()), "kv_bytes_vs_loops": kv_rows,

@@ -10,8 +10,8 @@ import json
 import re
 from pathlib import Path
 
-from pipeline.evaluation.demo_report import (KEEP, check_targets, phase_seconds, phase_time_lines, save_figure,
-                                             training_curves, wall_seconds)
+from pipeline.evaluation.demo_report import (KEEP, check_targets, phase_time_lines, phase_times, save_figure,
+                                             training_curves)
 from pipeline.evaluation.report import markdown_table
 
 PER_T = ("looplm", "looplm_lastkv", "melt")
@@ -32,13 +32,13 @@ def collect(run_dir: Path) -> tuple[dict, dict[int, dict]]:
     """(the standard transformer's entry, {T: {looplm, looplm_lastkv, melt}})."""
     standard = _results(run_dir / "evaluate_standard" / "results.json", ["standard"])["standard"]
     by_loops = {}
-    for d in sorted(run_dir.glob("evaluate_t*")):
+    for d in run_dir.glob("evaluate_t*"):
         match = _EVAL_T.match(d.name)
         if match:
             by_loops[int(match.group(1))] = _results(d / "results.json", PER_T)
     if not by_loops:
         raise FileNotFoundError(f"{run_dir} holds no evaluate_t<T>/results.json")
-    return standard, dict(sorted(by_loops.items()))
+    return standard, dict(sorted(by_loops.items()))  # by T (not by name: t16 after t8)
 
 
 def summary_rows(standard: dict, by_loops: dict[int, dict]) -> list[dict]:
@@ -138,7 +138,7 @@ def write_report(run_dir: Path, experiment=None) -> dict:
     chance = float(manifest.get("chance", 0.0))
     rows = summary_rows(standard, by_loops)
     targets = {t: check_targets({"standard": standard, **c}) for t, c in by_loops.items()}
-    seconds, wall = phase_seconds(run_dir), wall_seconds(run_dir)
+    seconds, wall = phase_times(run_dir)
     files = _plots(run_dir, standard, by_loops, rows, chance)
     report = {"standard": standard, "by_loops": {str(t): c for t, c in by_loops.items()}, "summary": rows,
               "targets": {str(t): tt for t, tt in targets.items()},
