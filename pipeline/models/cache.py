@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 
 def tensor_bytes(*tensors) -> int:
@@ -29,38 +31,162 @@ class LoopLMCache(Cache):
         return sum(tensor_bytes(layer.keys, layer.values) for layer in self.layers if layer.is_initialized)
 
 
+class SlotLayer(CacheLayerMixin):
+    """Keys and values of one MELT cache entry, in one buffer [2, B, kv_heads, capacity, D] written in place.
+
+    Chunk after chunk, `write` copies the new tokens' keys/values after the stored ones: nothing
+    ever holds a copy of the prefix (memory linear in the sequence length, in training as in
+    decoding). When the written tensor carries a graph (training), `write` returns a "piece":
+    a tensor that aliases the buffer region and carries the graph, kept in `pieces` so that the
+    attention of later chunks can send the prefix's gradient back to the chunk that wrote it
+    (see prefix_attention.py). Reserve the whole length up front (`reserve`) to avoid regrowth.
+    """
+
+    is_sliding = False
+
+    def __init__(self):  # no CacheLayerMixin.__init__: keys/values are views of the buffer
+        self.data: Optional[torch.Tensor] = None
+        self.length = 0
+        self.pieces: list[tuple[int, int, torch.Tensor]] = []  # (start, end, piece) written with a graph
+        self.is_initialized = False
+
+    # -- storage
+    @property
+    def keys(self) -> Optional[torch.Tensor]:
+        return None if self.data is None else self.data[0, :, :, :self.length]
+
+    @property
+    def values(self) -> Optional[torch.Tensor]:
+        return None if self.data is None else self.data[1, :, :, :self.length]
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.data is None else self.data.shape[3]
+
+    def lazy_initialization(self, key_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def reserve(self, like: torch.Tensor, total: int) -> None:
+        """Room for `total` tokens. like: [2, B, kv_heads, *, D] (shape, dtype, device). Growing keeps the
+        stored tokens; past the first allocation it grows by a quarter at least (amortised decoding)."""
+        if total <= self.capacity:
+            return
+        if not self.is_initialized:
+            self.lazy_initialization(like)
+        if self.length:
+            total = max(total, self.capacity + self.capacity // 4 + 16)
+        data = like.new_empty(*like.shape[:3], total, like.shape[4])
+        if self.length:
+            data[:, :, :, :self.length].copy_(self.data[:, :, :, :self.length])
+        self.data = data
+
+    def write(self, kv: torch.Tensor, keep_graph: bool = True) -> Optional[torch.Tensor]:
+        """Append kv [2, B, kv_heads, C, D]; returns the piece that carries kv's graph (or None)."""
+        start, end = self.length, self.length + kv.shape[3]
+        self.reserve(kv, end)
+        self.length = end
+        if keep_graph and kv.requires_grad and torch.is_grad_enabled():
+            piece = _WriteRegion.apply(kv, self.data, start)
+            self.pieces.append((start, end, piece))
+            return piece
+        with torch.no_grad():
+            self.data[:, :, :, start:end].copy_(kv)
+        return None
+
+    def pieces_before(self, end: int) -> list[tuple[int, int, torch.Tensor]]:
+        """The pieces written with a graph that lie inside [0, end)."""
+        return [p for p in self.pieces if p[1] <= end]
+
+    # -- the transformers cache-layer API
+    def update(self, key_states, value_states, cache_kwargs=None):
+        self.write(torch.stack([key_states, value_states]))
+        return self.keys, self.values
+
+    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
+        return self.length + cache_position.shape[0], 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def crop(self, max_length: int) -> None:
+        if max_length < 0:
+            max_length = self.length - abs(max_length)
+        if max_length < self.length:
+            self.length = max(max_length, 0)
+            self.pieces = [p for p in self.pieces if p[1] <= self.length]
+
+    def _rebuild(self, data: torch.Tensor) -> None:
+        self.data, self.pieces = data, []  # batch surgery is for inference: no graph survives it
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.data is not None:
+            self._rebuild(self.data[:, :, :, :self.length].repeat_interleave(repeats, dim=1))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.data is not None:
+            self._rebuild(self.data[:, indices, :, :self.length])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.data is not None:
+            self._rebuild(self.data[:, :, :, :self.length].index_select(1, beam_idx.to(self.data.device)))
+
+    def offload(self):
+        if self.data is not None:
+            self.data = self.data.to("cpu", non_blocking=True)
+
+    def prefetch(self):
+        if self.data is not None and self.data.device != self.device:
+            self.data = self.data.to(self.device, non_blocking=True)
+
+    def reset(self) -> None:
+        self.length, self.pieces = 0, []
+
+
+class _WriteRegion(torch.autograd.Function):
+    """Copy kv into buffer[:, :, :, start:start + C] and return an alias of that region that carries
+    kv's graph (the identity for gradients): the stored slots cost their bytes once, not twice."""
+
+    @staticmethod
+    def forward(ctx, kv, buffer, start):
+        region = buffer[:, :, :, start:start + kv.shape[3]]
+        region.copy_(kv)
+        return region.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
 class MeltCache(Cache):
     """MELT's cache: one final K/V slot per token per layer, whatever the loop count.
 
     Entries 0..N-1 hold the gated slots. Only while alpha < 1 (phase 1, interpolating
     towards the LoopLM) does a token also need its own per-loop keys/values; those live
-    in entries N + loop * N + layer and exist only when `keep_loop_kv` is set.
+    in entries N + loop * N + layer and exist only when `keep_loop_kv` is set. Every entry
+    is a SlotLayer: one buffer per entry for the whole sequence, written chunk by chunk.
     """
 
     def __init__(self, num_layers: int, num_loops: int, keep_loop_kv: bool = False):
         entries = num_layers * (1 + (num_loops if keep_loop_kv else 0))
-        super().__init__(layers=[DynamicLayer() for _ in range(entries)])
+        super().__init__(layers=[SlotLayer() for _ in range(entries)])
         self.num_layers, self.num_loops, self.keep_loop_kv = num_layers, num_loops, keep_loop_kv
 
     def loop_entry(self, loop: int, layer: int) -> int:
         return self.num_layers + loop * self.num_layers + layer
 
-    def prefix(self, entry: int):
-        layer = self.layers[entry]
-        if not layer.is_initialized or layer.keys.numel() == 0:
-            return None, None
-        return layer.keys, layer.values
-
     def append(self, entry: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.layers[entry].update(keys, values)
-
-    def replace(self, entry: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Install already-concatenated prefix + new tensors (saves one copy per layer when decoding)."""
-        layer = self.layers[entry]
-        if not layer.is_initialized:
-            layer.lazy_initialization(keys)
-        layer.keys, layer.values = keys, values
+        self.layers[entry].write(torch.stack([keys, values]))
 
     @property
     def nbytes(self) -> int:
-        return sum(tensor_bytes(layer.keys, layer.values) for layer in self.layers if layer.is_initialized)
+        """Bytes of the stored tokens' keys and values (what a standard transformer's cache holds for
+        them); `allocated_bytes` counts the buffers' spare room too."""
+        return sum(tensor_bytes(layer.keys, layer.values) for layer in self.layers if layer.data is not None)
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(tensor_bytes(layer.data) for layer in self.layers if layer.data is not None)

@@ -20,6 +20,7 @@ from transformers import GenerationMixin
 
 from .cache import MeltCache
 from .layers import DecoderLayer, causal_padding_mask
+from .prefix_attention import PrefixSpec, prefix_attention
 from .looplm import (BackboneMixin, LoopedCausalLMMixin, LoopedPreTrainedModel, LoopLMConfig, LoopLMForCausalLM,
                      LoopLMOutput, check_positions, default_position_ids)
 
@@ -249,6 +250,7 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
         padded = attention_mask is not None and not bool(attention_mask.all())
 
         bounds = self._chunk_bounds(seq, past, chunk_size)
+        self._reserve(cache, hidden, past + seq)
         stats = GateStats(cfg.num_hidden_layers) if self.training or output_gate_stats else None
         states, gates, attn, exit_loops = [[] for _ in range(num_loops)], [[] for _ in range(num_loops)], [], []
         for start, end in bounds:
@@ -258,11 +260,11 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
             if padded or (prefix > 0 and end - start > 1):
                 mask = causal_padding_mask(attention_mask[:, :prefix + end - start] if padded else None,
                                            query_pos, prefix + end - start)
-            # the prefix is read here, not inside the chunk, so that a checkpointed replay sees the same one
-            prefixes = {entry: cache.prefix(entry) for entry in range(len(cache.layers))}
             forced = None if layer_inputs is None else \
                 [[x[:, start:end] for x in layer_inputs[t]] for t in range(num_loops)]
-            args = (hidden[:, start:end], cos[:, start:end], sin[:, start:end], mask, cache, prefixes, num_loops,
+            # the prefix length, not the cache's current one, is passed, so that a checkpointed replay
+            # (after later chunks were stored) reads the same prefix
+            args = (hidden[:, start:end], cos[:, start:end], sin[:, start:end], mask, cache, prefix, num_loops,
                     alpha, exit_threshold, output_attention_outputs, keep_loop_states, stats, forced)
             if self.gradient_checkpointing and self.training:
                 out = checkpoint(self._run_chunk, *args, use_reentrant=False)
@@ -318,19 +320,30 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
             start += s
         return bounds
 
-    def _store_chunk(self, cache: MeltCache, new_slots, new_loop_kv) -> None:
-        detach = self.config.truncate_chunk_gradients
-        for entry, (k, v, replace) in new_slots.items():
-            k, v = (k.detach(), v.detach()) if detach else (k, v)
-            (cache.replace if replace else cache.append)(entry, k, v)
-        for entry, (k, v) in new_loop_kv.items():
-            cache.append(entry, *((k.detach(), v.detach()) if detach else (k, v)))
+    def _reserve(self, cache: MeltCache, hidden: torch.Tensor, total: int) -> None:
+        """Room for the whole input in every cache entry, before the first chunk writes."""
+        cfg = self.config
+        like = hidden.new_empty(2, hidden.shape[0], cfg.num_key_value_heads, 0, cfg.head_dim)
+        for layer in cache.layers:
+            layer.reserve(like, total)
 
-    def _run_chunk(self, hidden, cos, sin, mask, cache: MeltCache, prefixes: dict, num_loops: int, alpha: float,
+    def _store_chunk(self, cache: MeltCache, new_slots: list, new_loop_kv: dict) -> None:
+        keep_graph = not self.config.truncate_chunk_gradients
+        for entry, kv in enumerate(new_slots):
+            cache.layers[entry].write(kv, keep_graph)
+        for entry, kv in new_loop_kv.items():
+            if cache.layers[entry].get_seq_length() != cache.layers[0].get_seq_length() - kv.shape[3]:
+                raise ValueError(f"MELT cache entry {entry} (per-loop keys) holds {cache.layers[entry].length} "
+                                 f"tokens, the slots {cache.layers[0].length - kv.shape[3]}: alpha < 1 needs every "
+                                 "loop of every token (no exit_at_loop / exit_threshold with a cache)")
+            cache.layers[entry].write(kv, keep_graph)
+
+    def _run_chunk(self, hidden, cos, sin, mask, cache: MeltCache, prefix: int, num_loops: int, alpha: float,
                    exit_threshold: Optional[float], keep_attn: bool, keep_states: bool, stats: GateStats,
                    forced: Optional[list] = None):
-        """All loops of one chunk, given the cache's prefix tensors. Pure (the cache is only asked for
-        entry numbers), so that activation checkpointing can replay it; the caller stores the result."""
+        """All loops of one chunk after `prefix` stored tokens. Pure (it reads the cache's first `prefix`
+        tokens and writes nothing lasting), so that activation checkpointing can replay it; the caller
+        stores the chunk's final slots (and per-loop keys) afterwards."""
         cfg = self.config
         num_layers = cfg.num_hidden_layers
         is_causal = mask is None and hidden.shape[1] > 1
@@ -343,8 +356,6 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
         exit_loop = torch.full((bsz, chunk), num_loops, device=hidden.device) if frozen is not None else None
         states, gates, attn = [], [], []
         state = None
-        full_kv: list = [None] * num_layers
-        buffers: list = [None] * num_layers
         for loop in range(num_loops):
             loop_attn = []
             last_loop = loop == num_loops - 1
@@ -361,29 +372,14 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
                         if frozen is not None:  # an exited token keeps its slot at its exit-loop state
                             slot = torch.where(frozen[None, :, None, :, None], slots[index], slot)
                     slots[index] = slot
-                    own = mix(new, slot, alpha)
+                    loop_kv = None
                     if alpha < 1.0 and cache.keep_loop_kv:
-                        new_loop_kv[cache.loop_entry(loop, index)] = (k, v)
-                    pk, pv = prefixes[index]
-                    if pk is not None and alpha == 1.0 and not torch.is_grad_enabled():
-                        # inference: copy the prefix once per chunk, not once per loop
-                        if buffers[index] is None:
-                            buf = own.new_empty(2, *pk.shape[:2], pk.shape[2] + own.shape[3], pk.shape[3])
-                            buf[0, :, :, :pk.shape[2]].copy_(pk)
-                            buf[1, :, :, :pk.shape[2]].copy_(pv)
-                            buffers[index] = buf
-                        buffers[index][:, :, :, pk.shape[2]:].copy_(own)
-                        own = buffers[index]
-                    elif pk is not None:
-                        prefix = torch.stack([pk, pv])
-                        if alpha < 1.0:
-                            lk, lv = prefixes[cache.loop_entry(loop, index)]
-                            prefix = mix(torch.stack([lk, lv]), prefix, alpha)
-                        own = torch.cat([prefix, own], dim=3)
-                    own_k, own_v = own[0], own[1]
-                    if last_loop and alpha == 1.0:
-                        full_kv[index] = (own_k, own_v)  # already prefix + final slots: the next cache
-                    return layer.self_attn.attend(q, own_k, own_v, mask, is_causal)
+                        new_loop_kv[cache.loop_entry(loop, index)] = new
+                        loop_kv = cache.layers[cache.loop_entry(loop, index)]
+                    spec = PrefixSpec(cache.layers[index], loop_kv, prefix, alpha, mask, is_causal,
+                                      layer.self_attn.num_kv_heads != layer.self_attn.num_heads)
+                    out = prefix_attention(q, mix(new, slot, alpha), spec)
+                    return out.transpose(1, 2).reshape(bsz, chunk, -1)
 
                 if forced is not None:  # teacher forcing: this layer's input is given
                     hidden = forced[loop][index]
@@ -403,14 +399,7 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
             states.append(state if keep_states or last_loop else None)  # memory: generation keeps the last
             gates.append(gate)
             attn.append(tuple(loop_attn))
-
-        new_slots = {}
-        for index in range(num_layers):
-            if full_kv[index] is not None and not self.config.truncate_chunk_gradients:
-                new_slots[index] = (*full_kv[index], True)
-            else:
-                new_slots[index] = (slots[index][0], slots[index][1], False)
-        return states, gates, new_slots, new_loop_kv, attn, exit_loop
+        return states, gates, slots, new_loop_kv, attn, exit_loop
 
 
 class MeltForCausalLM(LoopedCausalLMMixin, MeltPreTrainedModel, GenerationMixin):

@@ -1,0 +1,117 @@
+"""Attention of one chunk's queries over the stored prefix plus the chunk's own keys/values.
+
+MELT's chunk c at loop t attends to the final slots of tokens [0, P) (earlier chunks) and
+to its own current keys/values. Building `cat([prefix, own])` per (chunk, loop, layer) and
+letting autograd keep it makes training memory quadratic in the sequence length. Here the
+prefix is read in place from the cache's buffer (SlotLayer.data) and never saved: the
+forward saves only the chunk's queries and own keys/values, and the backward rebuilds the
+keys/values view, recomputes the attention and sends the prefix's gradient to the pieces
+(the graph-carrying aliases of earlier chunks' writes). Cost: one more attention forward
+in the backward; memory: nothing per chunk that grows with the prefix.
+
+While alpha < 1 the prefix is `lerp(loop-t keys, slots, alpha)` (DESIGN.md 2.2), built in a
+temporary per call; its gradient goes to both, weighted (1 - alpha) and alpha.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .cache import SlotLayer
+
+
+@dataclass
+class PrefixSpec:
+    """Where a chunk's prefix lives and how to attend (everything but the tensors that need gradients)."""
+    slots: SlotLayer                 # the layer's gated slots; tokens [0, prefix) are final
+    loop_kv: Optional[SlotLayer]     # the layer's loop-t keys/values (alpha < 1 only)
+    prefix: int                      # P: tokens before this chunk
+    alpha: float
+    mask: Optional[torch.Tensor]     # bool [B|1, 1, C, P + C], True = may attend
+    is_causal: bool
+    enable_gqa: bool
+    # filled by prefix_attention: each piece's region [start, end) and the weight of its gradient
+    piece_regions: tuple = ()
+
+    def keys_values(self, own: torch.Tensor):
+        """Keys and values [B, kv_heads, P + C, D] for the chunk (own: [2, B, kv_heads, C, D]), and a
+        function that undoes any borrowing of the slot buffer."""
+        P, C = self.prefix, own.shape[3]
+        if P == 0:
+            return own[0], own[1], lambda: None
+        if self.loop_kv is None:  # alpha = 1: borrow the slot buffer's next C positions for the own keys
+            work = self.slots.data[:, :, :, :P + C]
+            kept = work[:, :, :, P:].clone() if self.slots.length > P else None
+            work[:, :, :, P:].copy_(own)
+
+            def restore():
+                if kept is not None:
+                    work[:, :, :, P:].copy_(kept)
+            return work[0], work[1], restore
+        work = own.new_empty(*own.shape[:3], P + C, own.shape[4])
+        torch.lerp(self.loop_kv.data[:, :, :, :P], self.slots.data[:, :, :, :P], self.alpha, out=work[:, :, :, :P])
+        work[:, :, :, P:].copy_(own)
+        return work[0], work[1], lambda: None
+
+    def attend(self, q, keys, values):
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask,
+                                              is_causal=self.is_causal and self.mask is None,
+                                              enable_gqa=self.enable_gqa)
+
+
+class PrefixAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, own, spec: PrefixSpec, *pieces):
+        ctx.spec = spec
+        ctx.save_for_backward(q, own)
+        with torch.no_grad():
+            keys, values, restore = spec.keys_values(own)
+            out = spec.attend(q, keys, values)
+            restore()
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, own = ctx.saved_tensors
+        spec: PrefixSpec = ctx.spec
+        with torch.no_grad():
+            keys, values, restore = spec.keys_values(own)
+        with torch.enable_grad():
+            q_leaf = q.detach().requires_grad_(True)
+            k_leaf = keys.detach().requires_grad_(True)
+            v_leaf = values.detach().requires_grad_(True)
+            out = spec.attend(q_leaf, k_leaf, v_leaf)
+            grad_q, grad_k, grad_v = torch.autograd.grad(out, (q_leaf, k_leaf, v_leaf), grad_out)
+        restore()
+        P = spec.prefix
+        grad_own = torch.stack([grad_k[:, :, P:], grad_v[:, :, P:]])
+        grads = []
+        for index, (start, end, weight) in enumerate(spec.piece_regions):
+            if not ctx.needs_input_grad[3 + index]:
+                grads.append(None)
+                continue
+            piece = torch.stack([grad_k[:, :, start:end], grad_v[:, :, start:end]])
+            grads.append(piece if weight == 1.0 else piece.mul_(weight))
+        return (grad_q if ctx.needs_input_grad[0] else None, grad_own if ctx.needs_input_grad[1] else None,
+                None, *grads)
+
+
+def prefix_attention(q: torch.Tensor, own: torch.Tensor, spec: PrefixSpec) -> torch.Tensor:
+    """SDPA output [B, heads, C, D] of queries q [B, heads, C, D] over the prefix and own [2, B, kv, C, D]."""
+    if spec.prefix == 0:
+        return spec.attend(q, own[0], own[1])  # no prefix: plain autograd
+    # the prefix is lerp(loop-t keys, slots, alpha): each gets its share of the gradient (none at weight 0)
+    sources = [(spec.slots, 1.0)] if spec.loop_kv is None else [(spec.slots, spec.alpha), (spec.loop_kv, 1 - spec.alpha)]
+    regions, pieces = [], []
+    for layer, weight in sources:
+        if weight == 0.0:
+            continue
+        for start, end, piece in layer.pieces_before(spec.prefix):
+            regions.append((start, end, weight))
+            pieces.append(piece)
+    spec.piece_regions = tuple(regions)
+    return PrefixAttention.apply(q, own, spec, *pieces)
