@@ -21,8 +21,8 @@ from transformers import GenerationMixin
 from .cache import MeltCache
 from .layers import DecoderLayer, causal_padding_mask
 from .prefix_attention import PrefixSpec, prefix_attention
-from .looplm import (BackboneMixin, LoopedCausalLMMixin, LoopedPreTrainedModel, LoopLMConfig, LoopLMForCausalLM,
-                     LoopLMOutput, check_positions, default_position_ids)
+from .looplm import (BackboneMixin, LoopedCausalLMMixin, LoopedPreTrainedModel, LoopLMBaseOutput, LoopLMConfig,
+                     LoopLMForCausalLM, LoopLMOutput, check_positions, default_position_ids)
 
 GATE_VARIANTS = ("elementwise", "headwise", "overwrite", "mean")
 
@@ -130,11 +130,9 @@ class MeltDecoderLayer(DecoderLayer):
 
 
 @dataclass
-class MeltBaseOutput:
-    loop_states: tuple
-    exit_logits: tuple
-    past_key_values: Optional[MeltCache] = None
-    attention_outputs: Optional[tuple] = None
+class MeltBaseOutput(LoopLMBaseOutput):
+    """The backbone's outputs: a ModelOutput (a dict), which DeepSpeed ZeRO-3's module hooks walk
+    (a plain dataclass made it warn "unknown inputs or outputs type" and skip the tensors inside)."""
     gate_stats: Optional[torch.Tensor] = None
     exit_loop: Optional[torch.Tensor] = None
 
