@@ -42,14 +42,16 @@ def add_arguments(parser) -> None:
 
 
 def time_training(model, kind: str, batch: dict, steps: int) -> dict:
+    from pipeline.training.config import LossSection
     from pipeline.training.phases import lm_loss
+    loss_cfg = LossSection(kind=kind)  # the trainer's defaults (per-loop metrics on)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     device = batch["input_ids"].device
 
     def step():
         out = model(input_ids=batch["input_ids"], output_loop_logits=True, use_cache=False)
-        loss = lm_loss(kind, 0.1, out, batch["labels"], None).loss
+        loss = lm_loss(loss_cfg, out, batch["labels"], None).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

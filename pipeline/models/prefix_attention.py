@@ -4,10 +4,12 @@ MELT's chunk c at loop t attends to the final slots of tokens [0, P) (earlier ch
 to its own current keys/values. Building `cat([prefix, own])` per (chunk, loop, layer) and
 letting autograd keep it makes training memory quadratic in the sequence length. Here the
 prefix is read in place from the cache's buffer (SlotLayer.data) and never saved: the
-forward saves only the chunk's queries and own keys/values, and the backward rebuilds the
-keys/values view, recomputes the attention and sends the prefix's gradient to the pieces
-(the graph-carrying aliases of earlier chunks' writes). Cost: one more attention forward
-in the backward; memory: nothing per chunk that grows with the prefix.
+forward saves the chunk's queries, own keys/values, output and log-sum-exp; the backward
+rebuilds the keys/values view, runs the attention's backward kernel and sends the prefix's
+gradient to the pieces (the graph-carrying aliases of earlier chunks' writes). Nothing per
+chunk grows with the prefix. On CPU the flash kernel's forward/backward ops are called
+directly (bit-identical to SDPA's autograd); on other devices the backward recomputes the
+attention forward first (one more attention forward per call).
 
 While alpha < 1 the prefix is `lerp(loop-t keys, slots, alpha)` (DESIGN.md 2.2), built in a
 temporary per call; its gradient goes to both, weighted (1 - alpha) and alpha.
@@ -62,30 +64,50 @@ class PrefixSpec:
                                               is_causal=self.is_causal and self.mask is None,
                                               enable_gqa=self.enable_gqa)
 
+    def float_mask(self, like: torch.Tensor) -> Optional[torch.Tensor]:
+        """The bool mask as the additive mask the CPU flash kernel takes (as SDPA converts it)."""
+        if self.mask is None:
+            return None
+        return torch.zeros(self.mask.shape, dtype=like.dtype, device=like.device).masked_fill_(~self.mask,
+                                                                                               float("-inf"))
+
+
+def _cpu_kernels(q: torch.Tensor) -> bool:
+    return q.device.type == "cpu"
+
 
 class PrefixAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, own, spec: PrefixSpec, *pieces):
         ctx.spec = spec
-        ctx.save_for_backward(q, own)
         with torch.no_grad():
             keys, values, restore = spec.keys_values(own)
-            out = spec.attend(q, keys, values)
+            if _cpu_kernels(q):
+                out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    q, keys, values, 0.0, spec.is_causal and spec.mask is None, attn_mask=spec.float_mask(q))
+                ctx.save_for_backward(q, own, out, lse)
+            else:
+                out = spec.attend(q, keys, values)
+                ctx.save_for_backward(q, own)
             restore()
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, own = ctx.saved_tensors
         spec: PrefixSpec = ctx.spec
+        saved = ctx.saved_tensors  # read once (activation checkpointing unpacks each tensor once)
+        q, own = saved[:2]
         with torch.no_grad():
             keys, values, restore = spec.keys_values(own)
-        with torch.enable_grad():
-            q_leaf = q.detach().requires_grad_(True)
-            k_leaf = keys.detach().requires_grad_(True)
-            v_leaf = values.detach().requires_grad_(True)
-            out = spec.attend(q_leaf, k_leaf, v_leaf)
-            grad_q, grad_k, grad_v = torch.autograd.grad(out, (q_leaf, k_leaf, v_leaf), grad_out)
+            if _cpu_kernels(q):
+                out, lse = saved[2:]
+                grad_q, grad_k, grad_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                    grad_out.contiguous(), q, keys, values, out, lse, 0.0, spec.is_causal and spec.mask is None,
+                    attn_mask=spec.float_mask(q))
+            else:
+                with torch.enable_grad():
+                    leaves = [t.detach().requires_grad_(True) for t in (q, keys, values)]
+                    grad_q, grad_k, grad_v = torch.autograd.grad(spec.attend(*leaves), leaves, grad_out)
         restore()
         P = spec.prefix
         grad_own = torch.stack([grad_k[:, :, P:], grad_v[:, :, P:]])
