@@ -261,7 +261,8 @@ def test_ouro_experiments_plan_the_whole_chain(size, nodes, tmp_path):
     assert exp.resources.signal_delay_s >= 120
 
 
-@pytest.mark.parametrize("name", ["smoke", "demo", "reproduce"])
+@pytest.mark.parametrize("name", ["smoke", "demo", "reproduce", "ouro-1.4b-melt", "ouro-2.6b-melt",
+                                  "ouro-1.4b-thinking-paper"])
 def test_local_experiments_plan_and_their_run_configs_validate(name, tmp_path):
     """What `make demo` / `make reproduce` would launch: every train phase's run config, with the
     experiment's overrides and inputs, is a valid RunConfig (a typo fails here, not 30 minutes in)."""
@@ -277,6 +278,14 @@ def test_local_experiments_plan_and_their_run_configs_validate(name, tmp_path):
         args = parse_args(p.argv)
         configs[p.name] = load_run_config(args.config, args.overrides, args.phase)
         assert str(configs[p.name].run_dir) == str(tmp_path / p.name), p.name
+    if name == "ouro-1.4b-thinking-paper":  # the paper's recipe, as reported
+        transition, distill = configs["transition"], configs["distill"]
+        assert transition.model.init_from == distill.teacher.init_from == "ByteDance/Ouro-1.4B-Thinking"
+        assert "--seq-len 10240" in " ".join(plan.phase("data").argv)
+        for cfg, steps in ((transition, 500), (distill, 300)):
+            assert cfg.phase.chunk_size == 500 and cfg.schedule.total_steps == steps
+            assert cfg.data.global_batch_size * 10240 == 327_680  # ~320k tokens per step
+            assert cfg.optimizer.lr == 8e-6 and cfg.optimizer.groups["gates"].lr == 5e-4
     if name == "reproduce":
         assert {n: c.model.config["total_ut_steps"] for n, c in configs.items() if n.startswith("pretrain")} == \
             {"pretrain_standard": 1, "pretrain_t2": 2, "pretrain_t4": 4, "pretrain_t8": 8}
