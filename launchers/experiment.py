@@ -28,6 +28,8 @@ Format (every key, with its default)::
                                     #   set it for CPU test runs (e.g. 2 CPU ranks on one node)
       cpus_per_task: null           # --cpus-per-task
       mem_gb: null                  # --mem, per node (0: all of the node's memory)
+      gpu_memory_gb: null           # memory of one GPU (default 80): train phases on GPUs are
+                                    #   planned against it before submission (launchers/memory.py)
       time: 60                      # --time: minutes, or "HH:MM:SS" / "D-HH:MM:SS"
       signal_delay_s: 120           # USR2 this long before the time limit -> the job requeues and
                                     #   resumes (>= 120 unless allow_short_signal_delay)
@@ -183,6 +185,7 @@ class Resources(_Strict):
     tasks_per_node: Optional[int] = Field(None, ge=1)
     cpus_per_task: Optional[int] = Field(None, ge=1)
     mem_gb: Optional[float] = Field(None, ge=0)
+    gpu_memory_gb: Optional[float] = Field(None, gt=0)  # one GPU's memory, for the memory plan (default 80)
     time: int = 60  # minutes (strings are converted)
     signal_delay_s: int = Field(MIN_SIGNAL_DELAY_S, ge=0)
     max_requeues: int = Field(3, ge=0)

@@ -19,6 +19,11 @@
 - Preemption / time limit: USR2 ``signal_delay_s`` before the end; the job requeues and
   the trainer resumes from its latest checkpoint (at most ``max_requeues`` time-outs).
 - ``--dry-run`` prints the sbatch scripts and the dependency graph, submits nothing.
+- Memory plan (`launchers/memory.py`, `python -m pipeline.plan`): every train phase on GPUs is
+  planned first (one fake-tensor micro-step of its run config plus the engine's sharded state,
+  per GPU of ``resources.gpu_memory_gb``, default 80, or ``--gpu-memory``); ``--dry-run`` prints
+  the plans, and a launch with a phase that does not fit is refused before anything is submitted
+  (``--ignore-plan`` submits anyway; ``--no-plan`` skips planning, e.g. to save its minutes).
 - ``--phases transition,distill`` launches a subset: the outputs it reads from the other
   phases must already be complete in run_dir.
 - ``--resume-from RUN_DIR`` continues an experiment: phases whose outputs are complete
@@ -159,7 +164,22 @@ def previous_jobs(run_dir: Path) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- dry run / submit
 
-def dry_run(plan: Plan, out=None) -> None:
+def memory_plans(plan: Plan, args) -> list:
+    """The train phases' memory plans (none with --no-plan); progress on stderr."""
+    if getattr(args, "no_plan", False):
+        return []
+    from launchers.memory import plan_memory, progress_to_stderr
+    gpu_memory = getattr(args, "gpu_memory", None)
+    if gpu_memory is not None:
+        from pipeline.planning.report import parse_memory
+        try:
+            gpu_memory = parse_memory(gpu_memory)
+        except ValueError as err:
+            raise LaunchError(str(err)) from None
+    return plan_memory(plan, gpu_memory, progress=progress_to_stderr)
+
+
+def dry_run(plan: Plan, out=None, memory: Optional[list] = None) -> None:
     out = out or sys.stdout
     from submitit.slurm.slurm import _make_sbatch_string
 
@@ -167,6 +187,11 @@ def dry_run(plan: Plan, out=None) -> None:
     print("# dependency graph", file=out)
     for line in plan.graph_lines():
         print(f"#   {line}", file=out)
+    if memory:
+        from launchers.memory import not_fitting, print_memory, summary_line
+        print_memory(memory, out)
+        for r in not_fitting(memory):
+            print(f"warning: {summary_line(r)}", file=sys.stderr, flush=True)
     try:
         partitions: Optional[list[str]] = cluster_partitions() if shutil.which("sinfo") else None
     except LaunchError as err:
@@ -241,6 +266,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Submit an experiment's phases to SLURM (submitit).",
                                      epilog="The experiment format is documented in launchers/experiment.py.")
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch scripts and the dependency graph")
+    parser.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                        help="memory of one GPU for the memory plan, e.g. 80GB (default: resources.gpu_memory_gb, 80)")
+    parser.add_argument("--no-plan", action="store_true", help="do not plan the train phases' GPU memory")
+    parser.add_argument("--ignore-plan", action="store_true",
+                        help="submit even when the memory plan says a phase does not fit")
     add_launch_arguments(parser)
     return parser.parse_intermixed_args(argv)
 
@@ -249,9 +279,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
         plan = plan_from_args(args, strict=not args.dry_run)
+        memory = memory_plans(plan, args)
         if args.dry_run:
-            dry_run(plan)
+            dry_run(plan, memory=memory)
         else:
+            from launchers.memory import not_fitting, print_memory, summary_line
+            print_memory(memory, sys.stdout)
+            bad = not_fitting(memory)
+            if bad and not args.ignore_plan:
+                raise LaunchError("memory plan: " + "; ".join(summary_line(r) for r in bad)
+                                  + ". Nothing submitted: lower data.micro_batch_size, raise phase.chunk_size or the "
+                                  "GPU count, or pass --ignore-plan to submit anyway")
             submit(plan)
     except (ExperimentError, LaunchError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
