@@ -1,12 +1,18 @@
-"""Training cost: LoopLM pretrain step vs MELT transition steps, and ZeRO-3 partitioning.
+"""Training cost: LoopLM pretrain step vs MELT transition steps (speed and memory), and ZeRO-3 partitioning.
 
     python -m pipeline.bench train --out runs/bench/train.json [--preset cpu-small] [--seq-len 512]
+        [--memory-seq-lens 512,1024,2048] [--planner-seq-lens 2048,4096,8192]
 
 1. Throughput (one process, plain PyTorch, same random model and sequence length): tokens/s of
    a LoopLM pretrain step (Ouro stage-I loss) and of MELT transition steps (chunk-wise, last-loop
    CE, alpha mid-ramp so the per-loop keys are kept as well) at each --chunks size, each timed
-   as forward + loss + backward + AdamW step. Ratios MELT / LoopLM; target >= 0.8 at chunk 128.
-2. ZeRO-3 (the trainer's DeepSpeed engine, launched with `deepspeed --num_gpus N` on CPU): bytes
+   as forward + loss + backward + AdamW step. Ratios MELT / LoopLM; target >= 1.0 at chunk 128.
+2. Step memory (train_memory.py): one micro-step's bytes of both models against the sequence
+   length, at alpha 1 and mid-ramp, with real tensors at the benchmark shape and (optionally)
+   fake tensors at a real model's shape; targets: doubling the length at most doubles MELT's
+   activation bytes (+10%); at the longest length MELT's step at most 1.5x the LoopLM's at
+   alpha 1 and 3x mid-ramp. A PNG per shape beside the JSON.
+3. ZeRO-3 (the trainer's DeepSpeed engine, launched with `deepspeed --num_gpus N` on CPU): bytes
    of parameters + fp32 master + optimizer state held by one rank, with 1 and 2 ranks; target:
    2 ranks at most 0.55 x 1 rank.
 """
@@ -23,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.bench import train_memory
 from pipeline.bench.common import add_model_arguments, build_looplm, device_and_dtype, model_shape
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,6 +46,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--zero-ranks", default="1,2", help="rank counts for the ZeRO-3 bytes ('' skips it)")
     parser.add_argument("--zero-preset", default=None, help="model shape for the ZeRO-3 part (default: --preset)")
+    train_memory.add_arguments(parser)
 
 
 def time_training(model, kind: str, batch: dict, steps: int) -> dict:
@@ -174,15 +182,30 @@ def zero_bytes(args) -> dict:
     return result
 
 
+def step_memory(args) -> dict:
+    from tqdm import tqdm
+    count = len([x for x in args.memory_seq_lens.split(",") if x]) + len([x for x in args.planner_seq_lens.split(",")
+                                                                          if x])
+    with tqdm(total=count * len(train_memory.CONTENDERS), desc="step memory", unit="step") as bar:
+        result = train_memory.run(args, model_shape(args), progress=lambda row: bar.update())
+    if result["rows"]:
+        train_memory.plot(result["rows"], args.out)
+    return result
+
+
 def run(args) -> dict:
-    result = {"throughput": throughput(args), "zero3": zero_bytes(args)}
+    result = {"throughput": throughput(args), "step_memory": step_memory(args), "zero3": zero_bytes(args)}
     t, z = result["throughput"], result["zero3"]
     summary = {f"{k}_tokens_per_s": round(v["tokens_per_s"], 1) for k, v in t["results"].items()}
     summary.update({f"{k}_vs_looplm": round(v, 3) for k, v in t["ratio_to_looplm"].items()})
+    for shape, part in result["step_memory"]["summary"].items():
+        summary.update({f"memory_{shape}_{k}": v for k, v in part.items()})
     if "ratio_2_to_1" in z:
         summary["zero3_bytes_per_rank_2_vs_1"] = round(z["ratio_2_to_1"], 3)
     result["summary"] = summary
-    result["targets"] = {"melt_chunk128_vs_looplm_at_least": 0.8, "zero3_2_vs_1_at_most": 0.55}
+    result["targets"] = {"melt_chunk128_vs_looplm_at_least": 1.0, "zero3_2_vs_1_at_most": 0.55,
+                         "melt_activation_growth_per_doubling_at_most": 2.2,
+                         "melt_alpha1_vs_looplm_step_at_most": 1.5, "melt_alpha0.5_vs_looplm_step_at_most": 3.0}
     return result
 
 
