@@ -107,7 +107,7 @@ def plot(rows: list[dict], path) -> None:
             mine = sorted((r for r in rows if r["shape"] == shape and label(r) == name), key=lambda r: r["seq_len"])
             series[name] = ([r["seq_len"] for r in mine], [r["step"] / 2**30 for r in mine])
         plot_lines(path.with_name(f"{path.stem}_memory_{shape}.png"),
-                   f"one training step's memory ({shape}, one sequence, unsharded)", "sequence length (tokens)",
+                   f"training step memory, {shape} (1 sequence)", "sequence length (tokens)",
                    "GiB (parameters + gradients + activations)", series)
 
 
