@@ -29,10 +29,15 @@ def naive_prefix_attention(q, own, spec):
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_gradients_equal_plain_autograd_over_a_copied_prefix(monkeypatch, alpha, checkpointing):
+@pytest.mark.parametrize("kernels", ["cpu-flash", "recompute"])
+def test_gradients_equal_plain_autograd_over_a_copied_prefix(monkeypatch, alpha, checkpointing, kernels):
     """float64, 4 chunks (3, 3, 3, 2), GQA, left padding: loss and every gradient equal those of the
-    same model whose attention concatenates the prefix under plain autograd."""
+    same model whose attention concatenates the prefix under plain autograd; with the CPU flash
+    kernel's own backward and with the recomputing backward that other devices use."""
     import pipeline.models.melt as melt_module
+    import pipeline.models.prefix_attention as prefix_module
+    if kernels == "recompute":
+        monkeypatch.setattr(prefix_module, "_cpu_kernels", lambda q: False)
     lm = tiny_looplm().double()
     ids = torch.randint(0, 97, (2, 11))
     mask = torch.ones_like(ids)
