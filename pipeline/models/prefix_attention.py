@@ -110,14 +110,19 @@ class PrefixAttention(torch.autograd.Function):
                     grad_q, grad_k, grad_v = torch.autograd.grad(spec.attend(*leaves), leaves, grad_out)
         restore()
         P = spec.prefix
-        grad_own = torch.stack([grad_k[:, :, P:], grad_v[:, :, P:]])
+        # one tensor for every gradient; the pieces get views of it (a view keeps it alive only until
+        # autograd adds the piece's next contribution, which makes a fresh sum)
+        full = torch.stack([grad_k, grad_v])
+        grad_own = full[:, :, :, P:]
+        weighted: dict[float, torch.Tensor] = {1.0: full}
         grads = []
         for index, (start, end, weight) in enumerate(spec.piece_regions):
             if not ctx.needs_input_grad[3 + index]:
                 grads.append(None)
                 continue
-            piece = torch.stack([grad_k[:, :, start:end], grad_v[:, :, start:end]])
-            grads.append(piece if weight == 1.0 else piece.mul_(weight))
+            if weight not in weighted:
+                weighted[weight] = full[:, :, :, :P] * weight
+            grads.append(weighted[weight][:, :, :, start:end])
         return (grad_q if ctx.needs_input_grad[0] else None, grad_own if ctx.needs_input_grad[1] else None,
                 None, *grads)
 
