@@ -20,9 +20,9 @@ from transformers import GenerationMixin
 
 from .cache import MeltCache
 from .layers import DecoderLayer, causal_padding_mask
-from .prefix_attention import PrefixSpec, prefix_attention
 from .looplm import (BackboneMixin, LoopedCausalLMMixin, LoopedPreTrainedModel, LoopLMBaseOutput, LoopLMConfig,
                      LoopLMForCausalLM, LoopLMOutput, check_positions, default_position_ids)
+from .prefix_attention import PrefixSpec, prefix_attention
 
 GATE_VARIANTS = ("elementwise", "headwise", "overwrite", "mean")
 
