@@ -59,9 +59,13 @@ class PrefixSpec:
         work[:, :, :, P:].copy_(own)
         return work[0], work[1], lambda: None
 
+    @property
+    def causal(self) -> bool:
+        """Plain causal attention (no mask given): SDPA's own is_causal."""
+        return self.is_causal and self.mask is None
+
     def attend(self, q, keys, values):
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask,
-                                              is_causal=self.is_causal and self.mask is None,
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, is_causal=self.causal,
                                               enable_gqa=self.enable_gqa)
 
     def float_mask(self, like: torch.Tensor) -> Optional[torch.Tensor]:
@@ -84,7 +88,7 @@ class PrefixAttention(torch.autograd.Function):
             keys, values, restore = spec.keys_values(own)
             if _cpu_kernels(q):
                 out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    q, keys, values, 0.0, spec.is_causal and spec.mask is None, attn_mask=spec.float_mask(q))
+                    q, keys, values, 0.0, spec.causal, attn_mask=spec.float_mask(q))
                 ctx.save_for_backward(q, own, out, lse)
             else:
                 out = spec.attend(q, keys, values)
@@ -102,7 +106,7 @@ class PrefixAttention(torch.autograd.Function):
             if _cpu_kernels(q):
                 out, lse = saved[2:]
                 grad_q, grad_k, grad_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                    grad_out.contiguous(), q, keys, values, out, lse, 0.0, spec.is_causal and spec.mask is None,
+                    grad_out.contiguous(), q, keys, values, out, lse, 0.0, spec.causal,
                     attn_mask=spec.float_mask(q))
             else:
                 with torch.enable_grad():

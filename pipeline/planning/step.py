@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
+from pipeline.models.cache import tensor_bytes
 from pipeline.planning.inputs import StepInputs, step_inputs
 from pipeline.planning.live_bytes import LiveBytes
 from pipeline.training.config import RunConfig
@@ -100,10 +101,6 @@ def make_batch(inputs: StepInputs, vocab_size: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-def nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def release_grads_on_accumulate(model: nn.Module) -> list:
     """Free each parameter's gradient as soon as it is accumulated (ZeRO-3 / FSDP2 reduce-scatter it
     and keep only their partition, counted in the engine's state instead)."""
@@ -136,9 +133,9 @@ def run_step(cfg: RunConfig, inputs: StepInputs, layers: Optional[int] = None, r
         model.set_alpha(inputs.alpha)           # what phase.begin_step sets for the measured step
     hooks = release_grads_on_accumulate(model) if release_grads else []
     batch = make_batch(inputs, model.config.vocab_size)
-    params = nbytes(model.parameters())
-    grads = nbytes(p for p in model.parameters() if p.requires_grad)
-    frozen = nbytes(teacher.parameters()) if teacher is not None else 0
+    params = tensor_bytes(*model.parameters())
+    grads = tensor_bytes(*(p for p in model.parameters() if p.requires_grad))
+    frozen = tensor_bytes(*teacher.parameters()) if teacher is not None else 0
 
     live = LiveBytes()
     held = [*model.parameters(), *model.buffers(), *batch.values()]
