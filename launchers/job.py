@@ -22,6 +22,7 @@ import importlib
 import importlib.util
 import os
 import runpy
+import signal
 import sys
 import time
 from pathlib import Path
@@ -130,6 +131,10 @@ class PhaseJob(submitit.helpers.Checkpointable):
             raise SystemExit(-1)
         if code != 0:
             raise PhaseFailed(f"{tag}: {self.entry} exited with code {code} on rank {dist.rank}")
+        # The phase is complete: a time-limit or preemption USR2 arriving from now on has nothing left to
+        # save, and must neither requeue a finished job nor (once Python restores default handlers at
+        # exit) kill the task and turn a COMPLETED job into FAILED.
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         print(f"{tag}: rank {dist.rank} done in {time.time() - start:.1f}s", flush=True)
         return {"phase": self.phase, "rank": dist.rank, "attempt": attempt, "seconds": time.time() - start}
 

@@ -149,7 +149,7 @@ def test_failing_phase_cancels_its_dependents(slurm_cluster, tmp_path):
 
 def test_preempted_job_requeues_and_resumes_from_its_checkpoint(slurm_cluster, tmp_path):
     steps = 8
-    cfg = toy_experiment(tmp_path, {"a": toy(steps=steps, sleep=0.6, ckpt_every=1),
+    cfg = toy_experiment(tmp_path, {"a": toy(steps=steps, sleep=0.2, ckpt_every=1, hold_at=2),
                                     "b": toy(steps=1, input="{a/export}")}, name="requeue")
     run_dir = tmp_path / "run"
     out = launch("--config", cfg)
@@ -158,8 +158,8 @@ def test_preempted_job_requeues_and_resumes_from_its_checkpoint(slurm_cluster, t
     a, b = jobs["a"]["job_id"], jobs["b"]["job_id"]
     again = launch("--resume-from", run_dir)  # a second launch into a run that is still going is refused
     assert again.returncode == 2 and "still queued or running" in again.stderr, again.stderr
-    ckpt = run_dir / "a" / "checkpoints" / "step_000002.pt"
-    wait_for(ckpt.exists, 120, f"{ckpt}")
+    held = run_dir / "a" / "events" / "rank0.jsonl"  # rank 0 holds after checkpointing step 2
+    wait_for(lambda: held.is_file() and '"event": "hold"' in held.read_text(), 120, f"the hold event in {held}")
     # what SLURM sends signal_delay_s before the time limit, or on preemption (submitit's USR2)
     slurm_cluster.call("scancel", "--signal=USR2", a, check=True)
     final = slurm_cluster.wait_jobs([a, b], timeout=300)
@@ -168,7 +168,7 @@ def test_preempted_job_requeues_and_resumes_from_its_checkpoint(slurm_cluster, t
     assert final[b]["JobState"] == "COMPLETED", f"{final[b]}\n{job_logs(jobs['b'])}"
     rank0 = events(run_dir / "a", 0)
     resumed = [e for e in rank0 if e["event"] == "resume"]
-    assert resumed and 2 <= resumed[0]["step"] < steps, rank0
+    assert resumed and resumed[0]["step"] == 2, rank0
     assert [e["restarts"] for e in rank0 if e["event"] == "start"][-1] >= 1
     log = Path(jobs["a"]["stdout"]).read_text()
     assert "requeueing" in log and "attempt 2" in log
