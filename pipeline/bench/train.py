@@ -132,6 +132,7 @@ def zero_worker(out: str, preset_args: list[str], loops: int) -> None:
     from pipeline.training import comm
     from pipeline.training.config import validate_run_config
     from pipeline.training.engines import build_engine
+    from pipeline.training.losses import TokenCounts
     from pipeline.training.phases import PretrainPhase
     parser = argparse.ArgumentParser()
     add_model_arguments(parser)
@@ -144,7 +145,10 @@ def zero_worker(out: str, preset_args: list[str], loops: int) -> None:
     model = phase.build_model(engine)
     engine.prepare(model, phase.parameter_groups(model), lambda s: 1.0, cfg.optimizer.betas, cfg.optimizer.eps)
     ids = torch.randint(0, shape["vocab"], (1, 64), generator=torch.Generator().manual_seed(env.rank))
-    out_step = phase.micro_step(engine.forward, {"input_ids": ids, "labels": ids}, 63.0 * env.world_size)
+    batch = {"input_ids": ids, "labels": ids}
+    counts = TokenCounts.of(batch)
+    out_step = phase.micro_step(engine.forward, batch, TokenCounts(counts.labelled * env.world_size,
+                                                                  counts.real * env.world_size))
     engine.backward(out_step.loss.loss)
     engine.optimizer_step()
     stats = comm.all_gather_object(engine.partition_stats().as_dict())

@@ -27,6 +27,7 @@ from pipeline.models.cache import tensor_bytes
 from pipeline.planning.inputs import StepInputs, step_inputs
 from pipeline.planning.live_bytes import LiveBytes
 from pipeline.training.config import RunConfig
+from pipeline.training.losses import TokenCounts
 
 REGIONS = ("teacher", "forward", "loss", "backward")
 
@@ -152,10 +153,11 @@ def run_step(cfg: RunConfig, inputs: StepInputs, layers: Optional[int] = None, r
         with live.label("forward"):
             return _without_gate_stats(model(**kwargs))
 
-    normalizer = float(inputs.micro_batch * (inputs.seq_len - 1))
+    counts = TokenCounts(labelled=float(inputs.micro_batch * (inputs.seq_len - 1)),
+                         real=float(inputs.micro_batch * inputs.seq_len))
     with live:
         with live.label("loss"):  # micro_step: the teacher and the forward have their own labels
-            out = phase.micro_step(forward, batch, normalizer)
+            out = phase.micro_step(forward, batch, counts)
         with live.label("backward"):  # the trainer holds `out` (loss and metrics) through its backward
             out.loss.loss.backward()
         del out

@@ -30,10 +30,16 @@ def barrier() -> None:
 
 
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In place; op is "sum", "min" or "max"."""
+    """In place; op is "sum", "min" or "max". Small CPU tensors (counts, flags) are fine on any
+    backend: NCCL only reduces GPU tensors, so there they travel through the current GPU."""
     if active():
-        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
-                                    "max": dist.ReduceOp.MAX}[op])
+        reduce_op = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op]
+        if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+            on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_gpu, op=reduce_op)
+            tensor.copy_(on_gpu)
+        else:
+            dist.all_reduce(tensor, op=reduce_op)
     return tensor
 
 

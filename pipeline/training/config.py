@@ -124,6 +124,11 @@ class DistillPhaseSection(Section):
     w_kd: float = Field(1.0, ge=0)
     w_ce: float = Field(0.0, ge=0)
     kd: KDSection = KDSection()
+    # which tokens each part is taken on: "real" = every token but padding (the attention mask),
+    # "labelled" = those with a next-token label (as CE). Alignment defaults to real: an unlabelled
+    # token's slot (a prompt token, a document's last token) still feeds every later token.
+    align_tokens: Literal["real", "labelled"] = "real"
+    kd_tokens: Literal["labelled", "real"] = "labelled"
     teacher_forcing: bool = False            # each student layer gets the teacher's input to that (loop, layer)
     per_loop_metrics: bool = True            # false: both models compute the last loop's logits only (see LossSection)
     chunk_size: int = Field(64, gt=0)

@@ -1,8 +1,10 @@
 """Distillation losses (phase 2): attention alignment and logit distillation.
 
 Like every loss in pipeline.training.losses they return a sum over valid tokens divided by
-a normaliser (the global count of valid tokens, from the trainer), and per-token means for
-logging. Valid tokens are those whose next-token label is not -100 (the loss mask).
+a normaliser (the global count of the tokens they are taken on, from the trainer), and per-token
+means for logging. Which tokens is the caller's choice (`positions`, [B, S] bool): the distill phase
+aligns attention on every real token by default (their slots feed every later token, labelled or
+not) and distils the logits on the labelled ones (`phase.align_tokens`, `phase.kd_tokens`).
 """
 
 from __future__ import annotations
@@ -12,24 +14,20 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from pipeline.training.losses import IGNORE_INDEX, LossOutput, _normaliser, shift_labels
+from pipeline.training.losses import LossOutput, _normaliser
 
 KD_KINDS = ("forward", "reverse", "jsd")
 
 
-def valid_positions(labels: torch.Tensor) -> torch.Tensor:
-    return shift_labels(labels) != IGNORE_INDEX
-
-
 def attention_alignment_loss(student: Sequence[Sequence[torch.Tensor]], teacher: Sequence[Sequence[torch.Tensor]],
-                             labels: torch.Tensor, num_heads: int, normalizer=None,
+                             positions: torch.Tensor, num_heads: int, normalizer=None,
                              eps: float = 1e-6) -> LossOutput:
     """Per (loop, layer) and head: ||s - t||^2 / ||t||^2 per token (attention outputs before o_proj),
-    averaged over heads, loops and layers; summed over valid tokens / normaliser.
+    averaged over heads, loops and layers; summed over `positions` / normaliser.
 
     student/teacher: [loop][layer] -> [B, S, heads * head_dim]. Also returns per-layer errors.
     """
-    valid = valid_positions(labels)
+    valid = positions
     mask = valid.float()
     count = valid.sum()
     per_token = torch.zeros_like(mask)
@@ -69,14 +67,14 @@ def _kd_per_token(student_logits, teacher_logits, temperature: float, kind: str,
 
 
 def logit_distillation_loss(student_loop_logits: Sequence[torch.Tensor], teacher_loop_logits: Sequence[torch.Tensor],
-                            labels: torch.Tensor, temperature: float = 1.0, kind: str = "forward",
+                            positions: torch.Tensor, temperature: float = 1.0, kind: str = "forward",
                             top_k: Optional[int] = None, all_loops: bool = False,
                             normalizer=None, loop_numbers: Optional[Sequence[int]] = None) -> LossOutput:
-    """KL between teacher and student next-token distributions on valid tokens, on the last loop
+    """KL between teacher and student next-token distributions on `positions`, on the last loop
     (or averaged over every loop with all_loops). Per-loop values are logged either way.
     loop_numbers: the loop of each entry, for the metric names (default 1..T; e.g. [T] when only
     the last loop's logits were computed)."""
-    valid = valid_positions(labels)
+    valid = positions
     mask = valid.float()
     count = valid.sum()
     loops = range(len(teacher_loop_logits)) if all_loops else [len(teacher_loop_logits) - 1]

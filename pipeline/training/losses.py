@@ -20,6 +20,35 @@ class LossOutput:
     loss: torch.Tensor                        # what to backpropagate (already divided by the normaliser)
     num_tokens: torch.Tensor                  # valid tokens in this micro-batch (local count)
     metrics: dict = field(default_factory=dict)  # detached scalars for logging (per-token means)
+    # the local token count a metric is a mean over, where it is not num_tokens (a distillation part
+    # taken on other tokens): the step's logged mean weights each micro-batch by it
+    metric_tokens: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TokenCounts:
+    """What a step's losses are divided by: token counts summed over its micro-batches and every
+    data-parallel rank (the trainer's all-reduce), so the split never changes the gradient."""
+    labelled: float  # positions with a next-token label: CE (and, by default, distillation's KL)
+    real: float      # real (not padding) positions: distillation's attention alignment by default
+
+    @classmethod
+    def of(cls, batch: dict) -> "TokenCounts":
+        """This micro-batch's own counts (before the sums)."""
+        return cls(float(labelled_positions(batch["labels"]).sum()),
+                   float(real_positions(batch["input_ids"], batch.get("attention_mask")).sum()))
+
+
+def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[B, S] bool: position i has a next-token label (labels[i + 1] is not IGNORE_INDEX)."""
+    return shift_labels(labels) != IGNORE_INDEX
+
+
+def real_positions(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """[B, S] bool: real tokens (the attention mask's ones; every token of an unpadded batch)."""
+    if attention_mask is None:
+        return torch.ones_like(input_ids, dtype=torch.bool)
+    return attention_mask.bool()
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,8 @@ class StepMetrics:
     def __init__(self):
         self.loss = 0.0
         self.tokens = 0
-        self.weighted: dict[str, float] = {}
+        self.weighted: dict[str, float] = {}  # per metric: sum of mean x its tokens, and the tokens
+        self.weights: dict[str, int] = {}
         self.stats: dict[str, tuple[list[float], str]] = {}
 
     def add(self, out) -> None:
@@ -35,7 +36,9 @@ class StepMetrics:
         self.loss += float(out.loss.loss.detach())
         self.tokens += n
         for name, value in out.loss.metrics.items():
-            self.weighted[name] = self.weighted.get(name, 0.0) + float(value) * n
+            weight = int(out.loss.metric_tokens.get(name, n))
+            self.weighted[name] = self.weighted.get(name, 0.0) + float(value) * weight
+            self.weights[name] = self.weights.get(name, 0) + weight
         for name, (value, op) in out.stats.items():
             self.stats.setdefault(name, ([], op))[0].append(float(value))
 
@@ -45,17 +48,16 @@ class StepMetrics:
         mins = sorted(k for k, (_, op) in self.stats.items() if op == "min")
         maxs = sorted(k for k, (_, op) in self.stats.items() if op == "max")
         sums = torch.tensor([self.loss, float(self.tokens)] + [self.weighted[k] for k in weighted]
-                            + [sum(self.stats[k][0]) for k in means] + [float(len(self.stats[k][0])) for k in means],
-                            dtype=torch.float64)
+                            + [float(self.weights[k]) for k in weighted] + [sum(self.stats[k][0]) for k in means]
+                            + [float(len(self.stats[k][0])) for k in means], dtype=torch.float64)
         comm.all_reduce(sums)
         low = comm.all_reduce(torch.tensor([min(self.stats[k][0]) for k in mins] or [0.0], dtype=torch.float64), "min")
         high = comm.all_reduce(torch.tensor([max(self.stats[k][0]) for k in maxs] or [0.0], dtype=torch.float64),
                                "max")
-        tokens = max(sums[1].item(), 1.0)
         out = {"train/loss": sums[0].item(), "train/tokens": sums[1].item()}
         for i, k in enumerate(weighted):
-            out[f"train/{k}"] = sums[2 + i].item() / tokens
-        base = 2 + len(weighted)
+            out[f"train/{k}"] = sums[2 + i].item() / max(sums[2 + len(weighted) + i].item(), 1.0)
+        base = 2 + 2 * len(weighted)
         for i, k in enumerate(means):
             out[k] = sums[base + i].item() / max(sums[base + len(means) + i].item(), 1.0)
         out.update({k: low[i].item() for i, k in enumerate(mins)})

@@ -8,15 +8,15 @@ interface (partitioned construction / loading) and computes its loss through a
     model = phase.build_model(engine)                   # inside the engine's partitioning
     groups = phase.parameter_groups(model)              # freezes the rest
     every step:    scalars = phase.begin_step(model, step)          # e.g. MELT's alpha
-    every micro:   out = phase.micro_step(engine.forward, batch, normalizer)
+    every micro:   out = phase.micro_step(engine.forward, batch, counts)  # counts: the step's TokenCounts
     at the end:    phase.after_fit(run_dir)                         # collective
 
 The `distill` phase (phases_distill.py) plugs in the same way: its build_model also
 builds the frozen teacher partitioned (engine.frozen_init_context + engine.load_weights)
 and has the engine wrap it for inference (engine.build_frozen); it names it in
 frozen_models() (the trainer records its partition); its micro_step runs teacher and
-student on the same batch, returns the summed losses (each normalised by the same
-global token count), logs the parts through LossOutput.metrics and reports the
+student on the same batch, returns the summed losses (each normalised by the global
+count of the tokens it is taken on), logs the parts through LossOutput.metrics and reports the
 teacher's forward time in MicroStepOutput.timings.
 """
 
@@ -35,7 +35,7 @@ from torch import nn
 from pipeline.models.melt import is_gate_parameter
 from pipeline.training.config import ConfigError, LossSection, RunConfig
 from pipeline.training.engines.base import Engine, FrozenModel, ParamGroup
-from pipeline.training.losses import LossOutput, causal_lm_loss, last_loop_lm_loss, ouro_stage1_loss
+from pipeline.training.losses import LossOutput, TokenCounts, causal_lm_loss, last_loop_lm_loss, ouro_stage1_loss
 from pipeline.training.schedules import ramp
 from pipeline.training.weights import CheckpointTensors, full_shapes, resolve_checkpoint_dir
 
@@ -114,7 +114,8 @@ class Phase(ABC):
         return {}
 
     @abstractmethod
-    def micro_step(self, forward: Callable, batch: dict, normalizer) -> MicroStepOutput: ...
+    def micro_step(self, forward: Callable, batch: dict, counts: TokenCounts) -> MicroStepOutput:
+        """This micro-batch's loss; `counts` are the whole step's (all micro-batches, all ranks)."""
 
     def resume_identity(self) -> dict[str, str]:
         """What must not change between a checkpoint and its resumption besides the data, by config key
@@ -155,11 +156,11 @@ class PretrainPhase(Phase):
         engine.init_weights(model, model._init_weights)
         return model
 
-    def micro_step(self, forward, batch, normalizer) -> MicroStepOutput:
+    def micro_step(self, forward, batch, counts: TokenCounts) -> MicroStepOutput:
         loss_cfg = self.cfg.phase.loss
         out = forward(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                       output_loop_logits=loss_cfg.per_loop_metrics, use_cache=False)
-        return MicroStepOutput(lm_loss(loss_cfg, out, batch["labels"], normalizer))
+        return MicroStepOutput(lm_loss(loss_cfg, out, batch["labels"], counts.labelled))
 
 
 def check_checkpoint_source(path: str, key: str) -> None:
@@ -258,11 +259,11 @@ class TransitionPhase(MeltStudentPhase):
         model.set_alpha(alpha)
         return {"alpha": alpha}
 
-    def micro_step(self, forward, batch, normalizer) -> MicroStepOutput:
+    def micro_step(self, forward, batch, counts: TokenCounts) -> MicroStepOutput:
         loss_cfg = self.cfg.phase.loss
         out = forward(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                       output_loop_logits=loss_cfg.per_loop_metrics, use_cache=False)
-        return MicroStepOutput(lm_loss(loss_cfg, out, batch["labels"], normalizer), gate_stats(out))
+        return MicroStepOutput(lm_loss(loss_cfg, out, batch["labels"], counts.labelled), gate_stats(out))
 
 
 PHASES: dict[str, type[Phase]] = {p.name: p for p in (PretrainPhase, TransitionPhase)}

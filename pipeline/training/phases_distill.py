@@ -11,7 +11,9 @@ Every micro-step runs the teacher, then the student, on the same batch on every 
 
     loss = w_attn * attention alignment + w_kd * logit distillation + w_ce * CE
 
-each a sum over valid tokens divided by the trainer's global valid-token count. The
+each a sum over its tokens divided by their global count (TokenCounts). Attention is aligned
+on every real token (`align_tokens: real`): a prompt token or a document's last token has no
+label, but its slot feeds every later token. KL is taken where CE is (`kd_tokens: labelled`). The
 teacher's attention outputs (before o_proj) come from the same forward that gives its
 logits. With `teacher_forcing`, each student layer gets the teacher's input to that
 (loop, layer) (captured by forward pre-hooks on the teacher's layers during that same
@@ -37,7 +39,7 @@ from pipeline.training.checkpointing import write_durable
 from pipeline.training.config import ConfigError, LossSection
 from pipeline.training.distill_losses import attention_alignment_loss, logit_distillation_loss
 from pipeline.training.engines.base import Engine, FrozenModel
-from pipeline.training.losses import LossOutput
+from pipeline.training.losses import LossOutput, TokenCounts, labelled_positions, real_positions
 from pipeline.training.phases import MeltStudentPhase, MicroStepOutput, check_checkpoint_source, gate_stats, lm_loss
 from pipeline.training.weights import CheckpointTensors, full_shapes, resolve_checkpoint_dir
 
@@ -221,9 +223,11 @@ class DistillPhase(MeltStudentPhase):
             model.set_alpha(1.0)
         return {}
 
-    def micro_step(self, forward, batch, normalizer) -> MicroStepOutput:
+    def micro_step(self, forward, batch, counts: TokenCounts) -> MicroStepOutput:
         phase = self.cfg.phase
         ids, labels = batch["input_ids"], batch["labels"]
+        positions = {"labelled": (labelled_positions(labels), counts.labelled),
+                     "real": (real_positions(ids, batch.get("attention_mask")), counts.real)}
         # left-padded rows (synthetic tasks) carry an attention mask; both models see it
         inputs = dict(input_ids=ids, attention_mask=batch.get("attention_mask"),
                       output_loop_logits=phase.per_loop_metrics, output_attention_outputs=phase.w_attn > 0,
@@ -242,26 +246,30 @@ class DistillPhase(MeltStudentPhase):
         parts: list[tuple[float, LossOutput]] = []
         if phase.w_attn > 0:
             heads = self.teacher.module.config.num_attention_heads
+            align_positions, align_count = positions[phase.align_tokens]
             parts.append((phase.w_attn, attention_alignment_loss(
-                student.attention_outputs, teacher.attention_outputs, labels, heads, normalizer)))
+                student.attention_outputs, teacher.attention_outputs, align_positions, heads, align_count)))
         kd = phase.kd
         if phase.per_loop_metrics:
             student_logits, teacher_logits, loop_numbers = student.loop_logits, teacher.loop_logits, None
         else:  # the last loop's logits only: `logits` is the last loop's
             student_logits, teacher_logits = (student.logits,), (teacher.logits,)
             loop_numbers = [self.teacher.module.config.total_ut_steps]
+        kd_positions, kd_count = positions[phase.kd_tokens]
         with torch.set_grad_enabled(phase.w_kd > 0 and torch.is_grad_enabled()):
             parts.append((phase.w_kd, logit_distillation_loss(
-                student_logits, teacher_logits, labels, temperature=kd.temperature, kind=kd.kind,
-                top_k=kd.top_k, all_loops=kd.all_loops, normalizer=normalizer, loop_numbers=loop_numbers)))
+                student_logits, teacher_logits, kd_positions, temperature=kd.temperature, kind=kd.kind,
+                top_k=kd.top_k, all_loops=kd.all_loops, normalizer=kd_count, loop_numbers=loop_numbers)))
         with torch.set_grad_enabled(phase.w_ce > 0 and torch.is_grad_enabled()):
             ce = LossSection(kind="last_loop_ce", per_loop_metrics=phase.per_loop_metrics)
-            parts.append((phase.w_ce, lm_loss(ce, student, labels, normalizer)))
+            parts.append((phase.w_ce, lm_loss(ce, student, labels, counts.labelled)))
         total = sum(weight * part.loss for weight, part in parts if weight > 0)
-        metrics = {}
-        for _, part in parts:
+        metrics, metric_tokens = {}, {}
+        for _, part in parts:  # each part's means are over its own tokens
             metrics.update(part.metrics)
-        return MicroStepOutput(LossOutput(total, parts[0][1].num_tokens, metrics), gate_stats(student),
+            metric_tokens.update({name: part.num_tokens for name in part.metrics})
+        labelled = positions["labelled"][0].sum()
+        return MicroStepOutput(LossOutput(total, labelled, metrics, metric_tokens), gate_stats(student),
                                {"teacher": teacher_s})
 
     # -- the end

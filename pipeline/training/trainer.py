@@ -26,7 +26,7 @@ from pipeline.training.config import ConfigError, RunConfig
 from pipeline.training.data import TrainData, check_fingerprint, data_fingerprint, read_manifest, tokenizer_source
 from pipeline.training.engines import build_engine
 from pipeline.training.export import export_model
-from pipeline.training.losses import IGNORE_INDEX
+from pipeline.training.losses import TokenCounts
 from pipeline.training.metrics import RunLogger, StepMetrics, setup_console_logging, summarize_partition
 from pipeline.training.phases import Phase, build_phase
 from pipeline.training.schedules import lr_multiplier
@@ -74,10 +74,6 @@ def preflight(cfg: RunConfig, env: DistEnv) -> Preflight:
             raise ConfigError(f"config key 'engine.name': the checkpoints in {checkpoints.root} were written by "
                               f"engine {saved.get('engine', 'deepspeed')}, not {cfg.engine.name}: use another run_dir")
     return Preflight(phase, manifest, fingerprint, checkpoints, tag)
-
-
-def count_targets(labels: torch.Tensor) -> int:
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 class Trainer:
@@ -155,8 +151,10 @@ class Trainer:
         scalars = {f"train/{k}": v for k, v in self.phase.begin_step(engine.module, self.step).items()}
         start = time.perf_counter()
         batches = [self.data.next_batch() for _ in range(engine.grad_accum_steps)]
-        tokens = torch.tensor([float(sum(count_targets(b["labels"]) for b in batches))])
-        normalizer = max(comm.all_reduce(tokens).item(), 1.0)
+        local = [TokenCounts.of(b) for b in batches]
+        summed = comm.all_reduce(torch.tensor([[c.labelled, c.real] for c in local], dtype=torch.float64).sum(0))
+        summed = summed.clamp_min(1.0)
+        normalizer = TokenCounts(labelled=summed[0].item(), real=summed[1].item())
         metrics = StepMetrics()
         lrs = engine.learning_rates()  # those this step's update uses
         compute_s, side_s = 0.0, {}  # forward + backward; the phase's other work (e.g. a teacher's forward)

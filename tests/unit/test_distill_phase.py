@@ -12,6 +12,8 @@ import torch
 from pipeline.models import LoopLMConfig, LoopLMForCausalLM, MeltForCausalLM
 from pipeline.training.config import ConfigError, load_experiment, load_run_config
 from pipeline.training.engines.base import FrozenModel, PartitionStats
+from pipeline.training.losses import TokenCounts
+from pipeline.training.metrics import StepMetrics
 from pipeline.training.phases import build_phase
 from pipeline.training.phases_distill import DistillPhase, LayerInputRecorder
 
@@ -212,7 +214,7 @@ def test_a_student_identical_to_the_teacher_has_zero_alignment_and_kl(teacher_di
                            "phase.kd.all_loops=true", student=teacher_dir, teacher=teacher_dir)
     student.set_alpha(0.0)
     b = batch()
-    out = phase.micro_step(student, b, 57.0)
+    out = phase.micro_step(student, b, TokenCounts(57.0, 57.0))
     m = out.loss.metrics
     assert int(out.loss.num_tokens) == 3 * 23 - 4
     for key in ["align", "align/layer0", "align/layer1", "kl", "kl_loop1", "kl_loop2", "kl_loop3"]:
@@ -223,35 +225,62 @@ def test_a_student_identical_to_the_teacher_has_zero_alignment_and_kl(teacher_di
     assert out.timings["teacher"] > 0 and "gates/layer0/mean" in out.stats
     # at alpha = 1 (what the phase trains) the student differs: alignment and KL are positive
     student.set_alpha(1.0)
-    m = phase.micro_step(student, b, 57.0).loss.metrics
+    m = phase.micro_step(student, b, TokenCounts(57.0, 57.0)).loss.metrics
     assert float(m["align"]) > 1e-3 and float(m["kl"]) > 1e-4
 
 
-def test_losses_are_weighted_sums_and_split_invariant(teacher_dir, other_dir):
-    """Each part normalised by the global token count: micro-batches with the global count sum to the
-    whole batch's loss (and gradient) with its own count, whatever the split."""
+@pytest.mark.parametrize("align,kd", [("real", "labelled"), ("labelled", "real")])
+def test_losses_are_weighted_sums_and_split_invariant(teacher_dir, other_dir, align, kd):
+    """Each part normalised by the global count of its own tokens: micro-batches with the global counts
+    sum to the whole batch's loss (and gradient), whatever the split, and the step's logged means
+    (each part weighted by its own tokens) equal the whole batch's."""
     phase, student = built("phase.w_attn=0.7", "phase.w_kd=1.3", "phase.w_ce=0.2", "phase.kd.temperature=2",
-                           "phase.kd.top_k=16", student=other_dir, teacher=teacher_dir)
+                           "phase.kd.top_k=16", f"phase.align_tokens={align}", f"phase.kd_tokens={kd}",
+                           student=other_dir, teacher=teacher_dir)
     b = batch(size=(4, 24))
-    labels = b["labels"]
-    total = int((labels[:, 1:] != -100).sum())
-    whole = phase.micro_step(student, b, float(total))
+    counts = TokenCounts.of(b)
+    assert counts == TokenCounts(labelled=4 * 23 - 4, real=4 * 24)
+    whole = phase.micro_step(student, b, counts)
     m = whole.loss.metrics
     expected = 0.7 * m["align"] + 1.3 * m["kl"] + 0.2 * m["ce"]
     torch.testing.assert_close(whole.loss.loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert int(whole.loss.num_tokens) == counts.labelled
     whole.loss.loss.backward()
     grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
     student.zero_grad()
-    parts = 0.0
-    for rows in (slice(0, 1), slice(1, 4)):  # uneven split, different token counts
-        out = phase.micro_step(student, {k: v[rows] for k, v in b.items()}, float(total))
+    parts, logged = 0.0, StepMetrics()
+    for rows in (slice(0, 1), slice(1, 4)):  # uneven split, different token counts (row 0 has a masked prompt)
+        out = phase.micro_step(student, {k: v[rows] for k, v in b.items()}, counts)
         out.loss.loss.backward()
         parts = parts + out.loss.loss.detach()
+        logged.add(out)
     torch.testing.assert_close(parts, whole.loss.loss.detach(), rtol=1e-5, atol=1e-6)
     for name, p in student.named_parameters():
         if name in grads:
             torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
     assert any(g.abs().max() > 0 for n, g in grads.items() if ".kv_gate." in n)
+    step = logged.reduce()
+    for key in ("align", "align/layer1", "kl", "kl_loop2", "ce"):
+        assert step[f"train/{key}"] == pytest.approx(float(m[key]), rel=1e-5), key
+
+
+@pytest.mark.parametrize("align", ["real", "labelled"])
+def test_unlabelled_tokens_are_aligned_by_default(teacher_dir, other_dir, align):
+    """A row without any label (a prompt, the end of a document): its slots feed later tokens, so by
+    default (align_tokens real) its attention is aligned; align_tokens labelled leaves it out."""
+    phase, student = built("phase.w_kd=0", "phase.w_ce=0", f"phase.align_tokens={align}", student=other_dir,
+                           teacher=teacher_dir)
+    b = batch(size=(2, 24))
+    b["labels"][0] = -100
+    counts = TokenCounts.of(b)
+    out = phase.micro_step(student, {k: v[:1] for k, v in b.items()}, counts)  # the unlabelled row alone
+    out.loss.loss.backward()
+    moved = max(float(p.grad.abs().max()) for p in student.parameters() if p.grad is not None)
+    if align == "real":
+        assert float(out.loss.metrics["align"]) > 1e-3 and moved > 0
+        torch.testing.assert_close(out.loss.loss, out.loss.metrics["align"] * 24 / counts.real)
+    else:
+        assert float(out.loss.loss) == 0.0 and moved == 0.0
 
 
 def test_last_loop_logits_only_give_the_same_loss_and_gradient(teacher_dir, other_dir):
@@ -262,7 +291,7 @@ def test_last_loop_logits_only_give_the_same_loss_and_gradient(teacher_dir, othe
     for per_loop in (True, False):
         phase, student = built(*overrides, f"phase.per_loop_metrics={per_loop}", student=other_dir,
                                teacher=teacher_dir)
-        out = phase.micro_step(student, batch(size=(2, 24)), 40.0)
+        out = phase.micro_step(student, batch(size=(2, 24)), TokenCounts(40.0, 40.0))
         out.loss.loss.backward()
         results.append((out.loss, {n: p.grad for n, p in student.named_parameters() if p.grad is not None}))
     (full, full_grads), (last, last_grads) = results
@@ -283,10 +312,11 @@ def test_left_padded_rows_are_masked_in_both_models(teacher_dir, other_dir):
     b["labels"][:, :5] = -100  # nothing is predicted from the padding
     b["attention_mask"] = (torch.arange(24) >= 4).long().expand(3, 24)
     with torch.no_grad():
-        masked = phase.micro_step(student, b, 10.0).loss
-        unmasked = phase.micro_step(student, {k: v for k, v in b.items() if k != "attention_mask"}, 10.0).loss
+        masked = phase.micro_step(student, b, TokenCounts(10.0, 10.0)).loss
+        unmasked = phase.micro_step(student, {k: v for k, v in b.items() if k != "attention_mask"},
+                                    TokenCounts(10.0, 10.0)).loss
         alone = phase.micro_step(student, {"input_ids": b["input_ids"][:, 4:], "labels": b["labels"][:, 4:]},
-                                 10.0).loss
+                                 TokenCounts(10.0, 10.0)).loss
     for key in ("align", "kl", "ce"):
         torch.testing.assert_close(masked.metrics[key], alone.metrics[key], rtol=1e-5, atol=1e-6, msg=key)
         assert not torch.allclose(masked.metrics[key], unmasked.metrics[key]), key
@@ -295,7 +325,7 @@ def test_left_padded_rows_are_masked_in_both_models(teacher_dir, other_dir):
 def test_loss_weights_zero_out_gradients_of_unused_parts(teacher_dir, other_dir):
     """w_kd = w_ce = 0: only the alignment trains (lm_head gets no gradient); the other parts are still logged."""
     phase, student = built("phase.w_kd=0", "phase.w_ce=0", student=other_dir, teacher=teacher_dir)
-    out = phase.micro_step(student, batch(), 40.0)
+    out = phase.micro_step(student, batch(), TokenCounts(40.0, 40.0))
     assert {"align", "kl", "ce", "kl_loop1", "ce_loop3"} <= set(out.loss.metrics)
     out.loss.loss.backward()
     assert student.lm_head.weight.grad is None

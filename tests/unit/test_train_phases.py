@@ -9,6 +9,7 @@ import torch
 from pipeline.models import LoopLMConfig, LoopLMForCausalLM
 from pipeline.training.config import ConfigError, load_run_config
 from pipeline.training.engines.deepspeed import post_order
+from pipeline.training.losses import TokenCounts
 from pipeline.training.phases import PretrainPhase, build_phase
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,7 +74,7 @@ def test_transition_at_alpha_zero_gives_the_looplm_loss(looplm_dir, kind):
     reference = PretrainPhase.__new__(PretrainPhase)
     reference.cfg = cfg  # the same loss settings, on the LoopLM
     b = batch()
-    normalizer = 57.0
+    normalizer = TokenCounts(57.0, 69.0)
     got = phase.micro_step(melt, b, normalizer)
     want = reference.micro_step(looplm, b, normalizer)
     torch.testing.assert_close(got.loss.loss, want.loss.loss, rtol=1e-5, atol=1e-6)
@@ -151,10 +152,11 @@ def test_phases_pass_the_batch_attention_mask(looplm_dir):
     b["labels"][:, :5] = -100  # nothing is predicted from the padding
     b["attention_mask"] = (torch.arange(24) >= 4).long().expand(3, 24)
     with torch.no_grad():
-        masked = reference.micro_step(looplm, b, 10.0).loss.loss
-        unmasked = reference.micro_step(looplm, {k: v for k, v in b.items() if k != "attention_mask"}, 10.0).loss.loss
+        masked = reference.micro_step(looplm, b, TokenCounts(10.0, 10.0)).loss.loss
+        unmasked = reference.micro_step(looplm, {k: v for k, v in b.items() if k != "attention_mask"},
+                                        TokenCounts(10.0, 10.0)).loss.loss
         alone = reference.micro_step(looplm, {"input_ids": b["input_ids"][:, 4:], "labels": b["labels"][:, 4:]},
-                                     10.0).loss.loss
+                                     TokenCounts(10.0, 10.0)).loss.loss
     torch.testing.assert_close(masked, alone, rtol=1e-5, atol=1e-6)  # the padded rows score as if unpadded
     assert not torch.allclose(masked, unmasked)
 
@@ -168,7 +170,7 @@ def test_transition_with_last_loop_logits_only(looplm_dir):
         phase = build_phase(cfg)
         melt = phase.build_model(LocalEngine())
         phase.begin_step(melt, 0)
-        losses[per_loop] = phase.micro_step(melt, batch(), 50.0).loss
+        losses[per_loop] = phase.micro_step(melt, batch(), TokenCounts(50.0, 50.0)).loss
     torch.testing.assert_close(losses[False].loss, losses[True].loss, rtol=1e-6, atol=1e-7)
     assert "ce_loop1" in losses[True].metrics and not losses[False].metrics.keys() & {"ce_loop1", "ce_loop2"}
     with pytest.raises(ConfigError, match="per_loop_metrics: false needs kind last_loop_ce"):
