@@ -261,6 +261,17 @@ def test_ouro_experiments_plan_the_whole_chain(size, nodes, tmp_path):
     assert exp.resources.signal_delay_s >= 120
 
 
+@pytest.mark.parametrize("name", ["ouro-1.4b-melt", "ouro-2.6b-melt", "ouro-1.4b-thinking-paper"])
+def test_ouro_experiments_evaluate_all_three_contenders(name, tmp_path):
+    """Every real run reports MELT, Ouro and Ouro with the last loop's KV only (zero-shot), on the same base."""
+    exp = load_experiment(REPO / "configs" / "experiments" / f"{name}.yaml", [f"run_dir={tmp_path}"])
+    argv = build_plan(exp, base=REPO, strict=False).phase("evaluate").argv
+    models = dict(argv[i + 1].split("=", 1) for i, arg in enumerate(argv) if arg == "--model")
+    assert set(models) == {"melt", "looplm", "looplm_lastkv"}, argv
+    assert models["looplm"] == models["looplm_lastkv"] and models["looplm"].startswith("ByteDance/Ouro-")
+    assert models["melt"] == str(tmp_path / "distill" / "export")
+
+
 @pytest.mark.parametrize("name", ["smoke", "demo", "reproduce", "ouro-1.4b-melt", "ouro-2.6b-melt",
                                   "ouro-1.4b-thinking-paper"])
 def test_local_experiments_plan_and_their_run_configs_validate(name, tmp_path):
