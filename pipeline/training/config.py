@@ -212,6 +212,12 @@ class EngineSection(Section):
     deepspeed: dict[str, Any] = {}           # DeepSpeed config (usually `_base_: configs/deepspeed/zero3.yaml`)
     fsdp: FsdpSection = FsdpSection()        # FSDP2 options (engine.name: fsdp)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _name_alone(cls, value):
+        """`engine: fsdp` is `engine: {name: fsdp}` (as users and the README write it)."""
+        return {"name": value} if isinstance(value, str) else value
+
     @field_validator("deepspeed")
     @classmethod
     def _trainer_owned_keys(cls, value):
@@ -305,6 +311,16 @@ def deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
+# Sections that may be written as their name alone: `engine: fsdp` (YAML) and `engine=fsdp` (command
+# line) mean `engine.name: fsdp`, merged into the section like any other key (the rest of the
+# section, e.g. engine.precision from a _base_ file, stays).
+NAMED_SECTIONS = ("engine",)
+
+
+def expand_named_sections(node: dict) -> dict:
+    return {k: {"name": v} if k in NAMED_SECTIONS and isinstance(v, str) else v for k, v in node.items()}
+
+
 def resolve_includes(node: Any, base_dir: Path, _stack: tuple = ()) -> Any:
     """Replace every mapping's `_base_: path` by that file's content, merged under the mapping's own keys."""
     if isinstance(node, list):
@@ -313,7 +329,7 @@ def resolve_includes(node: Any, base_dir: Path, _stack: tuple = ()) -> Any:
         return node
     node = dict(node)
     base = node.pop("_base_", None)
-    node = {k: resolve_includes(v, base_dir, _stack) for k, v in node.items()}
+    node = expand_named_sections({k: resolve_includes(v, base_dir, _stack) for k, v in node.items()})
     if base is None:
         return node
     path = (base_dir / str(base)).resolve()
@@ -366,6 +382,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             value = yaml.safe_load(text) if text != "" else ""
         except yaml.YAMLError:
             value = text
+        if key in NAMED_SECTIONS and isinstance(value, str):
+            key = f"{key}.name"
         node, parts = raw, key.split(".")
         for depth, part in enumerate(parts[:-1]):
             child = node.get(part)

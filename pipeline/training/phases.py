@@ -213,7 +213,7 @@ class MeltStudentPhase(Phase):
         if fresh_gates:
             for name, module in model.named_modules():
                 if name.endswith(".kv_gate"):
-                    engine.init_weights(module, model._init_weights)
+                    engine.init_weights(module, model._init_weights, prefix=name)
         engine.load_weights(model, tensors)
         return model
 

@@ -16,7 +16,8 @@ from pipeline.distributed import DistEnv, free_port
 from pipeline.models import LoopLMForCausalLM
 from pipeline.training.config import ConfigError, load_run_config
 from pipeline.training.engines.base import ParamGroup
-from pipeline.training.engines.fsdp import FSDPEngine, post_order
+from pipeline.training.engines.fsdp import FSDPEngine
+from pipeline.training.initialization import initialize
 from pipeline.training.weights import CheckpointTensors
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,12 +54,9 @@ def tiny_config():
 
 
 def eager_init(seed: int) -> LoopLMForCausalLM:
-    """What DeepSpeed's rank 0 does: initialise the whole model in post-order from the RNG state."""
+    """A plain model with the seeded initial weights (initialization.py), as every engine makes them."""
     model = LoopLMForCausalLM(tiny_config())
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for module in post_order(model):
-            model._init_weights(module)
+    initialize(model, model._init_weights, seed)
     return model
 
 
@@ -74,8 +72,10 @@ def batch(seed=0):
 
 @pytest.fixture(scope="module")
 def trained(engine):
-    """A LoopLM built on the meta device, initialised by the engine from seed 7, sharded, prepared."""
+    """A LoopLM built on the meta device, initialised by the engine from the run's seed, sharded,
+    prepared; with the global RNG state before and after (initialisation draws nothing from it)."""
     torch.manual_seed(7)
+    before = torch.get_rng_state()
     with engine.init_context():
         model = LoopLMForCausalLM(tiny_config())
     assert all(p.is_meta for p in model.parameters())
@@ -84,13 +84,13 @@ def trained(engine):
     params = list(model.parameters())
     groups = [ParamGroup("all", [p for p in params if p.dim() >= 2], 1e-2, 0.1, [p for p in params if p.dim() < 2])]
     engine.prepare(model, groups, lambda step: 1.0 / (step + 1), (0.9, 0.95), 1e-8)
-    return model, torch.get_rng_state()
+    return model, (before, torch.get_rng_state())
 
 
 def test_meta_init_is_deferred_to_the_shards_and_equals_the_eager_init(engine, trained):
-    model, after_prepare = trained
-    reference = eager_init(7)
-    assert torch.equal(after_prepare, torch.get_rng_state())  # the draws of an eager initialisation
+    model, (before, after_prepare) = trained
+    reference = eager_init(engine.cfg.seed)
+    assert torch.equal(before, after_prepare)  # the run's random stream is left where it was
     state = engine.full_state_dict()
     assert set(state) == set(reference.state_dict())
     for name, tensor in reference.state_dict().items():
@@ -106,7 +106,7 @@ def test_an_uninitialised_parameter_is_an_error(engine):
         model = LoopLMForCausalLM(tiny_config())
     engine.init_weights(model, lambda module: None)  # touches nothing
     engine.shard(model, engine.mp_policy(), reshard_after_forward=True)
-    with pytest.raises(RuntimeError, match=r"initialisation left parameters unset \(NaN\): \['lm_head.weight'"):
+    with pytest.raises(RuntimeError, match=r"initialisation left parameters unset \(NaN\): \['model\.layers\.0\."):
         engine.materialize(model)
 
 
@@ -133,7 +133,7 @@ def test_frozen_model_loads_shard_wise_and_runs_like_the_plain_model(engine, tmp
 
 def test_steps_clip_skip_non_finite_and_checkpoint_round_trip(engine, trained, tmp_path):
     model, _ = trained
-    reference = eager_init(7)
+    reference = eager_init(engine.cfg.seed)
     out = engine.forward(**batch(1), use_cache=False)
     engine.backward(out.loss)
     want = reference(**batch(1), use_cache=False)

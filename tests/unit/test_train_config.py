@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.training.config import ConfigError, load_experiment, load_run_config
+from pipeline.training.config import (ConfigError, load_experiment, load_run_config, load_yaml_with_includes,
+                                      validate_run_config)
 from pipeline.training.engines.deepspeed import DeepSpeedEngine
 from pipeline.distributed import DistEnv
 
@@ -75,6 +76,33 @@ def test_override_syntax_and_files():
         load_run_config(REPO / "configs/smoke/nope.yaml")
     with pytest.raises(ConfigError, match="phase.name is 'pretrain'"):
         load_run_config(SMOKE_PRETRAIN, phase="transition")
+
+
+def test_engine_given_by_its_name_alone(tmp_path):
+    """`engine=fsdp` is `engine.name=fsdp`, on the command line and in YAML, and keeps the rest of the
+    section (the smoke config's engine.deepspeed, or engine.precision set beside it)."""
+    short = load_run_config(SMOKE_PRETRAIN, ["engine=fsdp", "engine.precision=fp32"])
+    dotted = load_run_config(SMOKE_PRETRAIN, ["engine.name=fsdp", "engine.precision=fp32"])
+    assert short.engine == dotted.engine and short.engine.name == "fsdp" and short.engine.precision == "fp32"
+    assert short.engine.deepspeed["zero_optimization"]["stage"] == 3  # from the config's _base_ files
+    (tmp_path / "run.yaml").write_text(f"_base_: {SMOKE_PRETRAIN}\nengine: fsdp\n")
+    from_yaml = load_run_config(tmp_path / "run.yaml")
+    assert from_yaml.engine == dotted.engine.model_copy(update={"precision": "auto"})
+    raw = {**load_yaml_with_includes(SMOKE_PRETRAIN), "engine": "fsdp"}  # a config built in code
+    assert validate_run_config(raw).engine == from_yaml.engine.model_copy(update={"deepspeed": {}})
+
+
+@pytest.mark.parametrize("where", ["override", "yaml"])
+def test_a_wrong_engine_name_names_the_key_and_the_choices(tmp_path, where):
+    overrides = ["engine=fsdp2"]
+    path = SMOKE_PRETRAIN
+    if where == "yaml":
+        overrides, path = [], tmp_path / "run.yaml"
+        path.write_text(f"_base_: {SMOKE_PRETRAIN}\nengine: fsdp2\n")
+    with pytest.raises(ConfigError) as err:
+        load_run_config(path, overrides)
+    assert "config key 'engine.name'" in str(err.value)
+    assert "'deepspeed' or 'fsdp'" in str(err.value) and "got 'fsdp2'" in str(err.value)
 
 
 @pytest.mark.parametrize("name", ["1.4b", "2.6b"])

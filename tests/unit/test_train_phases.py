@@ -8,7 +8,7 @@ import torch
 
 from pipeline.models import LoopLMConfig, LoopLMForCausalLM
 from pipeline.training.config import ConfigError, load_run_config
-from pipeline.training.engines.deepspeed import post_order
+from pipeline.training.initialization import initialize
 from pipeline.training.losses import TokenCounts
 from pipeline.training.phases import PretrainPhase, build_phase
 
@@ -21,10 +21,8 @@ class LocalEngine:
     def init_context(self):
         return contextlib.nullcontext()
 
-    def init_weights(self, root, init_fn):
-        with torch.no_grad():
-            for module in post_order(root):
-                init_fn(module)
+    def init_weights(self, root, init_fn, prefix=""):
+        initialize(root, init_fn, seed=0, prefix=prefix)
 
     def load_weights(self, model, tensors):
         with torch.no_grad():

@@ -128,9 +128,13 @@ class Engine(ABC):
         return contextlib.nullcontext()
 
     @abstractmethod
-    def init_weights(self, root: nn.Module, init_fn: Callable[[nn.Module], None]) -> None:
-        """Apply `init_fn(module)` to `root` and every module under it, children before parents (as
-        Hugging Face's initialisation does), on the full tensors, identically on every rank."""
+    def init_weights(self, root: nn.Module, init_fn: Callable[[nn.Module], None], prefix: str = "") -> None:
+        """Initialise every parameter under `root` as `init_fn(module)` does for each module, children
+        before parents (as Hugging Face's initialisation does), on the full tensors, with the values
+        of `initialization.initial_values` for the run's seed (cfg.seed): the same whatever the
+        engine and the number of ranks, and without moving the global RNG. `prefix`: root's
+        qualified name in the model (e.g. "model.layers.0.kv_gate"), which each module's draws
+        are seeded with."""
 
     @abstractmethod
     def load_weights(self, model: nn.Module, tensors) -> None:

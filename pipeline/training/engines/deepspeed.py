@@ -4,6 +4,7 @@ checkpoint format."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from typing import Any, Callable, Optional
@@ -12,13 +13,8 @@ import torch
 from torch import nn
 
 from pipeline.training.engines.base import Engine, FrozenModel, ParamGroup, PartitionStats, StepResult
+from pipeline.training.initialization import init_units, unit_values
 from pipeline.training.weights import persistent_buffers
-
-
-def post_order(module: nn.Module):
-    for child in module.children():
-        yield from post_order(child)
-    yield module
 
 
 def _on_gpu() -> bool:
@@ -133,19 +129,30 @@ class DeepSpeedEngine(Engine):
 
     # -- models
     def init_context(self):
-        import deepspeed
         # dtype from the config (bf16 or fp32): deepspeed 0.19's Init(dtype=...) picks bf16 on CPU whatever is asked
-        return deepspeed.zero.Init(config_dict_or_path=self.ds_config)
+        return self._zero_init(self.ds_config)
 
-    def init_weights(self, root: nn.Module, init_fn: Callable[[nn.Module], None]) -> None:
-        # Gathers `root` whole (from-scratch initialisation of a whole model is for small models);
-        # rank 0 initialises, GatheredParameters re-partitions its values to every rank.
+    @contextlib.contextmanager
+    def _zero_init(self, ds_config: dict):
+        """zero.Init, without moving the run's RNG: the modules' constructors draw their (discarded)
+        default initialisation from it, which FSDP's meta construction does not."""
         import deepspeed
-        with deepspeed.zero.GatheredParameters(list(root.parameters()), modifier_rank=0):
-            if self.rank == 0:
-                with torch.no_grad():
-                    for module in post_order(root):
-                        init_fn(module)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), deepspeed.zero.Init(config_dict_or_path=ds_config):
+            yield
+
+    def init_weights(self, root: nn.Module, init_fn: Callable[[nn.Module], None], prefix: str = "") -> None:
+        # One unit (a decoder layer, or the rest) at a time: its parameters are gathered on every
+        # rank, rank 0 computes their seeded values (initialization.py) and fills them, and
+        # GatheredParameters re-partitions them; no rank holds more than one unit whole.
+        import deepspeed
+        for unit in init_units(root, prefix):
+            with deepspeed.zero.GatheredParameters(list(unit.params.values()), modifier_rank=0):
+                if self.rank == 0:
+                    values = unit_values(unit, init_fn, self.cfg.seed)
+                    with torch.no_grad():
+                        for name, param in unit.params.items():
+                            param.data.copy_(values[name])
 
     def load_weights(self, model: nn.Module, tensors: Callable[[str], torch.Tensor]) -> None:
         # One parameter at a time: rank 0 reads it and fills the gathered tensor, which is then
@@ -164,8 +171,7 @@ class DeepSpeedEngine(Engine):
                     buf.copy_(tensors(name))
 
     def frozen_init_context(self, offload_params: bool = False):
-        import deepspeed
-        return deepspeed.zero.Init(config_dict_or_path=self.build_frozen_ds_config(offload_params))
+        return self._zero_init(self.build_frozen_ds_config(offload_params))
 
     def build_frozen(self, model: nn.Module, offload_params: bool = False) -> FrozenModel:
         # ZeRO-3 without an optimizer: DeepSpeed's parameter-offload hooks only (ZeRO-Inference)

@@ -5,10 +5,9 @@ the root, launched with torchrun (`engine.name: fsdp`).
   asked for by `init_weights` / `load_weights` are written when the model is sharded
   (`prepare`, `build_frozen`): each rank allocates only its shards (`to_empty`) and copies its
   rows of each full tensor in, one tensor at a time, so a model loaded from a checkpoint is
-  never whole on one rank. From-scratch initialisation runs `init_fn` on the full tensors of
-  the subtree, identically on every rank, from the torch RNG state at the time of the call
-  (building on the meta device draws nothing; DeepSpeed's zero.Init runs the modules' own
-  initialisation first, so a from-scratch model differs between the engines, a loaded one not).
+  never whole on one rank. From-scratch initialisation computes the seeded initial values
+  (initialization.py: the same as DeepSpeed's, whatever the number of ranks) on every rank, one
+  unit (a decoder layer, or the rest) at a time, and each rank keeps its rows.
 - Mixed precision (`MixedPrecisionPolicy`): fp32 sharded parameters (the master weights),
   bf16 compute and gradient reduction on GPU (`engine.fsdp.reduce_dtype`), fp32 on CPU.
 - Gradients are reduce-scattered after every micro-step and summed over ranks (divide factor
@@ -35,7 +34,7 @@ import torch
 from torch import nn
 
 from pipeline.training.engines.base import Engine, FrozenModel, ParamGroup, PartitionStats, StepResult
-from pipeline.training.engines.deepspeed import post_order  # (no DeepSpeed import: that module loads it lazily)
+from pipeline.training.initialization import initial_values, initialize
 from pipeline.training.weights import persistent_buffers
 
 CLIENT_STATE = "client_rank{rank}.pt"
@@ -110,22 +109,11 @@ def param_partition(module: nn.Module) -> tuple[int, int, int]:
     return total, local, held_bytes
 
 
-def rng_states(device: torch.device) -> tuple:
-    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-
-
-def set_rng_states(states: tuple, device: torch.device) -> None:
-    torch.set_rng_state(states[0])
-    if states[1] is not None:
-        torch.cuda.set_rng_state(states[1], device)
-
-
 @dataclass
 class PendingWrite:
     """An init_weights / load_weights call on a model still on the meta device, run once it is sharded."""
     target: nn.Module
     run: Callable[[], set[int]]       # writes the values; returns the ids of the parameters it wrote
-    rng: Optional[tuple] = None       # RNG states to start from (the first pending initialisation)
 
 
 class FSDPFrozenModel(FrozenModel):
@@ -191,44 +179,21 @@ class FSDPEngine(Engine):
     def init_context(self):
         return meta_parameters()
 
-    def init_weights(self, root: nn.Module, init_fn: Callable[[nn.Module], None]) -> None:
+    def init_weights(self, root: nn.Module, init_fn: Callable[[nn.Module], None], prefix: str = "") -> None:
         if not is_meta(root):  # a model built outside init_context: its own tensors, not sharded yet
-            with torch.no_grad():
-                for module in post_order(root):
-                    init_fn(module)
+            initialize(root, init_fn, self.cfg.seed, prefix)
             return
-        first = not any(p.rng is not None for p in self._pending)
-        self._pending.append(PendingWrite(root, lambda: self._init_full(root, init_fn),
-                                          rng_states(self.device) if first else None))
+        self._pending.append(PendingWrite(root, lambda: self._init_full(root, init_fn, prefix)))
 
-    def _init_full(self, root: nn.Module, init_fn) -> set[int]:
-        """init_fn in post-order on full-size stand-ins of every parameter under `root` (NaN first, so a
-        parameter init_fn leaves alone is an error, not garbage); each rank then keeps its shards."""
-        full: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
-        slots = []
-        for module in root.modules():
-            for name, param in module._parameters.items():
-                if param is None:
-                    continue
-                if id(param) not in full:  # tied parameters share one stand-in
-                    stand_in = torch.full(param.shape, float("nan"), dtype=param.dtype, device=self.device)
-                    full[id(param)] = (param, nn.Parameter(stand_in, requires_grad=False))
-                slots.append((module, name, param))
-                module._parameters[name] = full[id(param)][1]
-        try:
-            with torch.no_grad():
-                for module in post_order(root):
-                    init_fn(module)
-        finally:
-            for module, name, param in slots:
-                module._parameters[name] = param
-        names = {id(p): n for n, p in root.named_parameters()}
-        untouched = sorted(names[i] for i, (_, value) in full.items() if bool(torch.isnan(value).any()))
-        if untouched:
-            raise RuntimeError(f"initialisation left parameters unset (NaN): {untouched}")
-        for param, value in full.values():
-            write_full(param, value.data)
-        return set(full)
+    def _init_full(self, root: nn.Module, init_fn, prefix: str) -> set[int]:
+        """The seeded initial values of every parameter under `root`, computed by every rank (no
+        communication), one unit at a time; each rank keeps its shards."""
+        written = set()
+        for unit, values in initial_values(root, init_fn, self.cfg.seed, prefix):
+            for name, param in unit.params.items():
+                write_full(param, values[name].to(self.device))
+                written.add(id(param))
+        return written
 
     def load_weights(self, model: nn.Module, tensors) -> None:
         def load() -> set[int]:
@@ -279,8 +244,6 @@ class FSDPEngine(Engine):
         self._pending = [p for p in self._pending if p.target not in members]
         written: set[int] = set()
         for pending in mine:
-            if pending.rng is not None:  # draw what an eager call would have drawn
-                set_rng_states(pending.rng, self.device)
             written |= pending.run()
         missing = [n for n, p in model.named_parameters() if id(p) not in written]
         if missing:
