@@ -50,6 +50,9 @@ Format (every key, with its default)::
       nproc_per_node: null          # default: the phase's tasks per node
       max_tasks: 1                  # processes at once; above 1, independent phases run side
                                     #   by side (in file order, as their inputs are done)
+      reference_timing: null        # {machine, probe_s, phases: {name: seconds}}: measured wall
+                                    #   times; the launcher prints the expected time and an ETA
+      progress_every_s: 30          # a progress line (phases running, % of steps, ETA) this often
 
     phases:                         # run in this order; the keys are the phase names
       data:
@@ -232,10 +235,20 @@ _MANAGED_SBATCH = {
 _NOT_INHERITED_BY_SINGLE_TASK = ("nodes", "gpus_per_node", "tasks_per_node")
 
 
+class ReferenceTiming(_Strict):
+    """Each phase's wall seconds on a reference machine and launchers.progress.speed_probe()'s time
+    there: the local launcher scales them to this machine for the expected time and the ETA."""
+    machine: str = ""                          # where they were measured (printed, for the reader)
+    probe_s: float = Field(gt=0)
+    phases: dict[str, float]                   # phase name -> wall seconds
+
+
 class LocalSettings(_Strict):
     launcher: Literal["deepspeed", "torchrun"] = "deepspeed"
     nproc_per_node: Optional[int] = Field(None, ge=1)
     max_tasks: int = Field(1, ge=1)  # processes at once: independent phases side by side when > 1
+    reference_timing: Optional[ReferenceTiming] = None
+    progress_every_s: float = Field(30.0, gt=0)  # a progress (and ETA) line this often
 
 
 def placeholders(text: str) -> list[str]:
@@ -375,6 +388,11 @@ class Experiment(_Strict):
             resolved[name] = self._merge_resources(name, phase)
         self._resolved = resolved
         self._outputs = outputs
+        timing = self.local.reference_timing
+        unknown = sorted(set(timing.phases) - set(self.phases)) if timing else []
+        if unknown:
+            raise ValueError(f"local.reference_timing.phases: {', '.join(map(repr, unknown))} name no phase "
+                             f"(phases: {', '.join(order)})")
         if self._short_delay:
             self._notes.append(f"signal_delay_s < {MIN_SIGNAL_DELAY_S} s for phase(s) {', '.join(self._short_delay)} "
                                "(allow_short_signal_delay is set: for tests on tiny models only)")

@@ -42,6 +42,7 @@ if __package__ in (None, ""):  # run as a script: import the package
 from launchers.experiment import DEFAULT_ENTRY, SINGLE_TASK_KINDS, ExperimentError  # noqa: E402
 from launchers.plan import (REPO_ROOT, LaunchError, Plan, PlannedPhase, add_launch_arguments,  # noqa: E402
                             plan_from_args, save_experiment)
+from launchers.progress import RunProgress  # noqa: E402
 
 
 def _free_port() -> int:
@@ -192,31 +193,35 @@ def run(plan: Plan, out=None) -> int:
     pending, running, done, failed = list(plan.phases), {}, [], []
     finished: queue.Queue = queue.Queue()
     lock, ports = threading.Lock(), set()
+    progress = RunProgress(plan, nproc, out, lock, interval=plan.experiment.local.progress_every_s)
     on_sigterm = _stop_on_sigterm()
     try:
-        while pending or running:
-            busy = sum(nproc(plan, r.phase) for r in running.values())
-            for p in [] if failed else list(pending):
-                if any(u not in done for u in p.upstream):
-                    continue
-                need = nproc(plan, p)
-                if running and busy + need > max_tasks:
-                    continue
-                port = None if p.kind in SINGLE_TASK_KINDS else _ports(ports)
-                with lock:
-                    running[p.name] = proc = PhaseProcess(plan, p, out, port, prefix=max_tasks > 1)
-                threading.Thread(target=lambda proc=proc: finished.put((proc.phase.name, proc.pump(lock))),
-                                 daemon=True).start()
-                pending.remove(p)
-                busy += need
-            if not running:
-                break
-            name, code = finished.get()
-            del running[name]
-            (done if code == 0 else failed).append(name)
-            if code != 0:
-                with lock:
-                    print(f"error: phase {name} failed (exit {code})", file=sys.stderr, flush=True)
+        with progress:
+            while pending or running:
+                busy = sum(nproc(plan, r.phase) for r in running.values())
+                for p in [] if failed else list(pending):
+                    if any(u not in done for u in p.upstream):
+                        continue
+                    need = nproc(plan, p)
+                    if running and busy + need > max_tasks:
+                        continue
+                    port = None if p.kind in SINGLE_TASK_KINDS else _ports(ports)
+                    with lock:
+                        running[p.name] = proc = PhaseProcess(plan, p, out, port, prefix=max_tasks > 1)
+                    progress.phase_started(p.name)
+                    threading.Thread(target=lambda proc=proc: finished.put((proc.phase.name, proc.pump(lock))),
+                                     daemon=True).start()
+                    pending.remove(p)
+                    busy += need
+                if not running:
+                    break
+                name, code = finished.get()
+                del running[name]
+                progress.phase_finished(name)
+                (done if code == 0 else failed).append(name)
+                if code != 0:
+                    with lock:
+                        print(f"error: phase {name} failed (exit {code})", file=sys.stderr, flush=True)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (kill, timeout, a job manager)
         for proc in running.values():
             proc.terminate()

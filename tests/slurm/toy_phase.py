@@ -7,8 +7,9 @@ Not a mock: every rank resolves its distributed environment with `pipeline.distr
 (as the trainer does), joins a gloo process group, and they train a linear regression
 together (gradients all-reduced), checkpointing every `ckpt_every` steps and resuming from
 the latest checkpoint when rerun with the same run_dir. It writes what the launchers'
-contract expects of a train phase: `<run_dir>/checkpoints/`, `<run_dir>/metrics.jsonl`,
-`<run_dir>/export/config.json` (with the final loss) and, per rank, `<run_dir>/events/rank<r>.jsonl`
+contract expects of a train phase: `<run_dir>/config.yaml` (schedule.total_steps; JSON is YAML),
+`<run_dir>/checkpoints/`, `<run_dir>/metrics.jsonl`, `<run_dir>/export/config.json` (with the final
+loss) and, per rank, `<run_dir>/events/rank<r>.jsonl`
 (start / resume / end records with the environment it saw). `input=DIR` must hold an
 export (config.json). `fail=true` exits with code 3 before training. `hold_at=STEP`: on the first
 attempt only, rank 0 stops after checkpointing STEP (event "hold") until a signal interrupts it
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
                 launcher=env.launcher, job_id=os.environ.get("SLURM_JOB_ID"),
                 restarts=int(os.environ.get("SLURM_RESTART_COUNT", "0")),
                 lws_env=os.environ.get("LOCAL_WORLD_SIZE"), cuda_visible=os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if env.rank == 0:  # what the trainer writes first: the resolved config (its progress is step / total_steps)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(json.dumps({"schedule": {"total_steps": steps}}))
     _event(run_dir, env.rank, event="start", **info)
     print(f"toy_phase: rank {env.rank} of {env.world_size} starts", flush=True)
     if "input" in args and not (Path(args["input"]) / "config.json").is_file():
