@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.data.padding import leading_pad_mask
+from pipeline.models import MeltForCausalLM
 from pipeline.models.exits import exit_probabilities, q_exit_loop
 from pipeline.training.losses import IGNORE_INDEX, shift_labels, token_cross_entropy
 
@@ -18,10 +19,47 @@ from .contenders import Contender
 from .data import EvalSplit
 
 
+# How a MELT row is chunked for teacher-forced scoring:
+# - "decode": the prompt as prefill chunks it, then one chunk per answer token, as cached decoding runs
+#   it: the scores are those of the answers the decoder itself would produce or be fed (the default
+#   when the split knows its prompts);
+# - "forward": the whole row re-chunked with the model's training chunk size (prompt and answer alike):
+#   text splits without prompts, or on request.
+# A LoopLM has no chunks ("unchunked").
+SCORING_CHUNKINGS = ("decode", "forward")
+
+
+def resolve_scoring_chunking(model: torch.nn.Module, split: EvalSplit, requested: Optional[str] = None) -> str:
+    if requested is not None and requested not in SCORING_CHUNKINGS:
+        raise ValueError(f"scoring_chunking={requested!r} is not one of {SCORING_CHUNKINGS}")
+    if requested == "decode" and split.prompt_length is None:
+        raise ValueError("scoring_chunking='decode' needs an eval split with prompt_length (a synthetic task)")
+    if not isinstance(model, MeltForCausalLM):
+        return "unchunked"
+    if requested is not None:
+        return requested
+    return "decode" if split.prompt_length is not None else "forward"
+
+
+def _scoring_groups(split: EvalSplit, start: int, end: int, chunking: str):
+    """(row indices, decode_from) of rows [start, end): one forward per prompt length when decoding
+    (the chunk plan is the batch's), else the rows in one."""
+    rows = list(range(start, end))
+    if chunking != "decode":
+        return [(rows, None)]
+    by_length = defaultdict(list)
+    for i in rows:
+        by_length[int(split.prompt_length[i])].append(i)
+    return [(r, length) for length, r in by_length.items()]
+
+
 @torch.no_grad()
 def teacher_forced(contender: Contender, split: EvalSplit, batch_size: int, exit_threshold: float,
-                   pad_id: int = 0) -> dict:
+                   pad_id: int = 0, chunking: Optional[str] = None) -> dict:
+    """Per-loop perplexity of the labelled tokens, exit distribution and Q-exit histogram. chunking:
+    see SCORING_CHUNKINGS (default: "decode" for MELT on a split with prompts)."""
     model = contender.model
+    chunking = resolve_scoring_chunking(model, split, chunking)
     loops = contender.loops
     ce_sum = torch.zeros(loops, dtype=torch.float64)
     exit_sum = torch.zeros(loops, dtype=torch.float64)
@@ -29,18 +67,19 @@ def teacher_forced(contender: Contender, split: EvalSplit, batch_size: int, exit
     tokens = 0
     padded = split.prompt_length is not None
     for start in tqdm(range(0, len(split), batch_size), desc=f"{contender.name}: perplexity", leave=False):
-        ids = split.input_ids[start:start + batch_size]
-        labels = split.labels[start:start + batch_size]
-        mask = leading_pad_mask(ids, pad_id) if padded else None
-        out = model(ids, attention_mask=mask, output_loop_logits=True, use_cache=False)
-        targets = shift_labels(labels)
-        valid = targets != IGNORE_INDEX
-        for t, logits in enumerate(out.loop_logits):
-            ce_sum[t] += token_cross_entropy(logits, targets)[valid].double().sum()
-        probs = exit_probabilities(out.exit_logits)
-        exit_sum += probs[:, valid].double().sum(-1)
-        histogram += torch.bincount(q_exit_loop(probs, exit_threshold)[valid], minlength=loops)
-        tokens += int(valid.sum())
+        for rows, decode_from in _scoring_groups(split, start, min(start + batch_size, len(split)), chunking):
+            ids, labels = split.input_ids[rows], split.labels[rows]
+            mask = leading_pad_mask(ids, pad_id) if padded else None
+            extra = {} if decode_from is None else {"decode_from": decode_from}
+            out = model(ids, attention_mask=mask, output_loop_logits=True, use_cache=False, **extra)
+            targets = shift_labels(labels)
+            valid = targets != IGNORE_INDEX
+            for t, logits in enumerate(out.loop_logits):
+                ce_sum[t] += token_cross_entropy(logits, targets)[valid].double().sum()
+            probs = exit_probabilities(out.exit_logits)
+            exit_sum += probs[:, valid].double().sum(-1)
+            histogram += torch.bincount(q_exit_loop(probs, exit_threshold)[valid], minlength=loops)
+            tokens += int(valid.sum())
     ce = (ce_sum / max(tokens, 1)).tolist()
     return {
         "perplexity": math.exp(ce[-1]),
@@ -48,6 +87,7 @@ def teacher_forced(contender: Contender, split: EvalSplit, batch_size: int, exit
         "exit_distribution": (exit_sum / max(tokens, 1)).tolist(),
         "exit_histogram": {"threshold": exit_threshold, "counts": histogram.tolist()},
         "scored_tokens": tokens,
+        "scoring_chunking": chunking,
     }
 
 
@@ -98,11 +138,13 @@ def cache_footprint(contender: Contender, split: EvalSplit, pad_id: int = 0) -> 
 
 
 def evaluate(contender: Contender, split: EvalSplit, batch_size: int = 64, exit_threshold: float = 0.9,
-             generation: Optional[bool] = None) -> dict:
+             generation: Optional[bool] = None, scoring_chunking: Optional[str] = None) -> dict:
+    """scoring_chunking: how MELT rows are chunked for perplexity (SCORING_CHUNKINGS; default "decode"
+    on splits with prompts); the result says which was used."""
     result = {"contender": contender.name, "loops": contender.loops, "parameters": contender.parameters,
               "samples": len(split)}
     if contender.lastkv_from is None:
-        result.update(teacher_forced(contender, split, batch_size, exit_threshold))
+        result.update(teacher_forced(contender, split, batch_size, exit_threshold, chunking=scoring_chunking))
     if generation is None:
         generation = split.prompt_length is not None
     if generation:

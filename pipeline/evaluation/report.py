@@ -13,6 +13,14 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _ppl(result: dict):
+    """Perplexity, with MELT's scoring chunking beside it (LoopLMs have no chunks to name)."""
+    ppl, chunking = result.get("perplexity"), result.get("scoring_chunking")
+    if ppl is None or chunking in (None, "unchunked"):
+        return ppl
+    return f"{_fmt(ppl)} ({chunking})"
+
+
 def markdown_table(results: dict) -> str:
     """One row per contender: accuracy (overall and per difficulty), perplexity, KV bytes, speed."""
     difficulties = sorted({int(k) for r in results.values() for k in r.get("accuracy_by_difficulty", {})})
@@ -22,6 +30,6 @@ def markdown_table(results: dict) -> str:
     for name, r in results.items():
         by = {int(k): v for k, v in r.get("accuracy_by_difficulty", {}).items()}
         row = [name, r.get("loops"), r.get("parameters"), r.get("accuracy")] + [by.get(k) for k in difficulties] + \
-            [r.get("perplexity"), r.get("kv_cache_bytes"), r.get("decode_tokens_per_s")]
+            [_ppl(r), r.get("kv_cache_bytes"), r.get("decode_tokens_per_s")]
         lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")
     return "\n".join(lines)

@@ -208,10 +208,12 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
         keep_loop_states: bool = True,
         output_gate_stats: bool = False,
         layer_inputs: Optional[Sequence[Sequence[torch.Tensor]]] = None,
+        decode_from: Optional[int] = None,
         **kwargs,
     ) -> MeltBaseOutput:
         """layer_inputs (teacher forcing): [loop][layer] -> [B, S, H], the hidden state each layer gets
-        at each loop instead of the previous layer's output (e.g. a LoopLM teacher's layer inputs)."""
+        at each loop instead of the previous layer's output (e.g. a LoopLM teacher's layer inputs).
+        decode_from: the chunking of prefill + decoding (see `_chunk_sizes`)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         cfg = self.config
@@ -247,7 +249,7 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
         cos, sin = self.rotary_emb(hidden, position_ids)
         padded = attention_mask is not None and not bool(attention_mask.all())
 
-        bounds = self._chunk_bounds(seq, past, chunk_size)
+        bounds = self._chunk_bounds(seq, past, chunk_size, decode_from)
         self._reserve(cache, hidden, past + seq)
         stats = GateStats(cfg.num_hidden_layers) if self.training or output_gate_stats else None
         states, gates, attn, exit_loops = [[] for _ in range(num_loops)], [[] for _ in range(num_loops)], [], []
@@ -290,7 +292,29 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
             exit_loop=cat(exit_loops) if exit_threshold is not None else None,
         )
 
-    def _chunk_bounds(self, seq: int, past: int, chunk_size) -> list[tuple[int, int]]:
+    def _chunk_bounds(self, seq: int, past: int, chunk_size, decode_from: Optional[int] = None
+                      ) -> list[tuple[int, int]]:
+        bounds, start = [], 0
+        for s in self._chunk_sizes(seq, past, chunk_size, decode_from):
+            bounds.append((start, start + s))
+            start += s
+        return bounds
+
+    def _chunk_sizes(self, seq: int, past: int, chunk_size, decode_from: Optional[int] = None) -> list[int]:
+        """Chunk lengths for `seq` new tokens after `past` stored ones.
+
+        decode_from (a position counted from the start of the sequence, cache included): the tokens
+        before it are chunked as one prefill call of them would chunk them, every later token is a
+        chunk of its own, as cached decoding runs it. A forward over prompt + answer with
+        decode_from = len(prompt) thus gives the logits that prefill + token-by-token decoding give.
+        """
+        if decode_from is not None:
+            if chunk_size is not None:
+                raise ValueError("pass at most one of chunk_size and decode_from")
+            if isinstance(decode_from, bool) or not isinstance(decode_from, int) or decode_from < 0:
+                raise ValueError(f"decode_from must be an integer >= 0, got {decode_from!r}")
+            prompt = min(max(decode_from - past, 0), seq)
+            return (self._chunk_sizes(prompt, past, None) if prompt else []) + [1] * (seq - prompt)
         cfg = self.config
         if chunk_size is None and past == 0 and cfg.chunk_sizes and sum(cfg.chunk_sizes) == seq:
             chunk_size = cfg.chunk_sizes
@@ -305,18 +329,13 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
             # Chunks end at the end of the input (the first one takes the remainder): left padding
             # then never moves a chunk boundary, so a padded batch runs exactly as each prompt alone.
             validate_chunk_size(chunk_size)
-            sizes = ([seq % chunk_size] if seq % chunk_size else []) + [chunk_size] * (seq // chunk_size)
-        else:
-            sizes = list(chunk_size)
-            for s in sizes:
-                validate_chunk_size(s, "chunk sizes")
-            if sum(sizes) != seq:
-                raise ValueError(f"chunk sizes {sizes} sum to {sum(sizes)}, not the sequence length {seq}")
-        bounds, start = [], 0
+            return ([seq % chunk_size] if seq % chunk_size else []) + [chunk_size] * (seq // chunk_size)
+        sizes = list(chunk_size)
         for s in sizes:
-            bounds.append((start, start + s))
-            start += s
-        return bounds
+            validate_chunk_size(s, "chunk sizes")
+        if sum(sizes) != seq:
+            raise ValueError(f"chunk sizes {sizes} sum to {sum(sizes)}, not the sequence length {seq}")
+        return sizes
 
     def _reserve(self, cache: MeltCache, hidden: torch.Tensor, total: int) -> None:
         """Room for the whole input in every cache entry, before the first chunk writes."""
@@ -332,8 +351,8 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
         for entry, kv in new_loop_kv.items():
             if cache.layers[entry].get_seq_length() != cache.layers[0].get_seq_length() - kv.shape[3]:
                 raise ValueError(f"MELT cache entry {entry} (per-loop keys) holds {cache.layers[entry].length} "
-                                 f"tokens, the slots {cache.layers[0].length - kv.shape[3]}: alpha < 1 needs every "
-                                 "loop of every token (no exit_at_loop / exit_threshold with a cache)")
+                                 f"tokens, the slots {cache.layers[0].length - kv.shape[3]}: the cache's per-loop "
+                                 "entries are out of step with its slots (was it changed outside the model?)")
             cache.layers[entry].write(kv, keep_graph)
 
     def _run_chunk(self, hidden, cos, sin, mask, cache: MeltCache, prefix: int, num_loops: int, alpha: float,
@@ -346,6 +365,7 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
         num_layers = cfg.num_hidden_layers
         is_causal = mask is None and hidden.shape[1] > 1
         slots: list = [None] * num_layers
+        owns: list = [None] * num_layers  # each layer's current own keys/values (for exited tokens)
         new_loop_kv = {}
         bsz, chunk = hidden.shape[:2]
         frozen = torch.zeros(bsz, chunk, dtype=torch.bool, device=hidden.device) if exit_threshold is not None \
@@ -366,13 +386,18 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
                         g = layer.kv_gate(x, loop)
                         if stats is not None:
                             stats.add(index, g)
+                        if frozen is not None:
+                            # an exited token keeps its own keys/values at its exit loop too: while
+                            # alpha < 1 they are what others read for it at the deeper loops
+                            new = torch.where(frozen[None, :, None, :, None], owns[index], new)
                         slot = torch.lerp(new, slots[index], g)
                         if frozen is not None:  # an exited token keeps its slot at its exit-loop state
                             slot = torch.where(frozen[None, :, None, :, None], slots[index], slot)
-                    slots[index] = slot
+                    slots[index], owns[index] = slot, new
                     loop_kv = None
-                    if alpha < 1.0 and cache.keep_loop_kv:
+                    if cache.keep_loop_kv:  # every loop of every token, so that the entries stay in step
                         new_loop_kv[cache.loop_entry(loop, index)] = new
+                    if alpha < 1.0:
                         loop_kv = cache.layers[cache.loop_entry(loop, index)]
                     spec = PrefixSpec(cache.layers[index], loop_kv, prefix, alpha, mask, is_causal,
                                       layer.self_attn.num_kv_heads != layer.self_attn.num_heads)
@@ -397,6 +422,12 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
             states.append(state if keep_states or last_loop else None)  # memory: generation keeps the last
             gates.append(gate)
             attn.append(tuple(loop_attn))
+        if cache.keep_loop_kv:
+            # exit_at_loop: every token stops at the last loop run and, as an exited token does, keeps
+            # its keys/values there for the loops not run, which later full-depth steps read
+            for loop in range(num_loops, cache.num_loops):
+                for index in range(num_layers):
+                    new_loop_kv[cache.loop_entry(loop, index)] = owns[index]
         return states, gates, slots, new_loop_kv, attn, exit_loop
 
 
@@ -457,18 +488,22 @@ class MeltForCausalLM(LoopedCausalLMMixin, MeltPreTrainedModel, GenerationMixin)
         chunk_size: Optional[int | Sequence[int]] = None,
         output_gate_stats: bool = False,
         layer_inputs: Optional[Sequence[Sequence[torch.Tensor]]] = None,
+        decode_from: Optional[int] = None,
         **kwargs,
     ) -> MeltOutput:
         """As LoopLMForCausalLM.forward, chunk-wise. exit_at_loop runs only that many loops;
-        exit_threshold (Q-exit) freezes each token, and its slot, at its exit loop; layer_inputs
-        ([loop][layer] -> [B, S, H]) forces every layer's input (teacher forcing, MeltModel.forward)."""
+        exit_threshold (Q-exit) freezes each token, its keys/values and its slot, at its exit loop;
+        layer_inputs ([loop][layer] -> [B, S, H]) forces every layer's input (teacher forcing,
+        MeltModel.forward). decode_from=len(prompt) chunks prompt + answer as prefill + cached decoding
+        do (the prompt as prefill chunks it, then one chunk per answer token): teacher-forced scores of
+        answers equal to the decoder's own."""
         base = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             cache_position=cache_position, chunk_size=chunk_size, exit_at_loop=exit_at_loop,
             exit_threshold=exit_threshold, output_attention_outputs=output_attention_outputs,
             keep_loop_states=output_loop_logits or expected_logits, output_gate_stats=output_gate_stats,
-            layer_inputs=layer_inputs,
+            layer_inputs=layer_inputs, decode_from=decode_from,
         )
         out = self.causal_lm_output(base, labels, logits_to_keep, output_loop_logits, None,
                                     None, expected_logits, MeltOutput)
@@ -477,3 +512,14 @@ class MeltForCausalLM(LoopedCausalLMMixin, MeltPreTrainedModel, GenerationMixin)
             out.exit_loop = base.exit_loop[:, keep]
         out.gate_stats = base.gate_stats
         return out
+
+    def generate(self, inputs: Optional[torch.Tensor] = None, *args, **kwargs):
+        """GenerationMixin.generate, with every forward chunked as cached decoding chunks: without a
+        cache (use_cache=False) each step runs prompt + generated tokens in one forward, which would
+        otherwise re-chunk the generated tokens with the prompt's chunk size (other logits than the
+        cached decoder's). decode_from = the prompt's length gives each generated token its own chunk."""
+        if "decode_from" not in kwargs and "chunk_size" not in kwargs:
+            prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+            if prompt is not None:
+                kwargs["decode_from"] = prompt.shape[1]
+        return super().generate(inputs, *args, **kwargs)
