@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup debian-deps test test-fast demo reproduce clean
+.PHONY: setup debian-deps test test-fast demo demo-from-scratch reproduce clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ test-fast: setup debian-deps
 demo: setup
 	bash scripts/install_debian_deps.sh --demo
 	$(PY) -m pipeline.demo --run-dir runs/demo
+
+demo-from-scratch: setup
+	bash scripts/install_debian_deps.sh --demo
+	$(PY) -m pipeline.demo --config configs/experiments/demo-from-scratch.yaml
 
 reproduce: setup
 	bash scripts/install_debian_deps.sh --demo

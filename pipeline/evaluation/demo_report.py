@@ -16,7 +16,7 @@ from pipeline.models import LoopLMConfig, LoopLMForCausalLM, MeltForCausalLM
 
 CONTENDER_ORDER = ("standard", "looplm", "looplm_lastkv", "looplm_lastkv_chunked", "melt")
 KEEP = ("accuracy", "accuracy_by_difficulty", "kv_cache_bytes", "kv_bytes_per_token", "loops", "parameters",
-        "perplexity", "loop_perplexity", "decode_tokens_per_s", "samples", "model_path")
+        "perplexity", "loop_perplexity", "scoring_chunking", "decode_tokens_per_s", "samples", "model_path")
 CLEAR_MARGIN = 0.05          # "clearly above": at least 5 points of exact match
 MELT_OF_LOOPLM = 0.98        # MELT keeps at least 98% of the LoopLM's accuracy
 TRAIN_PHASES = ("pretrain_standard", "pretrain", "transition", "distill")
@@ -157,6 +157,17 @@ def phase_time_lines(seconds: dict, wall: float | None) -> list[str]:
     return lines
 
 
+def starting_points(contenders: dict) -> dict[str, str]:
+    """Where the pretrained contenders came from: a shipped model (a PROVENANCE.md beside its folder
+    says how it was made) or this run's pretraining."""
+    out = {}
+    for name in ("looplm", "standard"):
+        path = Path(contenders[name].get("model_path", ""))
+        shipped = (path.parent / "PROVENANCE.md").is_file()
+        out[name] = f"{path} ({'shipped pretrained model: ' + str(path.parent / 'PROVENANCE.md') if shipped else 'pretrained in this run'})"
+    return out
+
+
 def _markdown(contenders: dict, targets: dict, chance: float, kv_rows: list, seconds: dict, wall, files: dict) -> str:
     lines = ["# MELT demo: the paper's claims in miniature", "",
              "S3 word problem (compose k permutations of {0,1,2}; answer: 3 digit tokens, all exact), "
@@ -166,6 +177,7 @@ def _markdown(contenders: dict, targets: dict, chance: float, kv_rows: list, sec
              "cache, decoded tokens see earlier tokens through their last loop only); with MELT's chunking "
              "(the prompt as one chunk, the answer token by token) it is the same computation.",
              "- `looplm_lastkv_chunked`: the same zero-shot baseline token by token from the first token.",
+             *[f"- `{name}` from {where}" for name, where in starting_points(contenders).items()],
              "", "## Targets", ""]
     for name, t in targets.items():
         lines.append(f"- {'met' if t['met'] else 'NOT MET'}: {name.replace('_', ' ')} ({t['value']:.3f})")
@@ -199,7 +211,8 @@ def write_report(run_dir: Path, experiment=None) -> dict:
     files = _plots(run_dir, contenders, chance, kv_rows, curves)
     report = {**contenders, "chance": chance, "task": manifest.get("task"), "targets": targets,
               "all_targets_met": all(t["met"] for t in targets.values()), "kv_bytes_vs_loops": kv_rows,
-              "phase_seconds": seconds, "wall_seconds": wall, "figures": files}
+              "phase_seconds": seconds, "wall_seconds": wall, "figures": files,
+              "starting_points": starting_points(contenders)}
     (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = _markdown(contenders, targets, chance, kv_rows, seconds, wall, files)
     (run_dir / "report.md").write_text(markdown)

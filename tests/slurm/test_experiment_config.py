@@ -272,7 +272,7 @@ def test_ouro_experiments_evaluate_all_three_contenders(name, tmp_path):
     assert models["melt"] == str(tmp_path / "distill" / "export")
 
 
-@pytest.mark.parametrize("name", ["smoke", "demo", "reproduce", "ouro-1.4b-melt", "ouro-2.6b-melt",
+@pytest.mark.parametrize("name", ["smoke", "demo", "demo-from-scratch", "reproduce", "ouro-1.4b-melt", "ouro-2.6b-melt",
                                   "ouro-1.4b-thinking-paper"])
 def test_local_experiments_plan_and_their_run_configs_validate(name, tmp_path):
     """What `make demo` / `make reproduce` would launch: every train phase's run config, with the

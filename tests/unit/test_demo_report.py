@@ -43,6 +43,13 @@ def test_report_from_a_finished_run(tmp_path):
     for png in ("accuracy_by_difficulty.png", "kv_bytes_vs_loops.png", "training_curves.png"):
         assert (run / png).stat().st_size > 1000
     assert "| melt |" in report["markdown"] and (run / "report.md").read_text() == report["markdown"]
+    assert saved["starting_points"]["looplm"].endswith("(pretrained in this run)")
+    # a shipped pretrained model says so, and where its provenance is
+    provenance = run / "pretrain_standard" / "PROVENANCE.md"  # beside the model's folder, as in assets/demo/
+    provenance.write_text("made by ...")
+    shipped = write_report(run)["starting_points"]
+    assert shipped["standard"].endswith(f"(shipped pretrained model: {provenance})")
+    assert shipped["looplm"].endswith("(pretrained in this run)")
 
 
 def test_targets_say_plainly_when_they_are_missed():
