@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .launch import losses, metrics, ok, tensorboard, train, write_tiny_looplm
+from .launch import REPO, losses, metrics, ok, tensorboard, train, write_tiny_looplm
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -48,6 +48,16 @@ def pretrain(data, tmp_path_factory):
     proc = ok(fsdp_train(PRETRAIN, run_dir, f"data.path={data}", "checkpointing.every=3",
                          "checkpointing.keep_last=3"))
     return run_dir, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def deepspeed_first_step(data, tmp_path_factory):
+    """The same smoke pretrain, one step under DeepSpeed ZeRO-3 on 1 rank (a plain process) with a
+    learning rate of 1e-12: its export holds the initial weights."""
+    run_dir = tmp_path_factory.mktemp("deepspeed_first_step") / "run"
+    ok(train(PRETRAIN, run_dir, f"data.path={data}", "schedule.total_steps=1", "schedule.warmup_steps=0",
+             "schedule.min_lr=0", "optimizer.lr=1e-12", "logging.tensorboard=false", launcher=False))
+    return run_dir
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +125,27 @@ def test_pretrain_trains_logs_and_shards(pretrain):
     assert [e.step for e in tb.Scalars("train/loss")] == list(range(1, STEPS + 1))
     assert "config/text_summary" in tb.Tags()["tensors"]
     assert_halved(rank_stats(run_dir))
+
+
+def test_same_seed_same_start_whatever_the_engine_and_the_ranks(pretrain, deepspeed_first_step):
+    """From scratch, DeepSpeed on 1 rank starts from the weights the seed alone defines (computed here
+    without any engine), and FSDP2 on 2 ranks from the same: equal first-step loss and gradient norm.
+    (DeepSpeed 1 vs 2 ranks: test_train_deepspeed.py; FSDP2's initial weights: test_fsdp_engine.py.)"""
+    from pipeline.models import LoopLMConfig, LoopLMForCausalLM
+    from pipeline.training.config import load_run_config
+    from pipeline.training.initialization import initialize
+
+    cfg = load_run_config(REPO / PRETRAIN, ["run_dir=/unused", "data.path=/unused"])
+    reference = LoopLMForCausalLM(LoopLMConfig(**cfg.model.config))
+    initialize(reference, reference._init_weights, cfg.seed)
+    exported = load_file(deepspeed_first_step / "export" / "model.safetensors")
+    assert set(exported) == set(reference.state_dict())
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(exported[key], value, rtol=0, atol=1e-9, msg=key)
+    fsdp, deepspeed = metrics(pretrain[0])[0], metrics(deepspeed_first_step)[0]
+    assert fsdp["step"] == deepspeed["step"] == 1
+    assert fsdp["train/loss"] == pytest.approx(deepspeed["train/loss"], rel=1e-6)
+    assert fsdp["train/grad_norm"] == pytest.approx(deepspeed["train/grad_norm"], rel=1e-5)
 
 
 def test_checkpoints_are_sharded_dcp_complete_and_rotated(pretrain):
