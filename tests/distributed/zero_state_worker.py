@@ -41,6 +41,7 @@ def main(out: str, config_json: str) -> None:
     from pipeline.training import comm
     from pipeline.training.config import validate_run_config
     from pipeline.training.engines import build_engine
+    from pipeline.training.losses import TokenCounts
     from pipeline.training.phases import PretrainPhase
 
     env = resolve_distributed_env()
@@ -57,7 +58,9 @@ def main(out: str, config_json: str) -> None:
     vocab = cfg.model.config["vocab_size"]
     ids = torch.randint(0, vocab, (cfg.data.micro_batch_size, 32), generator=torch.Generator().manual_seed(env.rank))
     frozen(input_ids=ids, use_cache=False)
-    out_step = phase.micro_step(engine.forward, {"input_ids": ids, "labels": ids}, 31.0 * ids.shape[0] * env.world_size)
+    tokens = float(ids.numel() * env.world_size)
+    out_step = phase.micro_step(engine.forward, {"input_ids": ids, "labels": ids},
+                                TokenCounts(labelled=31.0 * ids.shape[0] * env.world_size, real=tokens))
     engine.backward(out_step.loss.loss)
     engine.optimizer_step()
 
