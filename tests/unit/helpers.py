@@ -24,6 +24,17 @@ def tiny_looplm(seed=0, perturb_norms=True, **overrides) -> LoopLMForCausalLM:
     return model
 
 
+def random_gates(melt, seed=1):
+    """Gates away from their overwrite-like init, so that every gate variant really mixes."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for layer in melt.model.layers:
+            if layer.kv_gate.proj is not None:
+                layer.kv_gate.proj.weight.normal_(0, 0.3)
+                layer.kv_gate.proj.bias.normal_(0, 1.0)
+    return melt
+
+
 def write_eval_split(out_dir, split):
     """Write an EvalSplit as an MDS dataset in the data_prep contract (index.json, manifest.json)."""
     import json

@@ -6,24 +6,13 @@ import torch
 
 from pipeline.models import LoopLMCache, MeltCache, MeltConfig, MeltForCausalLM
 
-from .helpers import tiny_looplm
+from .helpers import random_gates, tiny_looplm
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 def melt_from(lm, **kw):
     return MeltForCausalLM.from_looplm(lm, **kw).eval()
-
-
-def random_gates(melt, seed=1):
-    """Gates away from their overwrite-like init, so that every gate variant really mixes."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for layer in melt.model.layers:
-            if layer.kv_gate.proj is not None:
-                layer.kv_gate.proj.weight.normal_(0, 0.3)
-                layer.kv_gate.proj.bias.normal_(0, 1.0)
-    return melt
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 11])

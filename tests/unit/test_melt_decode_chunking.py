@@ -11,30 +11,17 @@ from pipeline.evaluation.report import markdown_table
 from pipeline.models import LoopLMCache, MeltForCausalLM
 from pipeline.training.losses import token_cross_entropy
 
-from .helpers import tiny_looplm
+from .helpers import random_gates, tiny_looplm
 
 EXACT = dict(atol=1e-12, rtol=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is as fast as two, and much faster when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def melt_model(gate="elementwise", alpha=1.0, **options):
     """A tiny float64 MELT whose gates really mix (away from their overwrite-like init)."""
-    melt = MeltForCausalLM.from_looplm(tiny_looplm().double(), gate=gate, alpha=alpha, **options).eval()
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for layer in melt.model.layers:
-            if layer.kv_gate.proj is not None:
-                layer.kv_gate.proj.weight.normal_(0, 0.3)
-                layer.kv_gate.proj.bias.normal_(0, 1.0)
-    return melt
+    return random_gates(MeltForCausalLM.from_looplm(tiny_looplm().double(), gate=gate, alpha=alpha, **options).eval())
 
 
 def left_padded(lengths, seed=3):
