@@ -12,7 +12,6 @@ correct the scale, and the ETA is the same schedule over what is left.
 from __future__ import annotations
 
 import json
-import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -23,8 +22,9 @@ import yaml
 
 
 def speed_probe(repeats: int = 3, iterations: int = 40) -> float:
-    """Seconds for a fixed small PyTorch training workload on one thread (median of `repeats`): the
-    kind of work the demo's phases do (small matmuls, attention, autograd, AdamW), to compare machines."""
+    """Seconds for a fixed small PyTorch training workload on one thread (best of `repeats`): the
+    kind of work the demo's phases do (small matmuls, attention, autograd, AdamW), to compare machines.
+    The fastest repeat: other load on the machine only ever slows one down."""
     import torch
     import torch.nn.functional as F
 
@@ -50,7 +50,7 @@ def speed_probe(repeats: int = 3, iterations: int = 40) -> float:
                 optimizer.step()
                 optimizer.zero_grad()
             times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return min(times)
     finally:
         torch.set_num_threads(threads)
 

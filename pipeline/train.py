@@ -6,7 +6,8 @@
 
 Rerunning the same command resumes from the run's latest complete checkpoint.
 Exit codes: 0 done (or stopped at schedule.stop_at_step), 2 refused (configuration,
-data, checkpoint mismatch), 3 non-finite loss.
+data, checkpoint mismatch), 3 non-finite loss, 4 another rank was lost (a collective failed or
+waited longer than engine.collective_timeout_s): rerun or requeue, it resumes.
 """
 
 from __future__ import annotations
@@ -32,6 +33,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
+# what gloo and NCCL say when a peer is gone or does not answer within the process group's timeout
+LOST_PEER = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
+             "Watchdog caught collective operation timeout", "NCCL communicator was aborted")
+
+
+def lost_peer(err: BaseException) -> bool:
+    import torch.distributed
+    return isinstance(err, torch.distributed.DistBackendError) or any(m in str(err) for m in LOST_PEER)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from pipeline.distributed import resolve_distributed_env
@@ -49,6 +60,14 @@ def main(argv=None) -> int:
     except NonFiniteLoss as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 3
+    except RuntimeError as err:  # a peer died or hung: fail now with a clear error, not hang
+        if not lost_peer(err):
+            raise
+        first = str(err).strip().splitlines()[0]
+        print(f"error: rank {env.rank}: lost contact with another rank (its process or node is gone, or it did not "
+              f"answer within engine.collective_timeout_s={cfg.engine.collective_timeout_s} s): {first}. "
+              "Rerun (or let SLURM requeue) to resume from the latest checkpoint.", file=sys.stderr, flush=True)
+        return 4
     return 0
 
 

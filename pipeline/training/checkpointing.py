@@ -26,6 +26,7 @@ import random
 import re
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -122,9 +123,14 @@ class CheckpointManager:
 
 
 def maybe_kill(point: str, step: Optional[int]) -> None:
+    """Test hook (MELT_DEBUG_KILL=POINT@STEP): rank 0 SIGKILLs its process group there; with
+    POINT lose_rank, the last rank stops answering (as a hung or unreachable node does) until killed."""
     spec = os.environ.get("MELT_DEBUG_KILL", "")
-    if spec and comm.rank() == 0 and spec == f"{point}@{step}":
-        os.killpg(os.getpgid(0), signal.SIGKILL)
+    if spec and spec == f"{point}@{step}":
+        if point == "lose_rank" and comm.rank() == comm.world_size() - 1:
+            time.sleep(3600)
+        elif point != "lose_rank" and comm.rank() == 0:
+            os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
 def rng_state() -> dict:

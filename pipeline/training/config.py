@@ -209,6 +209,10 @@ class EngineSection(Section):
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     grad_clip: float = Field(1.0, ge=0)      # 0 disables clipping
     activation_checkpointing: bool = False
+    # how long a rank waits for the others in a collective: past it (a lost node, a hung peer) the
+    # run stops with an error (exit 4) instead of hanging, and can be requeued; checkpoint saves and
+    # the first step's set-up must fit in it
+    collective_timeout_s: int = Field(1800, gt=0)
     deepspeed: dict[str, Any] = {}           # DeepSpeed config (usually `_base_: configs/deepspeed/zero3.yaml`)
     fsdp: FsdpSection = FsdpSection()        # FSDP2 options (engine.name: fsdp)
 

@@ -7,6 +7,7 @@ the resumption tests) and one smoke transition, each a module-scoped fixture.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -200,6 +201,20 @@ def test_nonfinite_loss_stops_naming_step_and_rank(data, tmp_path):
     proc = train(PRETRAIN, tmp_path / "run", f"data.path={data}", "guards.inject_nonfinite_at_step=2")
     assert proc.returncode != 0
     assert "non-finite loss at step 2 (micro-step 1) on rank(s) [0]; stopping" in proc.stdout
+
+
+def test_a_lost_rank_stops_the_run_with_a_clear_error_not_a_hang(data, tmp_path):
+    """Rank 1 stops answering after step 3 (as a hung or unreachable node does): rank 0's next collective
+    waits engine.collective_timeout_s, then the run exits 4 naming the cause and the key; the
+    checkpoint of step 2 is there to resume from."""
+    began = time.time()
+    proc = train(PRETRAIN, tmp_path / "run", f"data.path={data}", "engine.collective_timeout_s=5",
+                 "checkpointing.every=2", env={"MELT_DEBUG_KILL": "lose_rank@3"}, torchrun=True, timeout=150)
+    assert proc.returncode != 0
+    assert ("error: rank 0: lost contact with another rank" in proc.stdout
+            and "engine.collective_timeout_s=5 s" in proc.stdout and "exitcode  : 4" in proc.stdout), proc.stdout[-3000:]
+    assert time.time() - began < 120  # the timeout, not a hang (the test's own limit would kill it at 150 s)
+    assert (tmp_path / "run" / "checkpoints" / "step_00000002").is_dir()
 
 
 def test_nonfinite_skip_and_frozen_parameters(data, looplm_init, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+from datetime import timedelta
 from typing import Any, Callable, Optional
 
 import torch
@@ -109,7 +110,8 @@ class DeepSpeedEngine(Engine):
             get_accelerator().set_device(self.env.local_rank)
         elif "OMP_NUM_THREADS" not in os.environ:  # ranks share the node's cores: do not oversubscribe
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, self.env.local_world_size)))
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=timedelta(seconds=self.cfg.engine.collective_timeout_s))
         if not _on_gpu():
             self._unlink_shm_buffer()
 

@@ -27,6 +27,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -165,7 +166,8 @@ class FSDPEngine(Engine):
         elif "OMP_NUM_THREADS" not in os.environ:  # ranks share the node's cores: do not oversubscribe
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, self.env.local_world_size)))
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if _on_gpu() else "gloo")
+            dist.init_process_group(backend="nccl" if _on_gpu() else "gloo",
+                                    timeout=timedelta(seconds=self.cfg.engine.collective_timeout_s))
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
 
     def mp_policy(self):
