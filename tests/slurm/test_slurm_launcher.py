@@ -199,19 +199,6 @@ def test_clear_errors_before_submission(slurm_cluster, tmp_path):
 
 # ----------------------------------------------------------------------------- the real pipeline
 
-def test_smoke_data_prep_phase_on_slurm(slurm_cluster, tmp_path):
-    run_dir = tmp_path / "run"
-    out = launch("--config", SMOKE, f"run_dir={run_dir}", "--phases", "data")
-    assert_launched(out)
-    jobs = jobs_of(run_dir)
-    job_id = jobs["data"]["job_id"]
-    final = slurm_cluster.wait_jobs([job_id], timeout=240)
-    assert final[job_id]["JobState"] == "COMPLETED", job_logs(jobs["data"])
-    for split in ("train", "eval"):
-        assert (run_dir / "data" / split / "manifest.json").is_file()
-    assert "data_prep synthetic" in Path(jobs["data"]["stdout"]).read_text()
-
-
 def _tensorboard_scalars(directory: Path) -> dict[str, list]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
