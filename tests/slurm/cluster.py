@@ -66,6 +66,48 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def memory_mb(fraction: float = 0.9) -> int:
+    """This machine's memory in MB, times `fraction` (a node's RealMemory)."""
+    return int(int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) / 1024 * fraction)
+
+
+def common_conf(root: Path, munge_socket: Path, cluster_name: str, ctld_host: str, ctld_addr: str) -> str:
+    """The slurm.conf lines every test cluster shares: its own ports (picked free), munge socket,
+    state and logs under `root`; the slurmd lines (spool, pid, log), nodes and partition follow."""
+    return f"""\
+ClusterName={cluster_name}
+SlurmctldHost={ctld_host}({ctld_addr})
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+AuthType=auth/munge
+CredType=cred/munge
+# cred_expire also sets how long a requeued job waits before it may start again (default 120 s)
+AuthInfo=socket={munge_socket},cred_expire=5
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation={root / 'state'}
+SlurmctldPidFile={root / 'slurmctld.pid'}
+SlurmctldLogFile={root / 'slurmctld.log'}
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=5,bf_interval=5
+MpiDefault=none
+ReturnToService=2
+JobRequeue=1
+MinJobAge=3600
+KillWait=5
+InactiveLimit=0
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+"""
+
+
 class SlurmCluster:
     def __init__(self, root: Path, partition: str = "debug"):
         self.root = Path(root)
@@ -140,43 +182,11 @@ class SlurmCluster:
 
     def _write_conf(self) -> None:
         cpus = len(os.sched_getaffinity(0))
-        mem_mb = int(int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) / 1024 * 0.9)
-        r = self.root
-        self.conf.write_text(f"""\
-ClusterName=melttest
-SlurmctldHost={self.node}(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
-AuthType=auth/munge
-CredType=cred/munge
-# cred_expire also sets how long a requeued job waits before it may start again (default 120 s)
-AuthInfo=socket={self.socket},cred_expire=5
-SlurmUser=root
-SlurmdUser=root
-StateSaveLocation={r / 'state'}
-SlurmdSpoolDir={r / 'spool'}
-SlurmctldPidFile={r / 'slurmctld.pid'}
-SlurmdPidFile={r / 'slurmd.pid'}
-SlurmctldLogFile={r / 'slurmctld.log'}
-SlurmdLogFile={r / 'slurmd.log'}
-SlurmctldDebug=info
-SlurmdDebug=info
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=5,bf_interval=5
-MpiDefault=none
-ReturnToService=2
-JobRequeue=1
-MinJobAge=3600
-KillWait=5
-InactiveLimit=0
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-NodeName={self.node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN
+        self.conf.write_text(common_conf(self.root, self.socket, "melttest", self.node, "127.0.0.1") + f"""\
+SlurmdSpoolDir={self.root / 'spool'}
+SlurmdPidFile={self.root / 'slurmd.pid'}
+SlurmdLogFile={self.root / 'slurmd.log'}
+NodeName={self.node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb()} State=UNKNOWN
 # OverSubscribe: several jobs may share the cores (2-task jobs and the tests' own processes)
 PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 """)
@@ -187,12 +197,12 @@ PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE St
             self.call("scontrol", "update", f"nodename={self.node}", "state=resume")
         return state == "idle"
 
-    def _wait(self, ready, timeout: float, what: str) -> None:
+    def _wait(self, ready, timeout: float, what: str, poll: float = 0.1) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if ready():
                 return
-            time.sleep(0.3)
+            time.sleep(poll)
         raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}\n{self.log_tails()}")
 
     def _run(self, cmd: list[str]) -> None:
@@ -224,9 +234,12 @@ PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE St
             time.sleep(1.0)
         return {i: self.job(i) for i in ids}
 
+    def log_files(self) -> list[Path]:
+        return [self.root / "slurmctld.log", self.root / "slurmd.log", self.munge_dir / "munged.log"]
+
     def log_tails(self, lines: int = 15) -> str:
         out = []
-        for path in (self.root / "slurmctld.log", self.root / "slurmd.log", self.munge_dir / "munged.log"):
+        for path in self.log_files():
             if path.is_file():
                 tail = path.read_text(errors="replace").splitlines()[-lines:]
                 out.append(f"--- {path.name}\n" + "\n".join(tail))

@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                 local_world_size=env.local_world_size, master_addr=env.master_addr, master_port=env.master_port,
                 launcher=env.launcher, job_id=os.environ.get("SLURM_JOB_ID"),
                 restarts=int(os.environ.get("SLURM_RESTART_COUNT", "0")),
-                lws_env=os.environ.get("LOCAL_WORLD_SIZE"), cuda_visible=os.environ.get("CUDA_VISIBLE_DEVICES"))
+                lws_env=os.environ.get("LOCAL_WORLD_SIZE"), cuda_visible=os.environ.get("CUDA_VISIBLE_DEVICES"),
+                host=os.uname().nodename)
     if env.rank == 0:  # what the trainer writes first: the resolved config (its progress is step / total_steps)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(json.dumps({"schedule": {"total_steps": steps}}))
