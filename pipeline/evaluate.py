@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline.evaluation.contenders import CONTENDERS, load_contender
 from pipeline.evaluation.data import load_eval_split
-from pipeline.evaluation.metrics import evaluate
+from pipeline.evaluation.metrics import SCORING_CHUNKINGS, evaluate
 from pipeline.evaluation.report import markdown_table
 from pipeline.training.phases import HUB_NAME
 
@@ -54,6 +54,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-samples", type=int, default=None)
     parser.add_argument("--chunk-size", type=int, default=None, help="MELT / chunked-baseline prefill chunk")
     parser.add_argument("--exit-threshold", type=float, default=0.9, help="q of the Q-exit histogram")
+    parser.add_argument("--scoring-chunking", choices=SCORING_CHUNKINGS, default=None,
+                        help="MELT's teacher-forced scoring: decode (prefill + one chunk per token, as generation "
+                             "runs; the default where rows have prompts) or forward (the model's own chunking)")
     args = parser.parse_args(argv)
 
     models = parse_models(args.model, args.contender)
@@ -61,7 +64,8 @@ def main(argv=None) -> int:
     results = {}
     for name, path in models:
         contender = load_contender(name, path, args.chunk_size)
-        results[name] = {"model_path": str(path), **evaluate(contender, split, args.batch_size, args.exit_threshold)}
+        results[name] = {"model_path": str(path), **evaluate(contender, split, args.batch_size, args.exit_threshold,
+                                                             scoring_chunking=args.scoring_chunking)}
         print(f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in results[name].items()
                                       if isinstance(v, float)), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -100,3 +100,10 @@ def test_cli_writes_json_and_table_with_cache_ratios(tmp_path):
     assert kv["melt"] == kv["standard"] == kv["looplm_lastkv"] == kv["looplm"] // 3
     table = out.with_suffix(".md").read_text()
     assert table.count("\n") == 6 and "| melt | 3 |" in table
+    assert results["melt"]["scoring_chunking"] == "decode" and results["looplm"]["scoring_chunking"] == "unchunked"
+    # --scoring-chunking forward: MELT's rows re-chunked with its own chunk size, and said so
+    forward = tmp_path / "forward.json"
+    evaluate_main(["--model", f"melt={tmp_path / 'melt'}", "--data", str(data), "--out", str(forward),
+                   "--batch-size", "8", "--scoring-chunking", "forward"])
+    melt = json.loads(forward.read_text())["results"]["melt"]
+    assert melt["scoring_chunking"] == "forward" and melt["perplexity"] != results["melt"]["perplexity"]
