@@ -226,8 +226,8 @@ def smoke_data(slurm_cluster, tmp_path_factory):
 @pytest.mark.slow
 def test_real_trainer_requeue_resumes_with_the_same_final_loss(slurm_cluster, smoke_data, tmp_path):
     """The pretrain phase preempted mid-run vs. the same phase uninterrupted, run after it (not side by
-    side: two training jobs starting together on one node can collide in mosaicml-streaming's shared
-    memory, a known limit the README states)."""
+    side: two training jobs building their datasets together on one node can race for one
+    mosaicml-streaming shared-memory prefix, a known limit the README states)."""
     data = smoke_data
     overrides = {"schedule.total_steps": 30, "checkpointing.every": 3, "data.path": str(data)}
     phase = {"kind": "train", "config": str(REPO / "configs/smoke/pretrain.yaml"), "overrides": overrides}
