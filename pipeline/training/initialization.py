@@ -26,6 +26,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from pipeline.training.weights import full_shape
+
 InitFn = Callable[[nn.Module], None]
 
 
@@ -33,11 +35,6 @@ def module_seed(seed: int, name: str) -> int:
     """A 63-bit generator seed for the module `name` (stable across processes, unlike hash())."""
     digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def full_shape(param: nn.Parameter) -> tuple[int, ...]:
-    """The whole parameter's shape, also for a ZeRO-3 partitioned one (FSDP's DTensors report it)."""
-    return tuple(getattr(param, "ds_shape", param.shape))
 
 
 @dataclass

@@ -37,7 +37,7 @@ from pipeline.training.config import ConfigError, LossSection, RunConfig
 from pipeline.training.engines.base import Engine, FrozenModel, ParamGroup
 from pipeline.training.losses import LossOutput, TokenCounts, causal_lm_loss, last_loop_lm_loss, ouro_stage1_loss
 from pipeline.training.schedules import ramp
-from pipeline.training.weights import CheckpointTensors, full_shapes, resolve_checkpoint_dir
+from pipeline.training.weights import CheckpointTensors, full_shape, full_shapes, resolve_checkpoint_dir
 
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -103,8 +103,7 @@ class Phase(ABC):
                 lr = over.lr if over is not None and over.lr is not None else opt.lr
                 wd = over.weight_decay if over is not None and over.weight_decay is not None else opt.weight_decay
                 groups[role] = ParamGroup(role, [], lr, wd)
-            shape = getattr(param, "ds_shape", param.shape)
-            (groups[role].params if len(shape) >= 2 else groups[role].no_decay).append(param)
+            (groups[role].params if len(full_shape(param)) >= 2 else groups[role].no_decay).append(param)
         if not groups:
             raise ConfigError(f"phase {self.name}: no trainable parameter")
         return [groups[r] for r in self.group_names if r in groups]

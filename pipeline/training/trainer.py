@@ -154,14 +154,14 @@ class Trainer:
         local = [TokenCounts.of(b) for b in batches]
         summed = comm.all_reduce(torch.tensor([[c.labelled, c.real] for c in local], dtype=torch.float64).sum(0))
         summed = summed.clamp_min(1.0)
-        normalizer = TokenCounts(labelled=summed[0].item(), real=summed[1].item())
+        counts = TokenCounts(labelled=summed[0].item(), real=summed[1].item())
         metrics = StepMetrics()
         lrs = engine.learning_rates()  # those this step's update uses
         compute_s, side_s = 0.0, {}  # forward + backward; the phase's other work (e.g. a teacher's forward)
         for micro, batch in enumerate(batches):
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             began = time.perf_counter()
-            out = self.phase.micro_step(engine.forward, batch, normalizer)
+            out = self.phase.micro_step(engine.forward, batch, counts)
             if cfg.guards.inject_nonfinite_at_step == self.step + 1 and micro == 0 and self.env.rank == 0:
                 out.loss.loss = out.loss.loss * float("nan")
             self.check_finite(out.loss.loss, self.step + 1, micro)

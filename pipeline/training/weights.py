@@ -62,8 +62,13 @@ def persistent_buffers(model: torch.nn.Module):
             yield name, buf
 
 
+def full_shape(param: torch.nn.Parameter) -> tuple[int, ...]:
+    """The whole parameter's shape, also for a ZeRO-3 partitioned one (FSDP's DTensors report it)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
 def full_shapes(model: torch.nn.Module) -> dict[str, tuple]:
     """Shapes of the parameters (also partitioned ZeRO-3 ones) and persistent buffers, by name."""
-    shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
+    shapes = {n: full_shape(p) for n, p in model.named_parameters()}
     shapes.update({n: tuple(b.shape) for n, b in persistent_buffers(model)})
     return shapes
