@@ -35,6 +35,8 @@ Format (every key, with its default)::
                                     #   resumes (>= 120 unless allow_short_signal_delay)
       max_requeues: 3               # requeues after time-outs (submitit's max_num_timeout);
                                     #   preemptions do not count
+      max_failure_requeues: 3       # requeues after a lost node or rank (the step failed and no
+                                    #   rank reported an error of its own; launchers/requeue.py)
       python: null                  # python in the job (default: the one running the launcher)
       setup: []                     # shell lines before srun, e.g. "module load cuda/12.4",
                                     #   "source ~/miniforge3/bin/activate melt"
@@ -192,6 +194,7 @@ class Resources(_Strict):
     time: int = 60  # minutes (strings are converted)
     signal_delay_s: int = Field(MIN_SIGNAL_DELAY_S, ge=0)
     max_requeues: int = Field(3, ge=0)
+    max_failure_requeues: int = Field(3, ge=0)
     python: Optional[str] = None
     setup: list[str] = []
     env: dict[str, Scalar] = {}

@@ -14,6 +14,10 @@ resubmits the same call, and requeues the job. The training itself saves checkpo
 periodically on all ranks, and rerunning the trainer with the same run_dir resumes
 from the latest one, so the requeued job continues where the last checkpoint left it.
 submitit bounds the requeues after time-outs (``max_requeues``).
+
+Node failures: each task leaves a marker when it fails with its own error (or is being
+requeued by submitit); after srun, the batch script runs `launchers.requeue`, which
+requeues the job when srun failed and no task reported an error of its own.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import submitit
+
+from launchers.requeue import FAILED, PREEMPTED, mark
+from pipeline.train import EXIT_LOST_PEER  # the trainer's code when another rank is gone: requeue, not a crash
 
 
 class PhaseFailed(RuntimeError):
@@ -126,10 +133,16 @@ class PhaseJob(submitit.helpers.Checkpointable):
         if dist.rank == 0:
             print(f"{tag}: {self.entry} {' '.join(self.argv)}", flush=True)
         start = time.time()
-        code = run_entry(self.entry, self.argv)
+        try:
+            code = run_entry(self.entry, self.argv)
+        except Exception as err:
+            _mark(f"{FAILED}{dist.rank}", f"{type(err).__name__}: {err}")
+            raise
         if code != 0 and _requeue_requested:  # the entry point caught submitit's exit: exit as submitit meant
             raise SystemExit(-1)
         if code != 0:
+            if code != EXIT_LOST_PEER:
+                _mark(f"{FAILED}{dist.rank}", f"exit code {code}")
             raise PhaseFailed(f"{tag}: {self.entry} exited with code {code} on rank {dist.rank}")
         # The phase is complete: a time-limit or preemption USR2 arriving from now on has nothing left to
         # save, and must neither requeue a finished job nor (once Python restores default handlers at
@@ -142,9 +155,16 @@ class PhaseJob(submitit.helpers.Checkpointable):
         # The trainer checkpoints by itself; requeueing the same call resumes from its run_dir.
         global _requeue_requested
         _requeue_requested = True
+        _mark(PREEMPTED, "USR2: submitit requeues the job")
         print(f"[launcher] {self.experiment}.{self.phase}: preempted or timed out, requeueing "
               "(the rerun resumes from the latest checkpoint)", flush=True)
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def _mark(what: str, why: str) -> None:
+    """A marker in the job's log folder for the batch script's `launchers.requeue` (SLURM jobs only)."""
+    if "SUBMITIT_FOLDER" in os.environ and "SLURM_JOB_ID" in os.environ:
+        mark(Path(submitit.JobEnvironment().paths.folder), what, why)
 
 
 def repo_root() -> str:

@@ -18,6 +18,8 @@
   submission.
 - Preemption / time limit: USR2 ``signal_delay_s`` before the end; the job requeues and
   the trainer resumes from its latest checkpoint (at most ``max_requeues`` time-outs).
+- Node failure: after srun, the batch script requeues the job when its step was lost and no
+  rank failed with its own error (at most ``max_failure_requeues`` times; launchers/requeue.py).
 - ``--dry-run`` prints the sbatch scripts and the dependency graph, submits nothing.
 - Memory plan (`launchers/memory.py`, `python -m pipeline.plan`): every train phase on GPUs is
   planned first (one fake-tensor micro-step of its run config plus the engine's sharded state,
@@ -92,6 +94,9 @@ def sbatch_parameters(plan: Plan, p: PlannedPhase, dependency: Optional[str]) ->
     params["setup"] = setup
     if res.srun_args:
         params["srun_args"] = list(res.srun_args)
+    # right after srun (its status in $?): requeue the job if a node or rank was lost (launchers/requeue.py)
+    params["teardown"] = [f"{python_of(p)} -m launchers.requeue --srun-status $? "
+                          f"--max-failure-requeues {res.max_failure_requeues} {shlex.quote(str(log_folder(plan, p)))}"]
     extra: dict[str, Any] = {"requeue": True}
     if dependency:
         extra.update({"dependency": dependency, "kill-on-invalid-dep": "yes"})

@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
+EXIT_LOST_PEER = 4  # launchers/job.py requeues the SLURM job on it
+
 # what gloo and NCCL say when a peer is gone or does not answer within the process group's timeout
 LOST_PEER = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
              "Watchdog caught collective operation timeout", "NCCL communicator was aborted")
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
         print(f"error: rank {env.rank}: lost contact with another rank (its process or node is gone, or it did not "
               f"answer within engine.collective_timeout_s={cfg.engine.collective_timeout_s} s): {first}. "
               "Rerun (or let SLURM requeue) to resume from the latest checkpoint.", file=sys.stderr, flush=True)
-        return 4
+        return EXIT_LOST_PEER
     return 0
 
 

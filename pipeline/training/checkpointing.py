@@ -15,7 +15,10 @@ complete checkpoint; resumption ignores tags without COMPLETE.
 Fault injection for tests: MELT_DEBUG_KILL="<point>@<step>" makes rank 0 SIGKILL its
 whole process group (launcher and all ranks, as when a node dies) at `point`
 ("after_step": after the optimizer step, before any saving; "mid_save": after rank 0
-wrote its checkpoint files, before the checkpoint is marked complete).
+wrote its checkpoint files, before the checkpoint is marked complete; "lose_rank": the
+last rank stops answering after the step; "hold": rank 0 waits after the step, as a job
+whose time runs out does, until a signal ends it). With MELT_DEBUG_KILL_ONCE=FILE the hook fires
+only while FILE does not exist, and creates it, so a requeued or rerun job passes.
 """
 
 from __future__ import annotations
@@ -124,13 +127,21 @@ class CheckpointManager:
 
 def maybe_kill(point: str, step: Optional[int]) -> None:
     """Test hook (MELT_DEBUG_KILL=POINT@STEP): rank 0 SIGKILLs its process group there; with
-    POINT lose_rank, the last rank stops answering (as a hung or unreachable node does) until killed."""
+    POINT lose_rank, the last rank stops answering (as a hung or unreachable node does) until killed;
+    with hold, rank 0 waits until a signal (SLURM's USR2) ends it."""
     spec = os.environ.get("MELT_DEBUG_KILL", "")
-    if spec and spec == f"{point}@{step}":
-        if point == "lose_rank" and comm.rank() == comm.world_size() - 1:
-            time.sleep(3600)
-        elif point != "lose_rank" and comm.rank() == 0:
-            os.killpg(os.getpgid(0), signal.SIGKILL)
+    if not spec or spec != f"{point}@{step}":
+        return
+    firing = comm.rank() == (comm.world_size() - 1 if point == "lose_rank" else 0)
+    once = os.environ.get("MELT_DEBUG_KILL_ONCE")
+    if not firing or (once and os.path.exists(once)):
+        return
+    if once:
+        Path(once).write_text(f"{point}@{step}\n")
+    if point in ("lose_rank", "hold"):
+        time.sleep(3600)
+    else:
+        os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
 def rng_state() -> dict:

@@ -232,6 +232,7 @@ class Trainer:
                 self.logger.console(self.step, scalars, rate * (total - self.step))
             maybe_kill("after_step", self.step)
             maybe_kill("lose_rank", self.step)
+            maybe_kill("hold", self.step)
             if self.step % cfg.checkpointing.every == 0 or self.step == self.stop_step:
                 self.save()
         if self.saved_step != self.step:

@@ -12,6 +12,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,88 @@ def test_fsdp_phase_across_two_nodes(two_node_cluster, two_node_smoke, tmp_path)
     assert "fsdp" in log.lower(), log[-2000:]
     melt = MeltForCausalLM.from_pretrained(phase_dir / "export")
     assert melt.config.model_type == "melt" and melt.config.alpha == 1.0
+
+
+def rerun_smoke_phase(tmp_path: Path, smoke_dir: Path, name: str, env: dict[str, str]) -> Path:
+    """An experiment of one smoke phase, its inputs from the `two_node_smoke` run, on both nodes."""
+    exp = yaml.safe_load(SMOKE.read_text())
+    inputs = exp["phases"][name].pop("inputs")
+    phase = dict(exp["phases"][name], overrides={key: str(smoke_dir / path) for key, path in inputs.items()})
+    exp.update(name=f"rerun-{name}", run_dir=str(tmp_path / "run"), phases={name: phase})
+    exp["resources"].update(nodes=2, tasks_per_node=1, mem_gb=1)
+    exp["resources"]["env"].update(env)
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(yaml.safe_dump(exp, sort_keys=False))
+    return cfg
+
+
+def wait_for_file(path: Path, cluster, job: dict, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert cluster.queued_jobs([job["job_id"]]), f"the job ended before {path.name} appeared\n{job_logs(job)}"
+        assert time.time() < deadline, f"no {path} after {timeout:.0f}s\n{job_logs(job)}"
+        time.sleep(0.2)
+
+
+def train_losses(phase_dir: Path) -> dict[int, float]:
+    """Step -> loss from TensorBoard (a rerun's records of a step replace the earlier attempt's)."""
+    return {s.step: s.value for s in tensorboard_scalars(phase_dir / "tensorboard")["train/loss"]}
+
+
+def assert_resumed_like_the_uninterrupted_run(cluster, job: dict, phase_dir: Path, reference_dir: Path) -> str:
+    """The job completed on mn[1-2] after one requeue, its rerun resumed from the step-4 checkpoint, and
+    its losses equal the uninterrupted run's at every step. Rank 0's log of both attempts."""
+    done = cluster.wait_jobs([job["job_id"]], timeout=300)[job["job_id"]]
+    assert done["JobState"] == "COMPLETED", f"{done}\n{job_logs(job)}\n{cluster.log_tails()}"
+    assert done["Restarts"] == "1" and done["NodeList"] == "mn[1-2]", done
+    rank0 = Path(job["stdout"]).read_text() + Path(job["stderr"]).read_text()  # both attempts (append mode)
+    assert "attempt 2 host mn1" in rank0, job_logs(job)
+    assert re.search(r"resumed from \S+step_00000004 at step 4", rank0), job_logs(job)
+    resumed, reference = train_losses(phase_dir), train_losses(reference_dir)
+    assert sorted(resumed) == sorted(reference) == list(range(1, 13)), (sorted(resumed), sorted(reference))
+    for step in reference:
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), (step, resumed, reference)
+    return rank0
+
+
+def test_preempted_transition_requeues_and_resumes_across_two_nodes(two_node_cluster, two_node_smoke, tmp_path):
+    """USR2 (a time limit or a preemption) while rank 0 holds after step 5: submitit requeues the job, the
+    rerun on mn[1-2] resumes from the step-4 checkpoint, and the loss curve is the uninterrupted one's."""
+    cluster = two_node_cluster
+    smoke_dir, jobs, final = two_node_smoke
+    assert final[jobs["transition"]["job_id"]]["JobState"] == "COMPLETED"
+    held = tmp_path / "held"
+    cfg = rerun_smoke_phase(tmp_path, smoke_dir, "transition",
+                            {"MELT_DEBUG_KILL": "hold@5", "MELT_DEBUG_KILL_ONCE": str(held)})
+    launch(cluster, "--config", cfg)
+    job = jobs_of(tmp_path / "run")["transition"]
+    wait_for_file(held, cluster, job)
+    cluster.call("scancel", "--signal=USR2", job["job_id"], check=True)
+    rank0 = assert_resumed_like_the_uninterrupted_run(cluster, job, tmp_path / "run" / "transition",
+                                                      smoke_dir / "transition")
+    assert "preempted or timed out, requeueing" in rank0, job_logs(job)
+    assert not list(Path(job["stdout"]).parent.glob("*_requeued_node_failure"))  # submitit's requeue only
+
+
+def test_node_failure_mid_distill_requeues_and_resumes(two_node_cluster, two_node_smoke, tmp_path):
+    """Node mn2 dies mid-distill (slurmd, slurmstepd and its rank SIGKILLed by pid) and is back before SLURM
+    marks it DOWN: srun loses the step, the batch script requeues the job (launchers/requeue.py), the
+    rerun on mn[1-2] resumes from the step-4 checkpoint, and its loss curve equals the uninterrupted one's."""
+    cluster = two_node_cluster
+    smoke_dir, jobs, final = two_node_smoke
+    assert final[jobs["distill"]["job_id"]]["JobState"] == "COMPLETED"
+    fired = tmp_path / "node-failure-fired"
+    # rank 1 (on mn2) stops answering after step 5, once: step 4's checkpoint is complete by then
+    cfg = rerun_smoke_phase(tmp_path, smoke_dir, "distill",
+                            {"MELT_DEBUG_KILL": "lose_rank@5", "MELT_DEBUG_KILL_ONCE": str(fired)})
+    launch(cluster, "--config", cfg)
+    job = jobs_of(tmp_path / "run")["distill"]
+    wait_for_file(fired, cluster, job)
+    assert cluster.kill_node("mn2"), "no process of mn2 to kill"
+    cluster.start_node("mn2")  # back long before SlurmdTimeout: SLURM never marks it DOWN
+    rank0 = assert_resumed_like_the_uninterrupted_run(cluster, job, tmp_path / "run" / "distill",
+                                                      smoke_dir / "distill")
+    assert "requeued: the step ended with status" in rank0, job_logs(job)
+    folder = Path(job["stdout"]).parent
+    assert [p.name for p in folder.glob("*_requeued_node_failure")] == [f"{job['job_id']}_0_requeued_node_failure"]
+    assert (tmp_path / "run" / "distill" / "export" / "config.json").is_file()
