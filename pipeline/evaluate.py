@@ -7,6 +7,12 @@ Several contenders in one run (one JSON with an entry each, plus a Markdown tabl
 
     python -m pipeline.evaluate --model standard=DIR1 --model looplm=DIR2 --model looplm_lastkv=DIR2 \\
         --model melt=DIR3 --data DIR/eval --out report.json
+
+Math by generation (GSM8K-format and MATH-style JSONL; greedy pass@1, sampled pass@k), with or
+without --data; the model directory needs its tokenizer:
+
+    python -m pipeline.evaluate --model melt=DIR --math gsm8k=test.jsonl,math=math500.jsonl \\
+        --math-samples 8 --math-k 1,8 --temperature 0.6 --top-p 0.95 --max-new-tokens 512 --out math.json
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ from pathlib import Path
 
 from pipeline.evaluation.contenders import CONTENDERS, load_contender
 from pipeline.evaluation.data import load_eval_split
+from pipeline.evaluation.math_cli import add_math_arguments, math_run
 from pipeline.evaluation.metrics import SCORING_CHUNKINGS, evaluate
-from pipeline.evaluation.report import markdown_table
+from pipeline.evaluation.report import markdown_table, math_table
 from pipeline.training.phases import HUB_NAME
 
 
@@ -48,33 +55,46 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, help="NAME=DIR, or DIR with --contender")
     parser.add_argument("--contender", choices=CONTENDERS, help="contender of a bare --model DIR")
-    parser.add_argument("--data", required=True, help="prepared eval split (directory with manifest.json)")
+    parser.add_argument("--data", help="prepared eval split (directory with manifest.json); needed unless --math")
     parser.add_argument("--out", required=True, type=Path, help="JSON output; a .md table is written beside it")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-samples", type=int, default=None)
+    parser.add_argument("--max-samples", type=int, default=None, help="first rows of --data and of each --math file")
     parser.add_argument("--chunk-size", type=int, default=None, help="MELT / chunked-baseline prefill chunk")
     parser.add_argument("--exit-threshold", type=float, default=0.9, help="q of the Q-exit histogram")
     parser.add_argument("--scoring-chunking", choices=SCORING_CHUNKINGS, default=None,
                         help="MELT's teacher-forced scoring: decode (prefill + one chunk per token, as generation "
                              "runs; the default where rows have prompts) or forward (the model's own chunking)")
+    add_math_arguments(parser)
     args = parser.parse_args(argv)
+    if not args.data and not args.math:
+        parser.error("give --data (an eval split), --math (problem files), or both")
 
     models = parse_models(args.model, args.contender)
-    split = load_eval_split(args.data, args.max_samples)
-    results = {}
+    math = math_run(args)  # files read before any model loads: a bad row fails at once
+    split = load_eval_split(args.data, args.max_samples) if args.data else None
+    results, records = {}, []
     for name, path in models:
         contender = load_contender(name, path, args.chunk_size)
-        results[name] = {"model_path": str(path), **evaluate(contender, split, args.batch_size, args.exit_threshold,
-                                                             scoring_chunking=args.scoring_chunking)}
-        print(f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in results[name].items()
-                                      if isinstance(v, float)), flush=True)
+        results[name] = {"model_path": str(path)}
+        if split is not None:
+            results[name].update(evaluate(contender, split, args.batch_size, args.exit_threshold,
+                                          scoring_chunking=args.scoring_chunking))
+        if math is not None:
+            results[name]["math"], rows = math.evaluate(contender, path)
+            records += [{"contender": name, **row} for row in rows]
+        scalars = [f"{k}={v:.4g}" for k, v in results[name].items() if isinstance(v, float)]
+        if scalars:
+            print(f"{name}: " + ", ".join(scalars), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"data": args.data, **({"math": math.files} if math else {}), "results": results}
     tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"data": str(args.data), "results": results}, indent=2) + "\n")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(args.out)
-    table = markdown_table(results)
-    args.out.with_suffix(".md").write_text(table + "\n")
-    print(table)
+    tables = ([markdown_table(results)] if split is not None else []) + ([math_table(results)] if math else [])
+    args.out.with_suffix(".md").write_text("\n\n".join(tables) + "\n")
+    if records:  # each problem's greedy completion, extracted answers and verdicts
+        args.out.with_suffix(".math.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    print("\n\n".join(tables))
     return 0
 
 

@@ -16,10 +16,48 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from transformers import LogitsProcessorList, StoppingCriteriaList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from pipeline.models import LoopLMForCausalLM, MeltCache, MeltForCausalLM
 
 CONTENDERS = ("standard", "looplm", "looplm_lastkv", "looplm_lastkv_chunked", "melt")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How tokens are picked (greedy at temperature 0, else sampled with temperature and top-p,
+    no top-k) and what ends generation: exactly new_tokens tokens (fixed-width synthetic answers)
+    unless eos ids or stopping criteria are given."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    eos_token_id: Optional[list[int]] = None
+    pad_token_id: int = 0
+    stopping_criteria: Optional[StoppingCriteriaList] = None
+
+    @property
+    def sampled(self) -> bool:
+        return self.temperature > 0
+
+    def generate_kwargs(self, new_tokens: int) -> dict:
+        kwargs = dict(max_new_tokens=new_tokens, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
+                      return_dict_in_generate=True, do_sample=self.sampled)
+        if self.eos_token_id is None and self.stopping_criteria is None:
+            kwargs["min_new_tokens"] = new_tokens
+        if self.stopping_criteria is not None:
+            kwargs["stopping_criteria"] = self.stopping_criteria
+        if self.sampled:  # top_k=0: a model's generation_config must not add its own top-k
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=0)
+        return kwargs
+
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token [B, 1] from last-position logits [B, V], as generate would pick it."""
+        if not self.sampled:
+            return logits.argmax(-1, keepdim=True)
+        warp = LogitsProcessorList([TemperatureLogitsWarper(self.temperature), TopPLogitsWarper(self.top_p)])
+        return torch.multinomial(torch.softmax(warp(None, logits.float()), -1), 1)
+
+
+GREEDY = Decoding()
 
 
 @dataclass
@@ -30,28 +68,27 @@ class Contender:
     parameters: int
     lastkv_from: Optional[LoopLMForCausalLM] = None  # Ouro setting: the LoopLM that runs the prompt
 
-    def generate(self, prompt: torch.Tensor, attention_mask: torch.Tensor, new_tokens: int):
-        """Greedy decoding of exactly new_tokens tokens; returns (tokens [B, new_tokens], cache)."""
+    def generate(self, prompt: torch.Tensor, attention_mask: torch.Tensor, new_tokens: int,
+                 decoding: Decoding = GREEDY):
+        """Decoding of new_tokens tokens (greedy by default; fewer where decoding stops early);
+        returns (tokens [B, <= new_tokens], cache)."""
         if self.lastkv_from is None:
-            out = self.model.generate(prompt, attention_mask=attention_mask, max_new_tokens=new_tokens,
-                                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                                      eos_token_id=None, return_dict_in_generate=True)
+            out = self.model.generate(prompt, attention_mask=attention_mask, **decoding.generate_kwargs(new_tokens))
             return out.sequences[:, prompt.shape[1]:], out.past_key_values
-        return self._generate_lastkv(prompt, attention_mask, new_tokens)
+        return self._generate_lastkv(prompt, attention_mask, new_tokens, decoding)
 
     @torch.no_grad()
-    def _generate_lastkv(self, prompt, attention_mask, new_tokens):
+    def _generate_lastkv(self, prompt, attention_mask, new_tokens, decoding):
         looplm = self.lastkv_from
         prefill = looplm(prompt, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
-        first = prefill.logits[:, -1].argmax(-1, keepdim=True)
+        first = decoding.pick(prefill.logits[:, -1])
         cache = last_loop_cache(prefill.past_key_values)
         if new_tokens == 1:
             return first, cache
         ids = torch.cat([prompt, first], dim=1)
         mask = torch.cat([attention_mask, torch.ones_like(first)], dim=1)
-        out = self.model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new_tokens - 1,
-                                  min_new_tokens=new_tokens - 1, do_sample=False, pad_token_id=0,
-                                  eos_token_id=None, return_dict_in_generate=True)
+        out = self.model.generate(ids, attention_mask=mask, past_key_values=cache,
+                                  **decoding.generate_kwargs(new_tokens - 1))
         return out.sequences[:, prompt.shape[1]:], out.past_key_values
 
 
