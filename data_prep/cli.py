@@ -1,4 +1,4 @@
-"""``python -m data_prep {text,synthetic,train-tokenizer,inspect,bench}``.
+"""``python -m data_prep {text,chat,synthetic,synthetic-chat,train-tokenizer,inspect,bench}``.
 
 The flags of each subcommand are generated from its config model (config.py), so a YAML
 ``--config`` and the command line accept the same keys; flags given override the file.
@@ -15,20 +15,36 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel
 
-from .config import (BenchConfig, InspectConfig, SyntheticConfig, TextConfig, TrainTokenizerConfig,
-                     load_config)
+from .config import (BenchConfig, ChatConfig, InspectConfig, SyntheticChatConfig, SyntheticConfig, TextConfig,
+                     TrainTokenizerConfig, load_config)
 from .errors import DataPrepError
 
 
 def _run_text(cfg: TextConfig) -> str:
     from .text import prepare_text
 
-    r = prepare_text(cfg)
-    m = r.manifest
-    counts = (f"{m['documents']:,} documents, {m['tokens']:,} tokens -> {m['windows']:,} windows of "
-              f"{m['seq_len']} ({m['dropped_tokens']:,} tokens dropped, "
-              f"{m['skipped_documents']['total']:,} documents skipped)") if r.built else ""
-    return _summary(cfg.out, r.built, counts, m.get("tokens", 0), r.seconds)
+    return _rows_summary(cfg.out, prepare_text(cfg), lambda m: (
+        f"{m['documents']:,} documents, {m['tokens']:,} tokens -> {m['windows']:,} windows of "
+        f"{m['seq_len']} ({m['dropped_tokens']:,} tokens dropped, "
+        f"{m['skipped_documents']['total']:,} documents skipped)"))
+
+
+def _run_chat(cfg: ChatConfig) -> str:
+    from .chat import prepare_chat
+
+    return _rows_summary(cfg.out, prepare_chat(cfg), lambda m: (
+        f"{m['documents']:,} conversations, {m['tokens']:,} tokens ({m['assistant_tokens']:,} assistant) "
+        f"-> {m['windows']:,} rows of {m['seq_len']} ({m['pack']}; {m['padding_tokens']:,} padding tokens, "
+        f"{m['truncated_conversations']:,} conversations truncated, {m['dropped_conversations']['total']:,} "
+        f"dropped, {m['skipped_documents']['total']:,} skipped)"))
+
+
+def _run_synthetic_chat(cfg: SyntheticChatConfig) -> str:
+    from .synthetic.chat import prepare_synthetic_chat
+
+    r = prepare_synthetic_chat(cfg)
+    held_out = f"; eval: {r.eval:,} -> {cfg.eval_out}" if cfg.eval_out is not None else ""
+    return f"done: task {cfg.task}, train: {r.train:,} conversations -> {cfg.out}{held_out}"
 
 
 def _run_synthetic(cfg: SyntheticConfig) -> str:
@@ -41,6 +57,11 @@ def _run_synthetic(cfg: SyntheticConfig) -> str:
                     tokens, r.seconds)
 
 
+def _rows_summary(out: str, r: Any, counts: Callable[[dict[str, Any]], str]) -> str:
+    """The summary of a text or chat run (passes.Prepared); ``counts`` phrases its manifest."""
+    return _summary(out, r.built, counts(r.manifest) if r.built else "", r.manifest.get("tokens", 0), r.seconds)
+
+
 def _summary(out: str, built: bool, counts: str, tokens: int, seconds: float) -> str:
     if not built:
         return f"{out} is up to date (same inputs and arguments); nothing to do"
@@ -51,7 +72,8 @@ def _run_train_tokenizer(cfg: TrainTokenizerConfig) -> str:
     from .train_tokenizer import train_tokenizer
 
     tok = train_tokenizer(cfg)
-    return f"done: byte-level BPE, {len(tok):,} tokens (EOS {tok.eos_token!r}) -> {cfg.out}"
+    template = f", chat template {cfg.chat_template}" if cfg.chat_template is not None else ""
+    return f"done: byte-level BPE, {len(tok):,} tokens (EOS {tok.eos_token!r}{template}) -> {cfg.out}"
 
 
 def _run_inspect(cfg: InspectConfig) -> str:
@@ -68,7 +90,9 @@ def _run_bench(cfg: BenchConfig) -> str:
 
 COMMANDS: dict[str, tuple[type[BaseModel], Callable[[Any], str], str]] = {
     "text": (TextConfig, _run_text, "tokenize documents into fixed windows (MDS shards)"),
+    "chat": (ChatConfig, _run_chat, "render conversations with a chat template; loss on assistant tokens"),
     "synthetic": (SyntheticConfig, _run_synthetic, "generate a reasoning task (train/eval/tokenizer)"),
+    "synthetic-chat": (SyntheticChatConfig, _run_synthetic_chat, "a reasoning task as conversations (JSONL)"),
     "train-tokenizer": (TrainTokenizerConfig, _run_train_tokenizer, "train a byte-level BPE tokenizer"),
     "inspect": (InspectConfig, _run_inspect, "show a prepared dataset: counts, samples, manifest"),
     "bench": (BenchConfig, _run_bench, "throughput of the text stage against the raw tokenizer"),

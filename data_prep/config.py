@@ -64,8 +64,8 @@ class WriteConfig(_Config):
         return sorted(set(value))
 
 
-class TextConfig(WriteConfig):
-    """``python -m data_prep text``: documents -> fixed windows of token ids."""
+class RowsConfig(WriteConfig):
+    """Options shared by the commands that tokenize a source into rows (text, chat)."""
 
     NON_SEMANTIC: ClassVar[frozenset[str]] = WriteConfig.NON_SEMANTIC | {"part_chars"}
 
@@ -73,19 +73,16 @@ class TextConfig(WriteConfig):
     dataset: str | None = Field(None, description="a `datasets` dataset: hub name, data folder or saved dataset")
     split: str = Field("train", description="dataset split (with --dataset)")
     subset: str | None = Field(None, description="dataset configuration name (with --dataset)")
-    text_field: str = Field("text", description="document field in .jsonl/.parquet/datasets rows")
     tokenizer: str = Field(description="AutoTokenizer directory or name (fast tokenizer with an EOS token)")
-    seq_len: int = Field(ge=2, description="tokens per window")
-    pack: Literal["concat", "pad"] = Field(
-        "concat", description="concat: documents joined with EOS; pad: one padded window per document")
-    max_docs: int | None = Field(None, ge=1, description="stop after this many documents")
+    seq_len: int = Field(ge=2, description="tokens per row")
+    max_docs: int | None = Field(None, ge=1, description="stop after this many documents (rows of the input)")
     on_bad_doc: Literal["error", "skip"] = Field("error", description=BAD_DOC_HELP)
     dtype: Literal["auto", "uint16", "uint32"] = Field(
         "auto", description="input_ids dtype; auto = uint16 when the vocabulary fits")
     part_chars: int = Field(1_000_000, ge=1, description="characters per tokenization task (load balancing only)")
 
     @model_validator(mode="after")
-    def _one_source(self) -> TextConfig:
+    def _one_source(self) -> RowsConfig:
         if (self.input is None) == (self.dataset is None):
             raise ValueError("give exactly one of input (files) or dataset")
         if self.input is not None and not self.input:
@@ -93,8 +90,32 @@ class TextConfig(WriteConfig):
         return self
 
 
-class SyntheticConfig(WriteConfig):
-    """``python -m data_prep synthetic``: a reasoning task -> DIR/train, DIR/eval, DIR/tokenizer."""
+class TextConfig(RowsConfig):
+    """``python -m data_prep text``: documents -> fixed windows of token ids."""
+
+    text_field: str = Field("text", description="document field in .jsonl/.parquet/datasets rows")
+    pack: Literal["concat", "pad"] = Field(
+        "concat", description="concat: documents joined with EOS; pad: one padded window per document")
+
+
+class ChatConfig(RowsConfig):
+    """``python -m data_prep chat``: conversations ({"messages": [{role, content}], "system"?}) ->
+    rows of token ids with a loss mask on the assistant tokens (chat_layout.py)."""
+
+    input: list[str] | None = Field(None, description="files, directories or globs (.jsonl, .jsonl.gz)")
+    on_bad_doc: Literal["error", "skip"] = Field(
+        "error", description="a malformed conversation stops the run, or is skipped and counted")
+    chat_template: str | None = Field(
+        None, description="Jinja file replacing the tokenizer's chat template, or 'chatml'")
+    pack: Literal["packed", "pad"] = Field(
+        "packed", description="packed: whole conversations greedily into rows; pad: one conversation per row")
+    long: Literal["drop", "truncate"] = Field(
+        "drop", description="a conversation longer than --seq-len: dropped (default), or cut to its first "
+                            "seq_len tokens (dropped all the same when no assistant token is left)")
+
+
+class TaskConfig(_Config):
+    """Which problems of a synthetic task, shared by ``synthetic`` and ``synthetic-chat``."""
 
     task: Literal["s3", "pointer", "arith"] = Field("s3", description="s3 (default, calibrated), pointer or arith")
     seed: int = Field(0, ge=0, description="seed of the train split; the eval split uses a different stream")
@@ -102,10 +123,28 @@ class SyntheticConfig(WriteConfig):
     min_difficulty: int | None = Field(None, ge=1, description="smallest k (hops/steps); task default if unset")
     max_difficulty: int | None = Field(None, ge=1, description="largest k; task default if unset")
     eval_per_difficulty: int = Field(500, ge=1, description="eval samples per k")
+    params: dict[str, int] = Field({}, description="task parameters KEY=VALUE (pointer: distractors; arith: modulus)")
+    samples_per_part: int = Field(
+        50_000, ge=1, description="train samples per generation task (one seed stream; synthetic: one MDS subfolder)")
+
+
+class SyntheticConfig(WriteConfig, TaskConfig):
+    """``python -m data_prep synthetic``: a reasoning task -> DIR/train, DIR/eval, DIR/tokenizer."""
+
     running_product: bool = Field(
         True, description="s3: also supervise the running product at prompt positions (train split)")
-    params: dict[str, int] = Field({}, description="task parameters KEY=VALUE (pointer: distractors; arith: modulus)")
-    samples_per_part: int = Field(50_000, ge=1, description="train samples per generation task / MDS subfolder")
+
+
+class SyntheticChatConfig(TaskConfig):
+    """``python -m data_prep synthetic-chat``: a reasoning task as conversations in JSONL (the
+    same problems as ``synthetic`` with the same seed), for ``chat`` and a GSM8K-style evaluation."""
+
+    out: str = Field(description="JSONL file of the train conversations (.jsonl or .jsonl.gz)")
+    eval_out: str | None = Field(None, description="JSONL file of the held-out eval conversations")
+    system: str | None = Field(None, description="system prompt added to every conversation")
+    trace: bool = Field(True, description="the assistant writes the task's intermediate steps (s3: running "
+                                          "products) before '#### ' and the answer")
+    overwrite: bool = Field(False, description="replace existing output files")
 
 
 class TrainTokenizerConfig(_Config):
@@ -118,6 +157,8 @@ class TrainTokenizerConfig(_Config):
     min_frequency: int = Field(2, ge=1, description="minimum pair frequency for a merge")
     max_docs: int | None = Field(None, ge=1, description="train on at most this many documents")
     on_bad_doc: Literal["error", "skip"] = Field("error", description=BAD_DOC_HELP)
+    chat_template: str | None = Field(
+        None, description="'chatml' (adds <|im_start|> and <|im_end|>) or a Jinja file: stored as the chat template")
     overwrite: bool = Field(False, description="replace a non-empty --out")
 
 

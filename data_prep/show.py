@@ -1,5 +1,6 @@
 """``data_prep inspect DIR``: counts, a few decoded samples and the manifest of a dataset
-(or of each split of a synthetic root)."""
+(or of each split of a synthetic root). Chat rows show each conversation of the row whole,
+the trained (assistant) tokens between « and »."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from .errors import DataPrepError
 from .manifest import INDEX, MANIFEST, read_manifest, tokenizer_location
 
 IGNORE = -100
+TRAINED = "«{}»"
 
 
 def _decoder(directory: Path, manifest: dict[str, Any]) -> Any:
@@ -29,8 +31,30 @@ def _render(tok: Any, ids: np.ndarray) -> str:
     return repr(tok.decode(ids)) if tok is not None else str(ids)
 
 
+def _marked(tok: Any, ids: np.ndarray, mask: np.ndarray) -> str:
+    """The tokens decoded run by run, the runs with mask 1 marked."""
+    cuts = np.flatnonzero(np.diff(mask)) + 1
+    runs = zip(np.split(ids, cuts), np.split(mask, cuts))
+    return "".join(TRAINED.format(tok.decode([int(i) for i in run])) if m[0] else tok.decode([int(i) for i in run])
+                   for run, m in runs)
+
+
+def _chat_lines(tok: Any, sample: dict[str, Any]) -> list[str]:
+    segments = sample["segment_ids"]
+    lines = []
+    for number in range(1, int(segments.max()) + 1):
+        at = segments == number
+        ids, mask = sample["input_ids"][at], sample["loss_mask"][at]
+        text = _marked(tok, ids, mask) if tok is not None else f"ids {ids.tolist()}, mask {mask.tolist()}"
+        lines.append(f"conversation {number} ({len(ids)} tokens, {int(mask.sum())} trained): {text[:600]!r}"
+                     + ("..." if len(text) > 600 else ""))
+    return lines + [f"padding: {int((segments == 0).sum())} tokens"]
+
+
 def _sample_lines(tok: Any, sample: dict[str, Any]) -> list[str]:
     ids = sample["input_ids"]
+    if "segment_ids" in sample:
+        return _chat_lines(tok, sample)
     if "prompt_length" in sample:  # synthetic: prompt | answer, and every trained target
         cut = int(sample["prompt_length"])
         labels = sample["labels"]
@@ -54,6 +78,12 @@ def _one(directory: Path, samples: int) -> list[str]:
              f"({nbytes / 1e6:.1f} MB); documents {manifest['documents']:,}, tokens {manifest['tokens']:,}, "
              f"windows {manifest['windows']:,} of {manifest['seq_len']}, dropped tokens "
              f"{manifest['dropped_tokens']:,}; index sha256 {manifest['index_sha256'][:12]} (verified)"]
+    if manifest["kind"] == "chat":
+        dropped = manifest["dropped_conversations"]
+        lines.append(f"conversations {manifest['documents']:,} ({manifest['pack']}): assistant tokens "
+                     f"{manifest['assistant_tokens']:,}, padding {manifest['padding_tokens']:,}, truncated "
+                     f"{manifest['truncated_conversations']:,}, dropped {dropped['total']:,} {dropped['by_reason']}; "
+                     f"template: {manifest['chat_template']['source']}")
     dataset = LocalDataset(str(directory))
     tok = _decoder(directory, manifest)
     for i in range(min(samples, len(dataset))):

@@ -2,6 +2,8 @@
 
 Each document carries its origin ("file:line", "file:row N") so that a bad one can be named.
 A .txt file is one document. Reading order is deterministic: inputs sorted, rows in file order.
+What a JSONL or dataset row holds is decided by a row parser, ``(row, origin) -> item or
+BadDocument``: a text field here (text_rows), a conversation for chat (conversations.py).
 """
 
 from __future__ import annotations
@@ -13,14 +15,19 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from .errors import DataPrepError
+
+if TYPE_CHECKING:
+    from .config import RowsConfig
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 
 
 @dataclass(frozen=True)
@@ -53,11 +60,7 @@ class SkipCounter:
                 "examples": self.examples}
 
 
-def _supported(path: Path) -> bool:
-    return path.name.endswith(SUFFIXES)
-
-
-def expand_inputs(patterns: Iterable[str]) -> list[Path]:
+def expand_inputs(patterns: Iterable[str], suffixes: tuple[str, ...] = SUFFIXES) -> list[Path]:
     """Files named by paths, directories (searched recursively) or globs; sorted, deduplicated."""
     files: list[Path] = []
     for pattern in patterns:
@@ -66,14 +69,14 @@ def expand_inputs(patterns: Iterable[str]) -> list[Path]:
             raise DataPrepError(f"input {pattern!r}: no such file, directory or glob match")
         for match in map(Path, matches):
             if match.is_dir():
-                found = sorted(p for p in match.rglob("*") if p.is_file() and _supported(p))
+                found = sorted(p for p in match.rglob("*") if p.is_file() and p.name.endswith(suffixes))
                 if not found:
-                    raise DataPrepError(f"input {match}: directory holds no {', '.join(SUFFIXES)} file")
+                    raise DataPrepError(f"input {match}: directory holds no {', '.join(suffixes)} file")
                 files.extend(found)
-            elif _supported(match):
+            elif match.name.endswith(suffixes):
                 files.append(match)
             else:
-                raise DataPrepError(f"input {match}: unsupported file type (expected {', '.join(SUFFIXES)})")
+                raise DataPrepError(f"input {match}: unsupported file type (expected {', '.join(suffixes)})")
     return sorted({p.resolve() for p in files})
 
 
@@ -95,7 +98,7 @@ def _read_txt(path: Path) -> Iterator[Document | BadDocument]:
     yield text if isinstance(text, BadDocument) else Document(text, f"{path}:1")
 
 
-def _field(row: Any, text_field: str, origin: str) -> Document | BadDocument:
+def _field(row: Any, origin: str, text_field: str) -> Document | BadDocument:
     if not isinstance(row, dict):
         return BadDocument(origin, f"not a JSON object: {type(row).__name__}")
     if text_field not in row:
@@ -111,7 +114,12 @@ def _field(row: Any, text_field: str, origin: str) -> Document | BadDocument:
     return Document(value, origin)
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[Document | BadDocument]:
+def text_rows(text_field: str) -> Callable[[Any, str], Document | BadDocument]:
+    """The row parser of text: the document is the string in ``text_field``."""
+    return partial(_field, text_field=text_field)
+
+
+def _read_jsonl(path: Path, parse: Callable[[Any, str], Any]) -> Iterator[Any]:
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rb") as handle:
@@ -127,7 +135,7 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[Document | BadDocument]
                 except json.JSONDecodeError as err:
                     yield BadDocument(f"{path}:{number}", f"invalid JSON: {err.msg} at column {err.colno}")
                     continue
-                yield _field(row, text_field, f"{path}:{number}")
+                yield parse(row, f"{path}:{number}")
     except (OSError, EOFError) as err:  # truncated or corrupt gzip
         raise DataPrepError(f"{path}: cannot read: {err}") from None
 
@@ -150,7 +158,7 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[Document | BadDocumen
             if value is None:
                 yield BadDocument(origin, f"field {text_field!r} is null")
             else:
-                yield _field({text_field: value}, text_field, origin)
+                yield _field({text_field: value}, origin, text_field)
 
 
 def read_files(files: list[Path], text_field: str) -> Iterator[Document | BadDocument]:
@@ -160,7 +168,12 @@ def read_files(files: list[Path], text_field: str) -> Iterator[Document | BadDoc
         elif path.name.endswith(".parquet"):
             yield from _read_parquet(path, text_field)
         else:
-            yield from _read_jsonl(path, text_field)
+            yield from _read_jsonl(path, text_rows(text_field))
+
+
+def read_jsonl(files: list[Path], parse: Callable[[Any, str], Any]) -> Iterator[Any]:
+    for path in files:
+        yield from _read_jsonl(path, parse)
 
 
 def _open_dataset(name: str, subset: str | None, split: str) -> Iterable[Any]:
@@ -181,9 +194,9 @@ def _open_dataset(name: str, subset: str | None, split: str) -> Iterable[Any]:
         raise DataPrepError(f"cannot open dataset {name!r} (subset {subset}, split {split}): {err}") from None
 
 
-def read_dataset(name: str, subset: str | None, split: str, text_field: str) -> Iterator[Document | BadDocument]:
+def read_dataset(name: str, subset: str | None, split: str, parse: Callable[[Any, str], Any]) -> Iterator[Any]:
     for row, item in enumerate(_open_dataset(name, subset, split), start=1):
-        yield _field(item, text_field, f"{name}[{split}]:row {row}")
+        yield parse(item, f"{name}[{split}]:row {row}")
 
 
 def describe_dataset(name: str, subset: str | None, split: str) -> dict[str, Any]:
@@ -193,9 +206,21 @@ def describe_dataset(name: str, subset: str | None, split: str) -> dict[str, Any
     return identity
 
 
-def good_documents(items: Iterable[Document | BadDocument], on_bad: str, skipped: SkipCounter,
-                   max_docs: int | None = None) -> Iterator[Document]:
-    """Apply the bad-document policy; empty documents are always skipped (and counted)."""
+def open_source(cfg: RowsConfig, parse: Callable[[Any, str], Any], read: Callable[[list[Path]], Iterator[Any]],
+                suffixes: tuple[str, ...] = SUFFIXES) -> tuple[Any, Callable[[], Iterator[Any]]]:
+    """The identity of ``cfg``'s input (files or dataset; for the fingerprint) and a reader of
+    its items: ``read`` over the files (of these suffixes), or ``parse`` over the dataset's rows."""
+    if cfg.input is not None:
+        files = expand_inputs(cfg.input, suffixes)
+        return describe_files(files), partial(read, files)
+    return (describe_dataset(cfg.dataset, cfg.subset, cfg.split),
+            partial(read_dataset, cfg.dataset, cfg.subset, cfg.split, parse))
+
+
+def good_documents(items: Iterable[Any], on_bad: str, skipped: SkipCounter,
+                   max_docs: int | None = None) -> Iterator[Any]:
+    """Apply the bad-document policy; empty documents are always skipped (and counted). Items
+    other than Document/BadDocument (conversations) pass as they are."""
     count = 0
     for item in items:
         if isinstance(item, Document) and not item.text:

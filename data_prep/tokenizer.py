@@ -38,10 +38,18 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     return tok
 
 
-def tokenizer_sha256(tok: PreTrainedTokenizerFast) -> str:
-    """Hash of what decides the ids: the Rust tokenizer and the special tokens."""
+def pad_id(tok: PreTrainedTokenizerFast) -> int:
+    """The id that pads rows: the tokenizer's pad token, else EOS."""
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def tokenizer_sha256(tok: PreTrainedTokenizerFast, chat_template: str | None = None) -> str:
+    """Hash of what decides the ids: the Rust tokenizer and the special tokens (and, for chat,
+    the template that renders the conversations)."""
     state = {"tokenizer": json.loads(tok.backend_tokenizer.to_str()),
              "special": tok.special_tokens_map, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
+    if chat_template is not None:
+        state["chat_template"] = chat_template
     return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
 
@@ -76,8 +84,11 @@ def encode_documents(tok: PreTrainedTokenizerFast, texts: list[str], dtype: np.d
     return flat, np.cumsum(lengths + 1)
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int, out: Path) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (GPT-2 style) saved for AutoTokenizer, EOS = BOS = UNK = <|endoftext|>."""
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int, out: Path,
+              chat_template: str | None = None, chat_specials: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (GPT-2 style) saved for AutoTokenizer, EOS = BOS = UNK = <|endoftext|>;
+    with ``chat_template``, that template is stored and ``chat_specials`` (e.g. <|im_start|>,
+    <|im_end|>) are special tokens, one id each, after EOS and PAD."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -85,10 +96,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int, out: Pa
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=[EOS, PAD], show_progress=True,
+                                  special_tokens=[EOS, PAD, *chat_specials], show_progress=True,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator(texts, trainer=trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, bos_token=EOS,
-                                  unk_token=EOS, pad_token=PAD)
+                                  unk_token=EOS, pad_token=PAD,
+                                  **({"additional_special_tokens": list(chat_specials)} if chat_specials else {}))
+    tok.chat_template = chat_template
     tok.save_pretrained(str(out))
     return tok

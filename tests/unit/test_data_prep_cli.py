@@ -12,7 +12,8 @@ from tests.data_prep.support import tokenizer_dir  # noqa: F401  (fixtures)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "data"
 COMMAND_OF = {"s3": "synthetic", "pointer": "synthetic", "arith": "synthetic", "text": "text",
-              "text_dataset": "text", "tokenizer": "train-tokenizer"}
+              "text_dataset": "text", "tokenizer": "train-tokenizer",
+              "chat": "chat"}
 
 
 def test_trained_tokenizer_loads_with_eos_and_refuses_a_used_folder(tokenizer_dir, tmp_path, capsys):

@@ -1,20 +1,13 @@
 """Output rules of a run: rerun no-op, refusal without --overwrite, interrupted runs."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from data_prep.errors import DataPrepError
 from data_prep.manifest import read_manifest
-from tests.data_prep.support import make_docs, manifest, run_cli, text_args, write_jsonl
+from tests.data_prep.support import kill_while_reading, make_docs, manifest, run_cli, text_args, write_jsonl
 from tests.data_prep.support import tokenizer_dir  # noqa: F401  (fixtures)
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _snapshot(directory: Path) -> dict[str, int]:
@@ -77,48 +70,16 @@ def test_failure_mid_run_leaves_nothing_that_looks_complete(tmp_path, tokenizer_
     assert read_manifest(out) == old
 
 
-def _open_writer(fifo: Path, proc: subprocess.Popen, log: Path, timeout: float = 60):
-    """Open the FIFO for writing once the run has opened it for reading (without hanging if
-    the run died first)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError:  # ENXIO: no reader yet
-            time.sleep(0.05)
-            continue
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "w")
-    raise AssertionError(f"the run never opened its input: {log.read_text()[-2000:]}")
-
-
 def test_killed_run_is_not_taken_as_complete_and_rerun_works(tmp_path, tokenizer_dir):
     """SIGKILL while the run is reading its input (a FIFO we hold open), then rerun."""
     docs = make_docs(60)
-    fifo = tmp_path / "stream.jsonl"
-    os.mkfifo(fifo)
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "data_prep", *map(str, text_args(fifo, tokenizer_dir, out, 16, "--part-chars", 200))]
-    log = tmp_path / "run.log"
-    with log.open("w") as stderr:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
-    try:
-        with _open_writer(fifo, proc, log) as writer:
-            writer.write(write_jsonl(tmp_path / "half.jsonl", docs[:30]).read_text())
-            writer.flush()
-            deadline = time.time() + 60
-            while not list(tmp_path.glob(".out.partial/.scratch/*.npy")) and time.time() < deadline:
-                time.sleep(0.05)
-            assert list(tmp_path.glob(".out.partial/.scratch/*.npy")), "the run did not start tokenizing"
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(30)
-    finally:
-        proc.kill()
+    fifo, out = tmp_path / "stream.jsonl", tmp_path / "out"
+    kill_while_reading(text_args(fifo, tokenizer_dir, out, 16, "--part-chars", 200), fifo,
+                       write_jsonl(tmp_path / "half.jsonl", docs[:30]).read_text(), ".out.partial/.scratch/*.npy")
     assert not out.exists()
     with pytest.raises(DataPrepError, match="not a complete prepared dataset"):
         read_manifest(out)
 
-    fifo.unlink()
     write_jsonl(fifo, docs)  # the same path, now a regular file with the whole input
     assert run_cli(*text_args(fifo, tokenizer_dir, out, 16)) == 0
     assert read_manifest(out)["documents"] == len(docs)
