@@ -2,12 +2,15 @@
 a line, for ``data_prep chat`` and a GSM8K-style evaluation:
 
     {"messages": [{"role": "user", "content": "p120 p021 ="},
-                  {"role": "assistant", "content": "p120 #### 2 0 1"}],
-     "answer": "2 0 1", "task": "s3", "difficulty": 2}
+                  {"role": "assistant", "content": "p120 #### 201"}],
+     "question": "p120 p021 =", "answer": "p120 #### 201", "final": "201", "task": "s3", "difficulty": 2}
 
 The user turn is the prompt's words; the assistant turn, with ``trace``, the task's
 intermediate steps (s3: the running products g1, g1g2, ...; other tasks have none), then
-``####`` and the answer's words, which ``answer`` repeats. The problems are those of
+``####`` and the final answer: digits written as one number (s3's permutation 2 0 1 as 201),
+so that GSM8K-style extraction reads it; other answers keep their words. ``question`` and
+``answer`` repeat the two turns in GSM8K's format, so the eval file is also a GSM8K-format
+file for ``pipeline.evaluate --math gsm8k=FILE``; ``final`` is the final answer alone. The problems are those of
 ``data_prep synthetic`` with the same seed, task and difficulties (generate.py); the eval file
 holds the held-out eval problems.
 """
@@ -33,10 +36,13 @@ ANSWER_MARK = "####"
 
 def conversation(problem: Problem, k: int, cfg: SyntheticChatConfig) -> dict[str, Any]:
     steps = [t for t in problem.intermediate or [] if t is not None] if cfg.trace else []
-    answer = " ".join(problem.answer)
-    row: dict[str, Any] = {"messages": [{"role": "user", "content": " ".join(problem.prompt)},
-                                        {"role": "assistant", "content": " ".join([*steps, ANSWER_MARK, answer])}],
-                           "answer": answer, "task": cfg.task, "difficulty": k}
+    words = list(problem.answer)
+    final = "".join(words) if all(w.isdigit() for w in words) else " ".join(words)
+    question, solution = " ".join(problem.prompt), " ".join([*steps, ANSWER_MARK, final])
+    row: dict[str, Any] = {"messages": [{"role": "user", "content": question},
+                                        {"role": "assistant", "content": solution}],
+                           "question": question, "answer": solution, "final": final, "task": cfg.task,
+                           "difficulty": k}
     if cfg.system:
         row["system"] = cfg.system
     return row

@@ -318,11 +318,12 @@ def test_synthetic_chat_is_the_synthetic_task_as_conversations(tmp_path, chat_to
     for r in rows + evals:
         user, assistant = r["messages"]
         steps, _, answer = assistant["content"].partition("#### ")
-        assert answer == r["answer"] and len(steps.split()) == r["difficulty"] - 1  # running products g1..g(k-1)
+        assert answer == r["final"] and len(steps.split()) == r["difficulty"] - 1  # running products g1..g(k-1)
+        assert (r["question"], r["answer"]) == (user["content"], assistant["content"])  # GSM8K's format too
         perm = (0, 1, 2)
         for g in user["content"].split()[:-1]:
             perm = tuple(int(g[1:][x]) for x in perm)
-        assert r["answer"] == " ".join(map(str, perm))
+        assert r["final"] == "".join(map(str, perm))
     train_prompts = {r["messages"][0]["content"] for r in rows}
     assert not {r["messages"][0]["content"] for r in evals if r["difficulty"] >= 4} & train_prompts
     assert run_cli("synthetic-chat", "--out", train, "--train-samples", 5) == 1
