@@ -4,8 +4,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .cache import LoopLMCache, MeltCache
 from .exits import exit_entropy, exit_probabilities, q_exit_loop
-from .looplm import LoopLMConfig, LoopLMForCausalLM, LoopLMModel, LoopLMOutput
+from .looplm import LoopedPreTrainedModel, LoopLMConfig, LoopLMForCausalLM, LoopLMModel, LoopLMOutput
 from .melt import GATE_VARIANTS, MeltConfig, MeltForCausalLM, MeltModel, MeltOutput
+from .standalone import write_standalone
+
+# here, not in looplm.py: the standalone file generated from looplm.py must not import its generator
+LoopedPreTrainedModel.standalone_writer = staticmethod(write_standalone)
 
 AutoConfig.register(LoopLMConfig.model_type, LoopLMConfig, exist_ok=True)
 AutoModelForCausalLM.register(LoopLMConfig, LoopLMForCausalLM, exist_ok=True)

@@ -6,8 +6,9 @@ remote code. Semantics: DESIGN.md 2.1.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -152,6 +153,9 @@ class LoopedPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
+    # (directory, model_type) -> auto_map: writes the standalone modelling file. Set by pipeline.models
+    # (pipeline/models/standalone.py); None in that generated file, which is itself the modelling code.
+    standalone_writer: Optional[Callable[[str, str], dict]] = None
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -192,6 +196,28 @@ class LoopedPreTrainedModel(PreTrainedModel):
             raise ValueError(f"checkpoint {pretrained_model_name_or_path} does not fit {cls.__name__}: "
                              + "; ".join(problems))
         return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory, *args, standalone: bool = False, **kwargs):
+        """Hugging Face saving; standalone=True also writes the generated modelling file beside the weights
+        and names it in config.json's `auto_map`, so that transformers loads the checkpoint with
+        trust_remote_code=True where this package is not installed. Without it the config is saved as it
+        is (an auto_map it carries, e.g. upstream Ouro's, is kept as before)."""
+        if not standalone:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        if self.standalone_writer is None:
+            raise RuntimeError("save_pretrained(standalone=True) needs the melt-pipeline package, which generates "
+                               "the modelling file from its source; a model loaded with trust_remote_code saves "
+                               "its modelling file with plain save_pretrained")
+        had_map, auto_map = hasattr(self.config, "auto_map"), getattr(self.config, "auto_map", None)
+        os.makedirs(save_directory, exist_ok=True)
+        self.config.auto_map = self.standalone_writer(save_directory, self.config.model_type)
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:  # the in-memory config is left as it was
+            if had_map:
+                self.config.auto_map = auto_map
+            else:
+                del self.config.auto_map
 
 
 def check_positions(config, past_length: int, seq_length: int) -> None:

@@ -3,7 +3,9 @@
 The weights are the engine's consolidated full state dict (for DeepSpeed: the fp32
 master weights, exactly what `zero_to_fp32` recovers from the final checkpoint), saved
 with the model class's own `save_pretrained` (safetensors), with its config and the
-dataset's tokenizer when the manifest names one.
+dataset's tokenizer when the manifest names one. Every export is standalone (no switch): the
+generated modelling file and config.json's auto_map let transformers load it with
+trust_remote_code=True where this package is not installed, and README.md is its model card.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import json
 import logging
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
+import yaml
 
+from pipeline.model_card import write_model_card
 from pipeline.training import comm
 from pipeline.training.engines.base import Engine
 
@@ -25,10 +30,12 @@ log = logging.getLogger("melt.train")
 
 
 def copy_tokenizer(source: str, out_dir: Path) -> None:
-    """A tokenizer directory's files, or a tokenizer by hub name (from the local cache), into out_dir."""
+    """A tokenizer directory's files, or a tokenizer by hub name (from the local cache), into out_dir.
+    Files the model already wrote there are kept (a model directory used as the tokenizer source must not
+    replace the exported config.json or weights)."""
     if Path(source).is_dir():
         for item in Path(source).iterdir():
-            if item.is_file():
+            if item.is_file() and not (out_dir / item.name).exists():
                 shutil.copy2(item, out_dir / item.name)
         return
     try:
@@ -38,22 +45,18 @@ def copy_tokenizer(source: str, out_dir: Path) -> None:
         log.warning(f"export without a tokenizer: cannot load {source!r} ({err})")
 
 
-def save_hf(model_cls, config, state: dict[str, torch.Tensor], out_dir: Path, dtype: torch.dtype,
-            tokenizer: Optional[str] = None, info: Optional[dict] = None) -> None:
-    """Write a Hugging Face checkpoint directory atomically (temp dir, then rename over out_dir)."""
+@contextmanager
+def atomic_directory(out_dir: Path) -> Iterator[Path]:
+    """A temp dir beside out_dir to fill; on success it replaces out_dir whole, on failure it is removed."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    config = copy.deepcopy(config)
-    config.dtype = dtype
-    with torch.device("meta"):
-        model = model_cls(config)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    if tokenizer is not None:
-        copy_tokenizer(tokenizer, tmp)
-    if info is not None:
-        (tmp / "export_info.json").write_text(json.dumps(info, indent=1, sort_keys=True))
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
     if out_dir.exists():
         os.replace(out_dir, old)
@@ -61,11 +64,33 @@ def save_hf(model_cls, config, state: dict[str, torch.Tensor], out_dir: Path, dt
     shutil.rmtree(old, ignore_errors=True)
 
 
+def save_hf(model_cls, config, state: dict[str, torch.Tensor], out_dir: Path, dtype: torch.dtype,
+            tokenizer: Optional[str] = None, info: Optional[dict] = None, run_dir: Optional[Path] = None) -> None:
+    """Write a standalone Hugging Face checkpoint directory atomically (temp dir, then rename over out_dir).
+    run_dir: the training run whose files the model card reads (phases, steps, data hashes)."""
+    config = copy.deepcopy(config)
+    config.dtype = dtype
+    with torch.device("meta"):
+        model = model_cls(config)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True, standalone=True)
+        if tokenizer is not None:
+            copy_tokenizer(tokenizer, tmp)
+        if info is not None:
+            (tmp / "export_info.json").write_text(json.dumps(info, indent=1, sort_keys=True))
+        try:
+            write_model_card(tmp, run_dir, source=out_dir)
+        except (OSError, ValueError, yaml.YAMLError) as err:  # the card must not cost the trained weights
+            log.error(f"export {out_dir} written without its model card README.md ({err}); write it with "
+                      f"`python -m pipeline.export_hub {run_dir or out_dir} --out DIR`")
+
+
 def export_model(engine: Engine, out_dir: Path, dtype: torch.dtype, tokenizer: Optional[str] = None,
                  info: Optional[dict] = None) -> None:
-    """Collective: gather the full weights, rank 0 writes."""
+    """Collective: gather the full weights, rank 0 writes. out_dir is the trainer's <run_dir>/export."""
     state = engine.full_state_dict()
     if comm.rank() == 0:
         module = engine.module
-        save_hf(type(module), module.config, state, out_dir, dtype, tokenizer, info)
+        save_hf(type(module), module.config, state, out_dir, dtype, tokenizer, info, run_dir=Path(out_dir).parent)
     comm.barrier()
