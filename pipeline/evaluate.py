@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.evaluation.contenders import CONTENDERS, load_contender
+from pipeline.evaluation.contenders import CONTENDERS, load_contender, resolve_device
 from pipeline.evaluation.data import load_eval_split
 from pipeline.evaluation.math_cli import add_math_arguments, math_run
 from pipeline.evaluation.metrics import SCORING_CHUNKINGS, evaluate
@@ -64,6 +64,9 @@ def main(argv=None) -> int:
     parser.add_argument("--scoring-chunking", choices=SCORING_CHUNKINGS, default=None,
                         help="MELT's teacher-forced scoring: decode (prefill + one chunk per token, as generation "
                              "runs; the default where rows have prompts) or forward (the model's own chunking)")
+    parser.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto: bfloat16 on a GPU, float32 on the CPU")
     add_math_arguments(parser)
     args = parser.parse_args(argv)
     if not args.data and not args.math:
@@ -72,10 +75,11 @@ def main(argv=None) -> int:
     models = parse_models(args.model, args.contender)
     math = math_run(args)  # files read before any model loads: a bad row fails at once
     split = load_eval_split(args.data, args.max_samples) if args.data else None
+    device, dtype = resolve_device(args.device, args.dtype)
     results, records = {}, []
     for name, path in models:
-        contender = load_contender(name, path, args.chunk_size)
-        results[name] = {"model_path": str(path)}
+        contender = load_contender(name, path, args.chunk_size, device, dtype)
+        results[name] = {"model_path": str(path), "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
         if split is not None:
             results[name].update(evaluate(contender, split, args.batch_size, args.exit_threshold,
                                           scoring_chunking=args.scoring_chunking))

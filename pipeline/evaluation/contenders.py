@@ -68,6 +68,10 @@ class Contender:
     parameters: int
     lastkv_from: Optional[LoopLMForCausalLM] = None  # Ouro setting: the LoopLM that runs the prompt
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def generate(self, prompt: torch.Tensor, attention_mask: torch.Tensor, new_tokens: int,
                  decoding: Decoding = GREEDY):
         """Decoding of new_tokens tokens (greedy by default; fewer where decoding stops early);
@@ -105,23 +109,33 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def load_contender(name: str, path: str | Path, chunk_size: Optional[int] = None) -> Contender:
+def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """auto: the GPU when there is one (in bfloat16), else the CPU (in float32)."""
+    where = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                         ("cpu" if device == "auto" else device))
+    if dtype == "auto":
+        return where, torch.bfloat16 if where.type == "cuda" else torch.float32
+    return where, getattr(torch, dtype)
+
+
+def load_contender(name: str, path: str | Path, chunk_size: Optional[int] = None,
+                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Contender:
     """name: one of CONTENDERS; path: the export directory (a LoopLM export for standard, looplm and
     the lastkv baselines, a MELT export for melt). chunk_size: MELT's (and the chunked baseline's)
-    prefill chunk size; default: the model's own."""
+    prefill chunk size; default: the model's own. The model is loaded in dtype onto device."""
     if name not in CONTENDERS:
         raise ValueError(f"unknown contender {name!r}; choose from {CONTENDERS}")
     if name == "melt":
-        model = MeltForCausalLM.from_pretrained(path).eval()
+        model = MeltForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         if chunk_size is not None:
             model.config.prompt_chunk_size = chunk_size
         return Contender(name, model, model.config.total_ut_steps, count_parameters(model))
-    looplm = LoopLMForCausalLM.from_pretrained(path).eval()
+    looplm = LoopLMForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     if name == "standard" and looplm.config.total_ut_steps != 1:
         raise ValueError(f"{path} has total_ut_steps={looplm.config.total_ut_steps}; the standard contender is T=1")
     if name in ("standard", "looplm"):
         return Contender(name, looplm, looplm.config.total_ut_steps, count_parameters(looplm))
     baseline = MeltForCausalLM.from_looplm(looplm, gate="overwrite", alpha=1.0,
-                                           chunk_size=chunk_size or 1).eval()
+                                           chunk_size=chunk_size or 1).to(device=device, dtype=dtype).eval()
     return Contender(name, baseline, looplm.config.total_ut_steps, count_parameters(looplm),
                      lastkv_from=looplm if name == "looplm_lastkv" else None)

@@ -68,17 +68,17 @@ def teacher_forced(contender: Contender, split: EvalSplit, batch_size: int, exit
     padded = split.prompt_length is not None
     for start in tqdm(range(0, len(split), batch_size), desc=f"{contender.name}: perplexity", leave=False):
         for rows, decode_from in _scoring_groups(split, start, min(start + batch_size, len(split)), chunking):
-            ids, labels = split.input_ids[rows], split.labels[rows]
+            ids, labels = split.input_ids[rows].to(contender.device), split.labels[rows].to(contender.device)
             mask = leading_pad_mask(ids, pad_id) if padded else None
             extra = {} if decode_from is None else {"decode_from": decode_from}
             out = model(ids, attention_mask=mask, output_loop_logits=True, use_cache=False, **extra)
             targets = shift_labels(labels)
             valid = targets != IGNORE_INDEX
             for t, logits in enumerate(out.loop_logits):
-                ce_sum[t] += token_cross_entropy(logits, targets)[valid].double().sum()
+                ce_sum[t] += token_cross_entropy(logits.float(), targets)[valid].double().sum().cpu()
             probs = exit_probabilities(out.exit_logits)
-            exit_sum += probs[:, valid].double().sum(-1)
-            histogram += torch.bincount(q_exit_loop(probs, exit_threshold)[valid], minlength=loops)
+            exit_sum += probs[:, valid].double().sum(-1).cpu()
+            histogram += torch.bincount(q_exit_loop(probs, exit_threshold)[valid], minlength=loops).cpu()
             tokens += int(valid.sum())
     ce = (ce_sum / max(tokens, 1)).tolist()
     return {
@@ -105,7 +105,7 @@ def generation_accuracy(contender: Contender, split: EvalSplit, batch_size: int,
         for i in batch:
             by_length[int(split.prompt_length[i])].append(i)
         for length, rows in by_length.items():
-            ids = split.input_ids[rows]
+            ids = split.input_ids[rows].to(contender.device)
             prompt, answer = ids[:, :length], ids[:, length:]
             clock = time.perf_counter()
             tokens, _ = contender.generate(prompt, leading_pad_mask(prompt, pad_id), answer.shape[1])
@@ -129,7 +129,7 @@ def generation_accuracy(contender: Contender, split: EvalSplit, batch_size: int,
 def cache_footprint(contender: Contender, split: EvalSplit, pad_id: int = 0) -> dict:
     """KV-cache bytes after generating one eval answer (batch 1), read from the cache object."""
     length = int(split.prompt_length[0]) if split.prompt_length is not None else split.input_ids.shape[1] // 2
-    prompt = split.input_ids[:1, :length]
+    prompt = split.input_ids[:1, :length].to(contender.device)
     new_tokens = split.input_ids.shape[1] - length
     _, cache = contender.generate(prompt, leading_pad_mask(prompt, pad_id), new_tokens)
     cached = cache.get_seq_length()

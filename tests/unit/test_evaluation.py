@@ -107,3 +107,11 @@ def test_cli_writes_json_and_table_with_cache_ratios(tmp_path):
                    "--batch-size", "8", "--scoring-chunking", "forward"])
     melt = json.loads(forward.read_text())["results"]["melt"]
     assert melt["scoring_chunking"] == "forward" and melt["perplexity"] != results["melt"]["perplexity"]
+    # --dtype bfloat16 (what --dtype auto picks on a GPU): the model and its cache in bf16, half the bytes
+    half = tmp_path / "bf16.json"
+    evaluate_main(["--model", f"melt={tmp_path / 'melt'}", "--data", str(data), "--out", str(half),
+                   "--batch-size", "8", "--device", "cpu", "--dtype", "bfloat16"])
+    melt = json.loads(half.read_text())["results"]["melt"]
+    assert (melt["device"], melt["dtype"]) == ("cpu", "bfloat16") and results["melt"]["dtype"] == "float32"
+    assert melt["kv_cache_bytes"] * 2 == results["melt"]["kv_cache_bytes"]
+    assert abs(melt["perplexity"] - results["melt"]["perplexity"]) < 0.05 * results["melt"]["perplexity"]
