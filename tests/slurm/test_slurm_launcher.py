@@ -150,43 +150,6 @@ def test_failing_phase_cancels_its_dependents(slurm_cluster, tmp_path):
     assert not slurm_cluster.queued_jobs(ids)
 
 
-def test_preempted_job_requeues_and_resumes_from_its_checkpoint(slurm_cluster, tmp_path):
-    steps = 8
-    cfg = toy_experiment(tmp_path, {"a": toy(steps=steps, sleep=0.2, ckpt_every=1, hold_at=2),
-                                    "b": toy(steps=1, input="{a/export}")}, name="requeue")
-    run_dir = tmp_path / "run"
-    out = launch("--config", cfg)
-    assert_launched(out)
-    jobs = jobs_of(run_dir)
-    a, b = jobs["a"]["job_id"], jobs["b"]["job_id"]
-    again = launch("--resume-from", run_dir)  # a second launch into a run that is still going is refused
-    assert again.returncode == 2 and "still queued or running" in again.stderr, again.stderr
-    held = run_dir / "a" / "events" / "rank0.jsonl"  # rank 0 holds after checkpointing step 2
-    wait_for(lambda: held.is_file() and '"event": "hold"' in held.read_text(), 120, f"the hold event in {held}")
-    # what SLURM sends signal_delay_s before the time limit, or on preemption (submitit's USR2)
-    slurm_cluster.call("scancel", "--signal=USR2", a, check=True)
-    final = slurm_cluster.wait_jobs([a, b], timeout=300)
-    assert final[a]["JobState"] == "COMPLETED", f"{final[a]}\n{job_logs(jobs['a'])}"
-    assert int(final[a]["Restarts"]) >= 1, final[a]
-    assert final[b]["JobState"] == "COMPLETED", f"{final[b]}\n{job_logs(jobs['b'])}"
-    rank0 = events(run_dir / "a", 0)
-    resumed = [e for e in rank0 if e["event"] == "resume"]
-    assert resumed and resumed[0]["step"] == 2, rank0
-    assert [e["restarts"] for e in rank0 if e["event"] == "start"][-1] >= 1
-    log = Path(jobs["a"]["stdout"]).read_text()
-    assert "requeueing" in log and "attempt 2" in log
-    metrics = [json.loads(line) for line in (run_dir / "a" / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[-1]["step"] == steps
-
-    # the same phase, uninterrupted (local launcher, torchrun, 2 ranks): the same final loss
-    ref = toy_experiment(tmp_path / "ref", {"a": toy(steps=steps, sleep=0, ckpt_every=5)}, name="reference")
-    out = launch("--config", ref, launcher="local.py")
-    assert_launched(out)
-    interrupted = json.loads((run_dir / "a" / "export" / "config.json").read_text())["final_loss"]
-    uninterrupted = json.loads((tmp_path / "ref" / "run" / "a" / "export" / "config.json").read_text())["final_loss"]
-    assert interrupted == uninterrupted
-
-
 def test_clear_errors_before_submission(slurm_cluster, tmp_path):
     cfg = toy_experiment(tmp_path, {"a": toy(), "b": toy(input="{a/export}")}, name="errors")
     out = launch("--config", cfg, "resources.partition=nope")

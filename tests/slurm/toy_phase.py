@@ -1,7 +1,6 @@
 """A tiny real training phase for the launcher tests: the mechanics without the cost of the trainer.
 
     python tests/slurm/toy_phase.py run_dir=DIR [steps=8] [sleep=0.2] [ckpt_every=1] [input=DIR] [fail=true]
-                                    [hold_at=STEP]
 
 Not a mock: every rank resolves its distributed environment with `pipeline.distributed`
 (as the trainer does), joins a gloo process group, and they train a linear regression
@@ -11,9 +10,7 @@ contract expects of a train phase: `<run_dir>/config.yaml` (schedule.total_steps
 `<run_dir>/checkpoints/`, `<run_dir>/metrics.jsonl`, `<run_dir>/export/config.json` (with the final
 loss) and, per rank, `<run_dir>/events/rank<r>.jsonl`
 (start / resume / end records with the environment it saw). `input=DIR` must hold an
-export (config.json). `fail=true` exits with code 3 before training. `hold_at=STEP`: on the first
-attempt only, rank 0 stops after checkpointing STEP (event "hold") until a signal interrupts it
-(at most 120 s), so a test's preemption lands mid-training however slow the machine is.
+export (config.json). `fail=true` exits with code 3 before training.
 """
 
 from __future__ import annotations
@@ -57,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args["run_dir"])
     steps, sleep = int(args.get("steps", 8)), float(args.get("sleep", 0.2))
     ckpt_every = int(args.get("ckpt_every", 1))
-    hold_at = int(args.get("hold_at", 0))
     info = dict(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank, pid=os.getpid(),
                 local_world_size=env.local_world_size, master_addr=env.master_addr, master_port=env.master_port,
                 launcher=env.launcher, job_id=os.environ.get("SLURM_JOB_ID"),
@@ -110,9 +106,6 @@ def main(argv: list[str] | None = None) -> int:
                 tmp = ckpt_dir / f".step_{step + 1:06d}.pt.tmp"
                 torch.save({"w": w, "step": step + 1, "loss": loss}, tmp)
                 tmp.replace(ckpt_dir / f"step_{step + 1:06d}.pt")
-        if env.rank == 0 and step + 1 == hold_at and info["restarts"] == 0:
-            _event(run_dir, env.rank, event="hold", step=step + 1)
-            time.sleep(120)  # submitit's USR2 handler interrupts this (requeue + exit)
         dist.barrier()
         time.sleep(sleep)
     export = run_dir / "export"
