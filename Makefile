@@ -21,6 +21,7 @@ debian-deps:
 	bash scripts/install_debian_deps.sh
 
 test: setup debian-deps
+	$(PY) -m ruff check .
 	$(PY) -m pytest tests
 
 test-fast: setup debian-deps

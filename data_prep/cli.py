@@ -15,8 +15,16 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel
 
-from .config import (BenchConfig, ChatConfig, InspectConfig, SyntheticChatConfig, SyntheticConfig, TextConfig,
-                     TrainTokenizerConfig, load_config)
+from .config import (
+    BenchConfig,
+    ChatConfig,
+    InspectConfig,
+    SyntheticChatConfig,
+    SyntheticConfig,
+    TextConfig,
+    TrainTokenizerConfig,
+    load_config,
+)
 from .errors import DataPrepError
 
 

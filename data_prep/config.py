@@ -14,7 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import DataPrepError
 
-
 INPUT_HELP = "files, directories or globs (.txt = one document, .jsonl, .jsonl.gz, .parquet)"
 BAD_DOC_HELP = "a bad document (no text field, not UTF-8, bad JSON) stops the run, or is skipped and counted"
 

@@ -54,8 +54,15 @@ if __package__ in (None, ""):  # run as a script: import the package (the pickle
     sys.path.insert(0, os.path.dirname(_here))
 
 from launchers.experiment import ExperimentError  # noqa: E402
-from launchers.plan import (REPO_ROOT, LaunchError, Plan, PlannedPhase, add_launch_arguments,  # noqa: E402
-                            plan_from_args, save_experiment)
+from launchers.plan import (  # noqa: E402
+    REPO_ROOT,
+    LaunchError,
+    Plan,
+    PlannedPhase,
+    add_launch_arguments,
+    plan_from_args,
+    save_experiment,
+)
 
 SUBMITIT_COMMAND = "{python} -u -m submitit.core._submit {folder}"
 

@@ -47,9 +47,9 @@ def lost_peer(err: BaseException) -> bool:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from pipeline.data import DataResumeError
     from pipeline.distributed import resolve_distributed_env
     from pipeline.training.config import ConfigError, load_run_config
-    from pipeline.data import DataResumeError
     from pipeline.training.trainer import NonFiniteLoss, run
 
     try:

@@ -20,10 +20,9 @@ import numpy as np
 import torch
 from streaming import StreamingDataLoader, StreamingDataset
 
-from pipeline.data.padding import leading_pad_mask, left_pad_id
-
 from data_prep.errors import DataPrepError
 from data_prep.manifest import MANIFEST, read_manifest
+from pipeline.data.padding import leading_pad_mask, left_pad_id
 
 IGNORE_INDEX = -100
 SCALAR_COLUMNS = ("difficulty", "prompt_length")

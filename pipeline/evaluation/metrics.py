@@ -18,7 +18,6 @@ from pipeline.training.losses import IGNORE_INDEX, shift_labels, token_cross_ent
 from .contenders import Contender
 from .data import EvalSplit
 
-
 # How a MELT row is chunked for teacher-forced scoring:
 # - "decode": the prompt as prefill chunks it, then one chunk per answer token, as cached decoding runs
 #   it: the scores are those of the answers the decoder itself would produce or be fed (the default

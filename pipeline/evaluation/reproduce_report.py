@@ -10,8 +10,14 @@ import json
 import re
 from pathlib import Path
 
-from pipeline.evaluation.demo_report import (KEEP, check_targets, phase_time_lines, phase_times, save_figure,
-                                             training_curves)
+from pipeline.evaluation.demo_report import (
+    KEEP,
+    check_targets,
+    phase_time_lines,
+    phase_times,
+    save_figure,
+    training_curves,
+)
 from pipeline.evaluation.report import markdown_table
 
 PER_T = ("looplm", "looplm_lastkv", "melt")

@@ -20,8 +20,17 @@ from transformers import GenerationMixin
 
 from .cache import MeltCache
 from .layers import DecoderLayer, causal_padding_mask
-from .looplm import (BackboneMixin, LoopedCausalLMMixin, LoopedPreTrainedModel, LoopLMBaseOutput, LoopLMConfig,
-                     LoopLMForCausalLM, LoopLMOutput, check_positions, default_position_ids)
+from .looplm import (
+    BackboneMixin,
+    LoopedCausalLMMixin,
+    LoopedPreTrainedModel,
+    LoopLMBaseOutput,
+    LoopLMConfig,
+    LoopLMForCausalLM,
+    LoopLMOutput,
+    check_positions,
+    default_position_ids,
+)
 from .prefix_attention import PrefixSpec, prefix_attention
 
 GATE_VARIANTS = ("elementwise", "headwise", "overwrite", "mean")
@@ -281,7 +290,7 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
         cat = lambda parts: parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # noqa: E731
         attention_outputs = None
         if output_attention_outputs:
-            attention_outputs = tuple(tuple(cat([a[t][l] for a in attn]) for l in range(cfg.num_hidden_layers))
+            attention_outputs = tuple(tuple(cat([a[t][layer] for a in attn]) for layer in range(cfg.num_hidden_layers))
                                       for t in range(num_loops))
         return MeltBaseOutput(
             loop_states=tuple(None if s[0] is None else cat(s) for s in states),

@@ -34,12 +34,12 @@ def attention_alignment_loss(student: Sequence[Sequence[torch.Tensor]], teacher:
     metrics = {}
     loops, layers = len(teacher), len(teacher[0])
     for t in range(loops):
-        for l in range(layers):
-            s = student[t][l].float().unflatten(-1, (num_heads, -1))
-            g = teacher[t][l].detach().float().unflatten(-1, (num_heads, -1))
+        for layer in range(layers):
+            s = student[t][layer].float().unflatten(-1, (num_heads, -1))
+            g = teacher[t][layer].detach().float().unflatten(-1, (num_heads, -1))
             err = ((s - g).pow(2).sum(-1) / (g.pow(2).sum(-1) + eps)).mean(-1)  # [B, S]
             per_token = per_token + err / (loops * layers)
-            key = f"align/layer{l}"
+            key = f"align/layer{layer}"
             metrics[key] = metrics.get(key, 0.0) + ((err * mask).sum() / count.clamp_min(1)).detach() / loops
     norm = _normaliser(valid, normalizer)
     metrics["align"] = ((per_token * mask).sum() / count.clamp_min(1)).detach()

@@ -76,7 +76,8 @@ def init_units(root: nn.Module, prefix: str = "") -> list[InitUnit]:
     roots = blocks + [(prefix, root)]
     units, owner = [], {}
     for name, top in roots:
-        stop = (lambda m, top=top: m is not top and id(m) in block_ids)
+        def stop(m, top=top):
+            return m is not top and id(m) in block_ids
         modules = list(post_order_named(top, name, stop))
         params = {}
         for module_name, module in modules:

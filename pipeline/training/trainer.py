@@ -20,8 +20,14 @@ import torch
 
 from pipeline.distributed import DistEnv
 from pipeline.training import comm
-from pipeline.training.checkpointing import (CheckpointManager, maybe_kill, rng_state, seed_everything,
-                                             set_rng_state, tag_for)
+from pipeline.training.checkpointing import (
+    CheckpointManager,
+    maybe_kill,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    tag_for,
+)
 from pipeline.training.config import ConfigError, RunConfig
 from pipeline.training.data import TrainData, check_fingerprint, data_fingerprint, read_manifest, tokenizer_source
 from pipeline.training.engines import build_engine

@@ -39,6 +39,7 @@ def looplm_init(tmp_path_factory):
     import yaml
 
     from pipeline.models import LoopLMConfig, LoopLMForCausalLM
+
     from .launch import REPO
     torch.manual_seed(0)
     config = LoopLMConfig(**yaml.safe_load((REPO / "configs/model/looplm-tiny.yaml").read_text()))

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .launch import REPO, losses, metrics, ok, tensorboard, train
+from .launch import REPO, metrics, ok, tensorboard, train
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

@@ -10,8 +10,13 @@ import pytest
 import yaml
 
 from launchers import local, slurm
-from launchers.experiment import ExperimentError, apply_overrides, experiment_from_dict, load_experiment, \
-    parse_time_minutes
+from launchers.experiment import (
+    ExperimentError,
+    apply_overrides,
+    experiment_from_dict,
+    load_experiment,
+    parse_time_minutes,
+)
 from launchers.plan import LaunchError, build_plan, is_complete
 
 REPO = Path(__file__).resolve().parents[2]

@@ -3,6 +3,9 @@
 import pytest
 import torch
 
+# data_prep's trained tokenizers, shared by its test files (module- and session-scoped fixtures)
+from tests.data_prep.support import chat_tokenizer_dir, tokenizer, tokenizer_dir  # noqa: F401
+
 
 @pytest.fixture(scope="module")
 def one_torch_thread():

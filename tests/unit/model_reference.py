@@ -26,14 +26,14 @@ def reference_loop_states(sd, cfg, ids, kv_of_loop=None):
     kv_of_loop(t) -> which loop's keys/values loop t attends to (default: its own);
     the test of MELT's zero-shot baseline uses it to keep only the last loop's KV.
     """
-    H, nh, nkv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
     hd, eps, N, T = cfg.head_dim, cfg.rms_norm_eps, cfg.num_hidden_layers, cfg.total_ut_steps
     S = ids.shape[0]
     pos = torch.arange(S)
     h = sd["model.embed_tokens.weight"][ids]
     states, kv = [], {}
     for t in range(T):
-        for l in range(N):
+        for l in range(N):  # noqa: E741  (the layer index, as in the formulas)
             p = f"model.layers.{l}."
             x = rms(h, sd[p + "input_layernorm.weight"], eps)
             q = (x @ sd[p + "self_attn.q_proj.weight"].T).view(S, nh, hd).transpose(0, 1)

@@ -8,7 +8,6 @@ from transformers import AutoTokenizer
 
 from data_prep.cli import COMMANDS
 from tests.data_prep.support import make_docs, manifest, run_cli, text_args, write_jsonl
-from tests.data_prep.support import tokenizer_dir  # noqa: F401  (fixtures)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "data"
 COMMAND_OF = {"s3": "synthetic", "pointer": "synthetic", "arith": "synthetic", "text": "text",

@@ -7,8 +7,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.data_prep.support import make_docs, manifest, run_cli, text_args, write_jsonl
-from tests.data_prep.support import tokenizer_dir  # noqa: F401  (fixtures)
-
 
 
 def _error(capsys) -> str:

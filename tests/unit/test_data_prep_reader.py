@@ -9,8 +9,6 @@ import torch
 from data_prep.errors import DataPrepError
 from pipeline.data import DataResumeError, build_train_loader, prepare_streaming_env
 from tests.data_prep.support import make_docs, run_cli, take, text_args, write_jsonl
-from tests.data_prep.support import tokenizer_dir  # noqa: F401  (fixtures)
-
 
 
 @pytest.fixture(scope="module")

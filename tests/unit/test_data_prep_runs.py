@@ -7,7 +7,6 @@ import pytest
 from data_prep.errors import DataPrepError
 from data_prep.manifest import read_manifest
 from tests.data_prep.support import kill_while_reading, make_docs, manifest, run_cli, text_args, write_jsonl
-from tests.data_prep.support import tokenizer_dir  # noqa: F401  (fixtures)
 
 
 def _snapshot(directory: Path) -> dict[str, int]:

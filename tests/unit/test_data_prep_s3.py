@@ -10,7 +10,6 @@ import torch
 from data_prep.errors import DataPrepError
 from pipeline.data import build_train_loader
 from tests.data_prep.support import make_docs, manifest, read_samples, run_cli, take, text_args, write_jsonl
-from tests.data_prep.support import tokenizer_dir  # noqa: F401  (fixtures)
 
 BUCKET = "melt-data"
 

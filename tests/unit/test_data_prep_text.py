@@ -7,10 +7,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tests.data_prep.support import (independent_stream, make_docs, manifest, read_samples, run_cli, text_args,
-                                     write_jsonl)
-from tests.data_prep.support import tokenizer, tokenizer_dir  # noqa: F401  (fixtures)
-
+from tests.data_prep.support import (
+    independent_stream,
+    make_docs,
+    manifest,
+    read_samples,
+    run_cli,
+    text_args,
+    write_jsonl,
+)
 
 
 def test_concat_counts_windows_and_round_trip(tmp_path, tokenizer_dir, tokenizer):

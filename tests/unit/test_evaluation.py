@@ -4,12 +4,12 @@ import json
 
 import torch
 
+from pipeline.data.padding import leading_pad_mask
 from pipeline.evaluate import main as evaluate_main
 from pipeline.evaluation.contenders import Contender, load_contender
 from pipeline.evaluation.data import EvalSplit
-from pipeline.data.padding import leading_pad_mask
 from pipeline.evaluation.metrics import evaluate
-from pipeline.models import LoopLMCache, MeltForCausalLM
+from pipeline.models import MeltForCausalLM
 
 from .helpers import tiny_looplm
 

@@ -1,9 +1,9 @@
 """pyproject.toml and environment.yml pin the same packages at the same versions."""
 
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,10 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.training.config import (ConfigError, load_experiment, load_run_config, load_yaml_with_includes,
-                                      validate_run_config)
-from pipeline.training.engines.deepspeed import DeepSpeedEngine
 from pipeline.distributed import DistEnv
+from pipeline.training.config import (
+    ConfigError,
+    load_experiment,
+    load_run_config,
+    load_yaml_with_includes,
+    validate_run_config,
+)
+from pipeline.training.engines.deepspeed import DeepSpeedEngine
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE_PRETRAIN = REPO / "configs/smoke/pretrain.yaml"

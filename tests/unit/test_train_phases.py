@@ -125,8 +125,9 @@ def test_transition_parameter_groups(looplm_dir, trainable, roles):
 
 
 def test_transition_refuses_a_checkpoint_that_does_not_fit(looplm_dir, tmp_path):
-    from safetensors.torch import load_file, save_file
     import shutil
+
+    from safetensors.torch import load_file, save_file
     bad = tmp_path / "bad"
     shutil.copytree(looplm_dir, bad)
     tensors = load_file(bad / "model.safetensors")
