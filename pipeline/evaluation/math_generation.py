@@ -50,7 +50,7 @@ def complete(contender: Contender, tokenizer, prompts: list[list[int]], decoding
              stops: list[str], batch_size: int, desc: str) -> tuple[list[str], dict]:
     """One completion per prompt (repeat a prompt for several samples), in the prompts' order;
     longest prompts first, so that a batch too large for memory fails at once."""
-    device = next(contender.model.parameters()).device
+    device = contender.device
     pad = next((t for t in (tokenizer.pad_token_id, *(decoding.eos_token_id or [])) if t is not None), 0)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     texts: list[str] = [""] * len(prompts)

@@ -74,7 +74,7 @@ def teacher_forced(contender: Contender, split: EvalSplit, batch_size: int, exit
             targets = shift_labels(labels)
             valid = targets != IGNORE_INDEX
             for t, logits in enumerate(out.loop_logits):
-                ce_sum[t] += token_cross_entropy(logits.float(), targets)[valid].double().sum().cpu()
+                ce_sum[t] += token_cross_entropy(logits, targets)[valid].double().sum().cpu()
             probs = exit_probabilities(out.exit_logits)
             exit_sum += probs[:, valid].double().sum(-1).cpu()
             histogram += torch.bincount(q_exit_loop(probs, exit_threshold)[valid], minlength=loops).cpu()
