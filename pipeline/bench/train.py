@@ -6,7 +6,10 @@
 1. Throughput (one process, plain PyTorch, same random model and sequence length): tokens/s of
    a LoopLM pretrain step (Ouro stage-I loss) and of MELT transition steps (chunk-wise, last-loop
    CE, alpha mid-ramp so the per-loop keys are kept as well) at each --chunks size, each timed
-   as forward + loss + backward + AdamW step. Ratios MELT / LoopLM; target >= 1.0 at chunk 128.
+   as forward + loss + backward + AdamW step, the contenders in turns (median of --steps turns).
+   Ratios MELT / LoopLM; target >= 1.0 at chunk 128. Each step's matrix-product FLOPs are counted
+   too (FlopCounterMode): MELT's gate projections cost FLOPs the LoopLM does not spend, so the
+   JSON also gives the FLOP-normalised ratio (tokens/s ratio x FLOP ratio; 1.0: equally efficient).
 2. Step memory (train_memory.py): one micro-step's bytes of both models against the sequence
    length, at alpha 1 and mid-ramp, with real tensors at the benchmark shape and (optionally)
    fake tensors at a real model's shape; targets: doubling the length at most doubles MELT's
@@ -40,7 +43,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--loops", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per contender (after 1 warm-up)")
+    parser.add_argument("--steps", type=int, default=5,
+                        help="timed steps per contender, taken in turns (after 1 warm-up); the median counts")
     parser.add_argument("--chunks", default="64,128", help="MELT chunk sizes")
     parser.add_argument("--alpha", type=float, default=0.5, help="MELT's alpha in the timed steps")
     parser.add_argument("--activation-checkpointing", action="store_true")
@@ -49,37 +53,50 @@ def add_arguments(parser) -> None:
     train_memory.add_arguments(parser)
 
 
-def time_training(model, kind: str, batch: dict, steps: int) -> dict:
+def training_step(model, kind: str, batch: dict):
+    """One training step of the trainer's kind (forward + loss + backward + AdamW step) as a closure."""
     from pipeline.training.config import LossSection
     from pipeline.training.phases import lm_loss
     loss_cfg = LossSection(kind=kind)  # the trainer's defaults (per-loop metrics on)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    device = batch["input_ids"].device
 
-    def step():
+    def step() -> float:
         out = model(input_ids=batch["input_ids"], output_loop_logits=True, use_cache=False)
         loss = lm_loss(loss_cfg, out, batch["labels"], None).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
+    return step
 
-    step()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = (time.perf_counter() - start) / steps
-    tokens = batch["input_ids"].numel()
-    result = {"step_s": seconds, "tokens_per_s": tokens / seconds, "loss": loss}
-    if device.type == "cuda":
-        result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
-    return result
+
+def matmul_flops(step) -> int:
+    """FLOPs of one step's matrix products (torch's FlopCounterMode; the attention kernels are not
+    counted: their FLOPs are the same for both models, causal attention over the same tokens)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def time_interleaved(steps: dict, repeats: int, device: torch.device) -> dict:
+    """Seconds per step of each contender, timed in turns (A, B, C, A, B, C, ...) so that a slow
+    spell of a shared machine hits all of them alike; the median of `repeats` turns."""
+    import statistics
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    losses = {}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            losses[name] = step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds[name].append(time.perf_counter() - start)
+    return {name: {"step_s": statistics.median(s), "step_s_all": s, "loss": losses[name]}
+            for name, s in seconds.items()}
 
 
 def throughput(args) -> dict:
@@ -89,22 +106,30 @@ def throughput(args) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, shape["vocab"], (args.batch, args.seq_len), generator=g).to(device)
     batch = {"input_ids": ids, "labels": ids}
-    looplm = build_looplm(shape, args.loops, args.seq_len, args.seed, device, dtype)
-    if args.activation_checkpointing:
-        looplm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    results = {"looplm_pretrain": time_training(looplm, "ouro_stage1", batch, args.steps)}
+    models = {"looplm_pretrain": (build_looplm(shape, args.loops, args.seq_len, args.seed, device, dtype),
+                                  "ouro_stage1")}
     for chunk in [int(c) for c in args.chunks.split(",") if c]:
         melt = MeltForCausalLM.from_looplm(build_looplm(shape, args.loops, args.seq_len, args.seed, device, dtype),
                                            chunk_size=chunk, alpha=args.alpha)
+        models[f"melt_transition_chunk{chunk}"] = (melt, "last_loop_ce")
+    steps, flops = {}, {}
+    for name, (model, kind) in models.items():
         if args.activation_checkpointing:
-            melt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        results[f"melt_transition_chunk{chunk}"] = time_training(melt, "last_loop_ce", batch, args.steps)
-        del melt
-    base = results["looplm_pretrain"]["tokens_per_s"]
-    ratios = {k: v["tokens_per_s"] / base for k, v in results.items() if k != "looplm_pretrain"}
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        steps[name] = training_step(model, kind, batch)
+        flops[name] = matmul_flops(steps[name])  # also the warm-up step
+    results = time_interleaved(steps, args.steps, device)
+    tokens = ids.numel()
+    for name, r in results.items():
+        r.update(tokens_per_s=tokens / r["step_s"], matmul_flops=flops[name])
+    base = results["looplm_pretrain"]
+    ratios = {k: v["tokens_per_s"] / base["tokens_per_s"] for k, v in results.items() if k != "looplm_pretrain"}
+    flop_ratios = {k: v["matmul_flops"] / base["matmul_flops"] for k, v in results.items() if k != "looplm_pretrain"}
     return {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "shape": shape, "loops": args.loops,
             "seq_len": args.seq_len, "batch": args.batch, "alpha": args.alpha, "results": results,
-            "ratio_to_looplm": ratios}
+            "ratio_to_looplm": ratios, "matmul_flops_ratio_to_looplm": flop_ratios,
+            # tokens/s ratio x FLOP ratio: the speed of each FLOP against the LoopLM's (1.0: as efficient)
+            "flop_normalised_ratio_to_looplm": {k: ratios[k] * flop_ratios[k] for k in ratios}}
 
 
 # ------------------------------------------------------------------ ZeRO-3 bytes per rank
@@ -202,6 +227,9 @@ def run(args) -> dict:
     t, z = result["throughput"], result["zero3"]
     summary = {f"{k}_tokens_per_s": round(v["tokens_per_s"], 1) for k, v in t["results"].items()}
     summary.update({f"{k}_vs_looplm": round(v, 3) for k, v in t["ratio_to_looplm"].items()})
+    summary.update({f"{k}_matmul_flops_vs_looplm": round(v, 3) for k, v in t["matmul_flops_ratio_to_looplm"].items()})
+    summary.update({f"{k}_flop_normalised_vs_looplm": round(v, 3)
+                    for k, v in t["flop_normalised_ratio_to_looplm"].items()})
     for shape, part in result["step_memory"]["summary"].items():
         summary.update({f"memory_{shape}_{k}": v for k, v in part.items()})
     if "ratio_2_to_1" in z:
