@@ -258,6 +258,33 @@ class BackboneMixin:
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    def begin_forward(self, input_ids, inputs_embeds, attention_mask, position_ids, cache_position,
+                      past: int) -> "ForwardInputs":
+        """What every forward starts with, after `past` cached tokens: the embedded input, its cache
+        positions, RoPE and whether the attention mask pads anything."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        seq = hidden.shape[1]
+        check_positions(self.config, past, seq)
+        if cache_position is None:
+            cache_position = torch.arange(past, past + seq, device=hidden.device)
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, cache_position, seq)
+        cos, sin = self.rotary_emb(hidden, position_ids)
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        return ForwardInputs(hidden, past, cache_position, cos, sin, padded)
+
+
+@dataclass
+class ForwardInputs:
+    hidden: torch.Tensor          # [B, S, H] embedded input
+    past: int                     # tokens already in the cache
+    cache_position: torch.Tensor  # [S] their positions in the cache
+    cos: torch.Tensor             # RoPE of the positions (padding excluded), [B, S, D]
+    sin: torch.Tensor
+    padded: bool                  # the attention mask hides some token
+
 
 class LoopLMModel(BackboneMixin, LoopLMPreTrainedModel):
     def __init__(self, config: LoopLMConfig):
@@ -283,12 +310,7 @@ class LoopLMModel(BackboneMixin, LoopLMPreTrainedModel):
         keep_loop_states: bool = True,
         **kwargs,
     ) -> LoopLMBaseOutput:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        seq = hidden.shape[1]
         num_loops, num_layers = self.config.total_ut_steps, self.config.num_hidden_layers
-
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = LoopLMCache(num_layers, num_loops)
@@ -297,14 +319,11 @@ class LoopLMModel(BackboneMixin, LoopLMPreTrainedModel):
         if past_key_values is not None and past_key_values.num_loops != num_loops:
             raise ValueError(f"cache was built for {past_key_values.num_loops} loops, model runs {num_loops}")
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        check_positions(self.config, past, seq)
-        if cache_position is None:
-            cache_position = torch.arange(past, past + seq, device=hidden.device)
-        if position_ids is None:
-            position_ids = default_position_ids(attention_mask, cache_position, seq)
-        cos, sin = self.rotary_emb(hidden, position_ids)
+        inputs = self.begin_forward(input_ids, inputs_embeds, attention_mask, position_ids, cache_position, past)
+        hidden, cache_position, cos, sin, padded = (inputs.hidden, inputs.cache_position, inputs.cos, inputs.sin,
+                                                    inputs.padded)
+        seq = hidden.shape[1]
 
-        padded = attention_mask is not None and not bool(attention_mask.all())
         mask = None
         if padded or (past > 0 and seq > 1):  # else plain causal SDPA (or one query seeing every key)
             mask = causal_padding_mask(attention_mask if padded else None, cache_position, past + seq)

@@ -28,8 +28,6 @@ from .looplm import (
     LoopLMConfig,
     LoopLMForCausalLM,
     LoopLMOutput,
-    check_positions,
-    default_position_ids,
 )
 from .prefix_attention import PrefixSpec, prefix_attention
 
@@ -223,23 +221,12 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
         """layer_inputs (teacher forcing): [loop][layer] -> [B, S, H], the hidden state each layer gets
         at each loop instead of the previous layer's output (e.g. a LoopLM teacher's layer inputs).
         decode_from: the chunking of prefill + decoding (see `_chunk_sizes`)."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
         cfg = self.config
         alpha = float(cfg.alpha)
         validate_alpha(alpha)
-        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        bsz, seq = hidden.shape[:2]
         num_loops = cfg.total_ut_steps if exit_at_loop is None else exit_at_loop
         if not 1 <= num_loops <= cfg.total_ut_steps:
             raise ValueError(f"exit_at_loop must be in 1..{cfg.total_ut_steps} (1-based), got {exit_at_loop}")
-        if layer_inputs is not None:
-            shapes = [[tuple(x.shape) for x in loop] for loop in layer_inputs]
-            if len(shapes) < num_loops or any(s != [tuple(hidden.shape)] * cfg.num_hidden_layers
-                                              for s in shapes[:num_loops]):
-                raise ValueError(f"layer_inputs must hold {num_loops} loops x {cfg.num_hidden_layers} layers of "
-                                 f"{list(hidden.shape)} tensors, got shapes {shapes}")
-
         use_cache = cfg.use_cache if use_cache is None else use_cache
         cache = past_key_values
         if cache is not None and not isinstance(cache, MeltCache):
@@ -249,14 +236,17 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
             cache = MeltCache(cfg.num_hidden_layers, cfg.total_ut_steps, keep_loop_kv=alpha < 1.0)
         elif alpha < 1.0 and not cache.keep_loop_kv:
             raise ValueError(f"alpha={alpha} needs per-loop keys, but this MeltCache was built at alpha = 1")
-        past = cache.get_seq_length()
-        check_positions(cfg, past, seq)
-        if cache_position is None:
-            cache_position = torch.arange(past, past + seq, device=hidden.device)
-        if position_ids is None:
-            position_ids = default_position_ids(attention_mask, cache_position, seq)
-        cos, sin = self.rotary_emb(hidden, position_ids)
-        padded = attention_mask is not None and not bool(attention_mask.all())
+        inputs = self.begin_forward(input_ids, inputs_embeds, attention_mask, position_ids, cache_position,
+                                    cache.get_seq_length())
+        hidden, past, cache_position, cos, sin, padded = (inputs.hidden, inputs.past, inputs.cache_position,
+                                                          inputs.cos, inputs.sin, inputs.padded)
+        bsz, seq = hidden.shape[:2]
+        if layer_inputs is not None:
+            shapes = [[tuple(x.shape) for x in loop] for loop in layer_inputs]
+            if len(shapes) < num_loops or any(s != [tuple(hidden.shape)] * cfg.num_hidden_layers
+                                              for s in shapes[:num_loops]):
+                raise ValueError(f"layer_inputs must hold {num_loops} loops x {cfg.num_hidden_layers} layers of "
+                                 f"{list(hidden.shape)} tensors, got shapes {shapes}")
 
         bounds = self._chunk_bounds(seq, past, chunk_size, decode_from)
         self._reserve(cache, hidden, past + seq)
