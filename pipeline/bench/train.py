@@ -9,7 +9,8 @@
    as forward + loss + backward + AdamW step, the contenders in turns (median of --steps turns).
    Ratios MELT / LoopLM; target >= 1.0 at chunk 128. Each step's matrix-product FLOPs are counted
    too (FlopCounterMode): MELT's gate projections cost FLOPs the LoopLM does not spend, so the
-   JSON also gives the FLOP-normalised ratio (tokens/s ratio x FLOP ratio; 1.0: equally efficient).
+   JSON also gives the FLOP-normalised ratio (tokens/s ratio x FLOP ratio; 1.0: equally efficient),
+   and both steps' FLOPs at a real model's shape (--flops-preset, default ouro-1.4b).
 2. Step memory (train_memory.py): one micro-step's bytes of both models against the sequence
    length, at alpha 1 and mid-ramp, with real tensors at the benchmark shape and (optionally)
    fake tensors at a real model's shape; targets: doubling the length at most doubles MELT's
@@ -48,6 +49,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--chunks", default="64,128", help="MELT chunk sizes")
     parser.add_argument("--alpha", type=float, default=0.5, help="MELT's alpha in the timed steps")
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--flops-preset", default="ouro-1.4b",
+                        help="also count both steps' matmul FLOPs at this real shape ('' skips it)")
     parser.add_argument("--zero-ranks", default="1,2", help="rank counts for the ZeRO-3 bytes ('' skips it)")
     parser.add_argument("--zero-preset", default=None, help="model shape for the ZeRO-3 part (default: --preset)")
     train_memory.add_arguments(parser)
@@ -78,6 +81,28 @@ def matmul_flops(step) -> int:
     with FlopCounterMode(display=False) as counter:
         step()
     return counter.get_total_flops()
+
+
+def matmul_flops_at_shape(preset: str, loops: int, chunk: int, alpha: float, tokens: int = 256) -> dict:
+    """Matmul FLOPs of one LoopLM pretrain step and one MELT transition step at a real model's shape
+    (PRESETS), counted with 1 and 2 decoder layers and extrapolated linearly to the model's depth
+    (FLOPs are linear in depth; 256 tokens: the matmul FLOPs per token do not depend on the length)."""
+    from pipeline.bench.common import PRESETS
+    from pipeline.models import MeltForCausalLM
+    shape = dict(PRESETS[preset])
+    ids = torch.randint(0, shape["vocab"], (1, tokens), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    counted: dict[str, list[int]] = {"looplm_pretrain": [], "melt_transition": []}
+    for depth in (1, 2):
+        shallow = dict(shape, layers=depth)
+        looplm = build_looplm(shallow, loops, tokens, 0, torch.device("cpu"), torch.float32)
+        counted["looplm_pretrain"].append(matmul_flops(training_step(looplm, "ouro_stage1", batch)))
+        melt = MeltForCausalLM.from_looplm(looplm, chunk_size=min(chunk, tokens), alpha=alpha)
+        counted["melt_transition"].append(matmul_flops(training_step(melt, "last_loop_ce", batch)))
+        del looplm, melt
+    full = {name: one + (shape["layers"] - 1) * (two - one) for name, (one, two) in counted.items()}
+    return {"preset": preset, "layers": shape["layers"], "tokens": tokens, "matmul_flops_per_step": full,
+            "melt_vs_looplm": full["melt_transition"] / full["looplm_pretrain"]}
 
 
 def time_interleaved(steps: dict, repeats: int, device: torch.device) -> dict:
@@ -119,6 +144,7 @@ def throughput(args) -> dict:
         steps[name] = training_step(model, kind, batch)
         flops[name] = matmul_flops(steps[name])  # also the warm-up step
     results = time_interleaved(steps, args.steps, device)
+    del steps, models
     tokens = ids.numel()
     for name, r in results.items():
         r.update(tokens_per_s=tokens / r["step_s"], matmul_flops=flops[name])
@@ -129,7 +155,9 @@ def throughput(args) -> dict:
             "seq_len": args.seq_len, "batch": args.batch, "alpha": args.alpha, "results": results,
             "ratio_to_looplm": ratios, "matmul_flops_ratio_to_looplm": flop_ratios,
             # tokens/s ratio x FLOP ratio: the speed of each FLOP against the LoopLM's (1.0: as efficient)
-            "flop_normalised_ratio_to_looplm": {k: ratios[k] * flop_ratios[k] for k in ratios}}
+            "flop_normalised_ratio_to_looplm": {k: ratios[k] * flop_ratios[k] for k in ratios},
+            "matmul_flops_at_real_shape": matmul_flops_at_shape(args.flops_preset, args.loops, 128, args.alpha)
+            if args.flops_preset else None}
 
 
 # ------------------------------------------------------------------ ZeRO-3 bytes per rank
@@ -230,6 +258,9 @@ def run(args) -> dict:
     summary.update({f"{k}_matmul_flops_vs_looplm": round(v, 3) for k, v in t["matmul_flops_ratio_to_looplm"].items()})
     summary.update({f"{k}_flop_normalised_vs_looplm": round(v, 3)
                     for k, v in t["flop_normalised_ratio_to_looplm"].items()})
+    if t["matmul_flops_at_real_shape"]:
+        real = t["matmul_flops_at_real_shape"]
+        summary[f"melt_transition_matmul_flops_vs_looplm_at_{real['preset']}"] = round(real["melt_vs_looplm"], 3)
     for shape, part in result["step_memory"]["summary"].items():
         summary.update({f"memory_{shape}_{k}": v for k, v in part.items()})
     if "ratio_2_to_1" in z:
