@@ -42,8 +42,9 @@ class Decoding:
         return self.temperature > 0
 
     def generate_kwargs(self, new_tokens: int) -> dict[str, Any]:
-        kwargs: dict[str, Any] = dict(max_new_tokens=new_tokens, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
-                      return_dict_in_generate=True, do_sample=self.sampled)
+        kwargs: dict[str, Any] = dict(max_new_tokens=new_tokens, pad_token_id=self.pad_token_id,
+                                      eos_token_id=self.eos_token_id, return_dict_in_generate=True,
+                                      do_sample=self.sampled)
         if self.eos_token_id is None and self.stopping_criteria is None:
             kwargs["min_new_tokens"] = new_tokens
         if self.stopping_criteria is not None:
@@ -141,8 +142,8 @@ def load_contender(name: str, path: str | Path, chunk_size: Optional[int] = None
         raise ValueError(f"{path} has total_ut_steps={looplm.config.total_ut_steps}; the standard contender is T=1")
     if name in ("standard", "looplm"):
         return Contender(name, looplm, looplm.config.total_ut_steps, count_parameters(looplm))
+    baseline = MeltForCausalLM.from_looplm(looplm, gate="overwrite", alpha=1.0, chunk_size=chunk_size or 1)
     # PreTrainedModel.to is functools.wraps(nn.Module.to): its stub type wants self once more (the ignore)
-    baseline = MeltForCausalLM.from_looplm(looplm, gate="overwrite", alpha=1.0,
-                                           chunk_size=chunk_size or 1).to(device=device, dtype=dtype).eval()  # type: ignore[call-arg]
+    baseline = baseline.to(device=device, dtype=dtype).eval()  # type: ignore[call-arg]
     return Contender(name, baseline, looplm.config.total_ut_steps, count_parameters(looplm),
                      lastkv_from=looplm if name == "looplm_lastkv" else None)

@@ -417,7 +417,7 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
             gate = self.early_exit_gate(hidden).squeeze(-1)
             if frozen is not None:
                 assert survive is not None and exit_loop is not None and exit_threshold is not None  # set with frozen
-                state = hidden if state is None else torch.where(frozen[..., None], state, hidden)  # None at loop 0 only
+                state = hidden if state is None else torch.where(frozen[..., None], state, hidden)  # None: loop 0
                 survive = survive * (1.0 - torch.sigmoid(gate.float()))
                 exiting = ~frozen & (1.0 - survive >= exit_threshold) if not last_loop else ~frozen
                 exit_loop = torch.where(exiting, loop + 1, exit_loop)
