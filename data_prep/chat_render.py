@@ -17,7 +17,7 @@ rewrites earlier turns, or a token merging across a turn boundary) is an error n
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -31,8 +31,9 @@ def _render(tok: Any, template: str, conversations: list[list[dict[str, Any]]], 
     from transformers.utils.chat_template_utils import render_jinja_template
 
     try:  # what apply_chat_template does, also for the empty prefix of a leading assistant message
-        texts, _ = render_jinja_template(conversations, chat_template=template,
-                                         add_generation_prompt=generation_prompt, **tok.special_tokens_map)
+        # (rendered texts, generation indices); transformers annotates the function `-> str`
+        texts, _ = cast(tuple[list[str], list], render_jinja_template(
+            conversations, chat_template=template, add_generation_prompt=generation_prompt, **tok.special_tokens_map))
     except Exception as err:  # jinja2 errors, raise_exception() in the template, bad keys
         raise DataPrepError(f"{origin}: the chat template failed on this conversation: "
                             f"{type(err).__name__}: {err}") from None

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
+import numpy.typing as npt
 
 from .manifest import INDEX, file_sha256
 from .output import Location
@@ -28,7 +29,7 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}"
 
 
-def ndarray_column(dtype: np.dtype | str, length: int) -> str:
+def ndarray_column(dtype: npt.DTypeLike, length: int) -> str:
     return f"ndarray:{np.dtype(dtype).name}:{length}"
 
 

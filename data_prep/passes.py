@@ -16,12 +16,12 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 from tqdm import tqdm
 
-from .config import RowsConfig
+from .config import ChatConfig, RowsConfig, TextConfig
 from .errors import DataPrepError
 from .manifest import FORMAT_VERSION, MANIFEST, fingerprint, write_manifest
 from .mds import ShardOptions, merge_parts, part_name, write_part
@@ -42,8 +42,17 @@ def init_worker(state: dict[str, Any]) -> None:
     WORKER.update(state)
 
 
+class PlannedRows(Protocol):
+    """A layout's rows: how many, and any slice of them (an output part's rows)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, rows: slice) -> Any: ...
+
+
 class Layout(Protocol):
-    pad_id: int
+    @property
+    def pad_id(self) -> int: ...
 
     @property
     def columns(self) -> dict[str, str]: ...
@@ -51,7 +60,7 @@ class Layout(Protocol):
     @property
     def bytes_per_window(self) -> int: ...
 
-    def plan(self, store: TokenStore) -> tuple[dict[str, Any], Sequence[Any]]: ...
+    def plan(self, store: TokenStore) -> tuple[dict[str, Any], PlannedRows]: ...
 
     def samples(self, store: TokenStore, rows: Any) -> Iterator[dict[str, np.ndarray]]: ...
 
@@ -81,7 +90,7 @@ def load_for(cfg: RowsConfig) -> tuple[Any, np.dtype]:
     return tok, token_dtype(len(tok), cfg.dtype)
 
 
-def prepare_rows(cfg: RowsConfig, stage: Stage, tok: Any, tok_sha256: str, layout: Layout, inputs: Any,
+def prepare_rows(cfg: TextConfig | ChatConfig, stage: Stage, tok: Any, tok_sha256: str, layout: Layout, inputs: Any,
                  items: Callable[[], Iterable[Any]], worker_state: dict[str, Any],
                  extra: dict[str, Any] | None = None) -> Prepared:
     """Build ``cfg.out`` (unless it already holds this dataset) and return its manifest."""

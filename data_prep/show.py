@@ -27,8 +27,8 @@ def _decoder(directory: Path, manifest: dict[str, Any]) -> Any:
 
 
 def _render(tok: Any, ids: np.ndarray) -> str:
-    ids = [int(i) for i in ids]
-    return repr(tok.decode(ids)) if tok is not None else str(ids)
+    tokens = [int(i) for i in ids]
+    return repr(tok.decode(tokens)) if tok is not None else str(tokens)
 
 
 def _marked(tok: Any, ids: np.ndarray, mask: np.ndarray) -> str:

@@ -213,6 +213,7 @@ def open_source(cfg: RowsConfig, parse: Callable[[Any, str], Any], read: Callabl
     if cfg.input is not None:
         files = expand_inputs(cfg.input, suffixes)
         return describe_files(files), partial(read, files)
+    assert cfg.dataset is not None  # RowsConfig: exactly one of input and dataset
     return (describe_dataset(cfg.dataset, cfg.subset, cfg.split),
             partial(read_dataset, cfg.dataset, cfg.subset, cfg.split, parse))
 

@@ -100,6 +100,7 @@ class TokenStore:
     def document_mask(self, d: int) -> np.ndarray:
         """Document d's loss mask (stores written with masks only)."""
         arrays, span = self._span(d)
+        assert arrays[2] is not None, "a store written with loss masks"
         return np.asarray(arrays[2][span])
 
     def document_lengths(self) -> np.ndarray:
@@ -110,6 +111,7 @@ class TokenStore:
         sums = []
         for i in range(len(self.parts)):
             _, ends, mask = self._arrays(i)
+            assert mask is not None, "a store written with loss masks"
             total = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
             sums.append(np.diff(total[np.asarray(ends)], prepend=0))
         return np.concatenate(sums)

@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from pipeline.evaluation.contenders import CONTENDERS, load_contender, resolve_device
 from pipeline.evaluation.data import load_eval_split
@@ -76,7 +77,8 @@ def main(argv=None) -> int:
     math = math_run(args)  # files read before any model loads: a bad row fails at once
     split = load_eval_split(args.data, args.max_samples) if args.data else None
     device, dtype = resolve_device(args.device, args.dtype)
-    results, records = {}, []
+    results: dict[str, dict[str, Any]] = {}
+    records: list[dict[str, Any]] = []
     for name, path in models:
         contender = load_contender(name, path, args.chunk_size, device, dtype)
         results[name] = {"model_path": str(path), "device": str(device), "dtype": str(dtype).removeprefix("torch.")}

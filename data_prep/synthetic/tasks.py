@@ -116,6 +116,8 @@ class Pointer(Task):
     class Params(Task.Params):
         distractors: int = Field(4, ge=0, description="assignments beyond the query's chain")
 
+    params: Params  # validated by Task.__init__ with this class's Params
+
     VARIABLES = list(string.ascii_lowercase)
     max_supported = len(VARIABLES)
     words = VARIABLES + list(string.digits) + ["?", "="]
@@ -156,6 +158,8 @@ class Arith(Task):
 
     class Params(Task.Params):
         modulus: int = Field(10, ge=2, le=10, description="operands and result are digits mod m")
+
+    params: Params  # validated by Task.__init__ with this class's Params
 
     @property
     def words(self) -> list[str]:

@@ -55,7 +55,7 @@ def run(args) -> dict:
                for b in {b for _, b in settings}}
     for kind, batch in settings:  # warm-up
         generate(models[kind], prompts[batch][:, :16], 2)
-    times = {s: [] for s in settings}
+    times: dict[tuple[str, int], list[float]] = {s: [] for s in settings}
     cache_bytes = {}
     for _ in tqdm(range(args.repeats), desc="decode benchmark", unit="round"):
         for kind, batch in settings:

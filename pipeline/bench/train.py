@@ -30,11 +30,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from pipeline.bench import train_memory
 from pipeline.bench.common import add_model_arguments, build_looplm, device_and_dtype, model_shape
+
+if TYPE_CHECKING:
+    from pipeline.models import LoopLMForCausalLM, MeltForCausalLM
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -60,7 +64,7 @@ def training_step(model, kind: str, batch: dict):
     """One training step of the trainer's kind (forward + loss + backward + AdamW step) as a closure."""
     from pipeline.training.config import LossSection
     from pipeline.training.phases import lm_loss
-    loss_cfg = LossSection(kind=kind)  # the trainer's defaults (per-loop metrics on)
+    loss_cfg = LossSection.model_validate({"kind": kind})  # the trainer's defaults (per-loop metrics on)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -131,8 +135,8 @@ def throughput(args) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, shape["vocab"], (args.batch, args.seq_len), generator=g).to(device)
     batch = {"input_ids": ids, "labels": ids}
-    models = {"looplm_pretrain": (build_looplm(shape, args.loops, args.seq_len, args.seed, device, dtype),
-                                  "ouro_stage1")}
+    models: dict[str, tuple[LoopLMForCausalLM | MeltForCausalLM, str]] = {
+        "looplm_pretrain": (build_looplm(shape, args.loops, args.seq_len, args.seed, device, dtype), "ouro_stage1")}
     for chunk in [int(c) for c in args.chunks.split(",") if c]:
         melt = MeltForCausalLM.from_looplm(build_looplm(shape, args.loops, args.seq_len, args.seed, device, dtype),
                                            chunk_size=chunk, alpha=args.alpha)

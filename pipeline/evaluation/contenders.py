@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from pipeline.models import LoopLMForCausalLM, MeltCache, MeltForCausalLM
+
+if TYPE_CHECKING:
+    from transformers.generation import GenerateDecoderOnlyOutput
 
 CONTENDERS = ("standard", "looplm", "looplm_lastkv", "looplm_lastkv_chunked", "melt")
 
@@ -38,9 +41,10 @@ class Decoding:
     def sampled(self) -> bool:
         return self.temperature > 0
 
-    def generate_kwargs(self, new_tokens: int) -> dict:
-        kwargs = dict(max_new_tokens=new_tokens, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
-                      return_dict_in_generate=True, do_sample=self.sampled)
+    def generate_kwargs(self, new_tokens: int) -> dict[str, Any]:
+        kwargs: dict[str, Any] = dict(max_new_tokens=new_tokens, pad_token_id=self.pad_token_id,
+                                      eos_token_id=self.eos_token_id, return_dict_in_generate=True,
+                                      do_sample=self.sampled)
         if self.eos_token_id is None and self.stopping_criteria is None:
             kwargs["min_new_tokens"] = new_tokens
         if self.stopping_criteria is not None:
@@ -54,7 +58,8 @@ class Decoding:
         if not self.sampled:
             return logits.argmax(-1, keepdim=True)
         warp = LogitsProcessorList([TemperatureLogitsWarper(self.temperature), TopPLogitsWarper(self.top_p)])
-        return torch.multinomial(torch.softmax(warp(None, logits.float()), -1), 1)
+        # the two warpers never read input_ids; transformers annotates scores as FloatTensor, which no tensor is
+        return torch.multinomial(torch.softmax(warp(None, logits.float()), -1), 1)  # type: ignore[arg-type]
 
 
 GREEDY = Decoding()
@@ -63,7 +68,7 @@ GREEDY = Decoding()
 @dataclass
 class Contender:
     name: str
-    model: torch.nn.Module           # what runs the teacher-forced forward (perplexity)
+    model: LoopLMForCausalLM | MeltForCausalLM  # what runs the teacher-forced forward (perplexity)
     loops: int
     parameters: int
     lastkv_from: Optional[LoopLMForCausalLM] = None  # Ouro setting: the LoopLM that runs the prompt
@@ -77,7 +82,9 @@ class Contender:
         """Decoding of new_tokens tokens (greedy by default; fewer where decoding stops early);
         returns (tokens [B, <= new_tokens], cache)."""
         if self.lastkv_from is None:
-            out = self.model.generate(prompt, attention_mask=attention_mask, **decoding.generate_kwargs(new_tokens))
+            out = cast("GenerateDecoderOnlyOutput",  # return_dict_in_generate, no beams
+                       self.model.generate(prompt, attention_mask=attention_mask,
+                                           **decoding.generate_kwargs(new_tokens)))
             return out.sequences[:, prompt.shape[1]:], out.past_key_values
         return self._generate_lastkv(prompt, attention_mask, new_tokens, decoding)
 
@@ -135,7 +142,8 @@ def load_contender(name: str, path: str | Path, chunk_size: Optional[int] = None
         raise ValueError(f"{path} has total_ut_steps={looplm.config.total_ut_steps}; the standard contender is T=1")
     if name in ("standard", "looplm"):
         return Contender(name, looplm, looplm.config.total_ut_steps, count_parameters(looplm))
-    baseline = MeltForCausalLM.from_looplm(looplm, gate="overwrite", alpha=1.0,
-                                           chunk_size=chunk_size or 1).to(device=device, dtype=dtype).eval()
+    baseline = MeltForCausalLM.from_looplm(looplm, gate="overwrite", alpha=1.0, chunk_size=chunk_size or 1)
+    # PreTrainedModel.to is functools.wraps(nn.Module.to): its stub type wants self once more (the ignore)
+    baseline = baseline.to(device=device, dtype=dtype).eval()  # type: ignore[call-arg]
     return Contender(name, baseline, looplm.config.total_ut_steps, count_parameters(looplm),
                      lastkv_from=looplm if name == "looplm_lastkv" else None)

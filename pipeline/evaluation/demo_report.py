@@ -57,7 +57,7 @@ def phase_times(run_dir: Path) -> tuple[dict[str, float], float | None]:
     seconds = {name: s for name, (s, _) in runs.items()}
     if not runs or any(ended is None for _, ended in runs.values()):
         return seconds, None
-    spans = [(datetime.fromisoformat(ended).timestamp(), s) for s, ended in runs.values()]
+    spans = [(datetime.fromisoformat(ended).timestamp(), s) for s, ended in runs.values() if ended is not None]
     return seconds, max(end for end, _ in spans) - min(end - s for end, s in spans)
 
 
@@ -108,7 +108,7 @@ def _plots(run_dir: Path, contenders: dict, chance: float, kv_rows: list, curves
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = {}
+    files: dict[str, str] = {}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, c in contenders.items():
         ks = sorted(c["accuracy_by_difficulty"], key=int)

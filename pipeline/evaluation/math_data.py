@@ -123,7 +123,7 @@ def load_math_task(name: str, path: str | Path, limit: Optional[int] = None) -> 
 
 def parse_math_specs(values: list[str]) -> list[tuple[str, str]]:
     """`--math gsm8k=PATH[,math=PATH]` (repeatable) -> [(name, path)], names unique."""
-    specs = []
+    specs: list[tuple[str, str]] = []
     for value in values:
         for item in filter(None, value.split(",")):
             name, sep, path = item.partition("=")

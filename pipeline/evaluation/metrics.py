@@ -46,6 +46,7 @@ def _scoring_groups(split: EvalSplit, start: int, end: int, chunking: str):
     rows = list(range(start, end))
     if chunking != "decode":
         return [(rows, None)]
+    assert split.prompt_length is not None  # "decode" is resolved only for a split with prompts
     by_length = defaultdict(list)
     for i in rows:
         by_length[int(split.prompt_length[i])].append(i)
@@ -93,16 +94,18 @@ def teacher_forced(contender: Contender, split: EvalSplit, batch_size: int, exit
 @torch.no_grad()
 def generation_accuracy(contender: Contender, split: EvalSplit, batch_size: int, pad_id: int = 0) -> dict:
     """Greedy exact match of the whole answer (every token after prompt_length), per difficulty."""
-    if split.prompt_length is None:
+    prompt_length = split.prompt_length
+    if prompt_length is None:
         raise ValueError("generation accuracy needs an eval split with prompt_length (a synthetic task)")
-    correct, total = defaultdict(int), defaultdict(int)
+    correct: defaultdict[int, int] = defaultdict(int)
+    total: defaultdict[int, int] = defaultdict(int)
     generated, seconds = 0, 0.0
-    order = sorted(range(len(split)), key=lambda i: int(split.prompt_length[i]))
+    order = sorted(range(len(split)), key=lambda i: int(prompt_length[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc=f"{contender.name}: generation", leave=False):
         by_length = defaultdict(list)
         for i in batch:
-            by_length[int(split.prompt_length[i])].append(i)
+            by_length[int(prompt_length[i])].append(i)
         for length, rows in by_length.items():
             ids = split.input_ids[rows].to(contender.device)
             prompt, answer = ids[:, :length], ids[:, length:]

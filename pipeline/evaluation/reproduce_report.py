@@ -93,7 +93,7 @@ def _plots(run_dir: Path, standard: dict, by_loops: dict, rows: list, chance: fl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = {}
+    files: dict[str, str] = {}
     loops = [r["loops"] for r in rows[1:]]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for name, label in (("looplm", "LoopLM (full per-loop KV)"), ("melt", "MELT"),

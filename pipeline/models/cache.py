@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
@@ -44,19 +44,20 @@ class SlotLayer(CacheLayerMixin):
 
     is_sliding = False
 
-    def __init__(self):  # no CacheLayerMixin.__init__: keys/values are views of the buffer
+    def __init__(self) -> None:  # no CacheLayerMixin.__init__: keys/values are views of the buffer
         self.data: Optional[torch.Tensor] = None
         self.length = 0
         self.pieces: list[tuple[int, int, torch.Tensor]] = []  # (start, end, piece) written with a graph
         self.is_initialized = False
 
-    # -- storage
+    # -- storage (read-only views of the buffer, where CacheLayerMixin has plain attributes: every base method
+    # that assigns them, offload, prefetch, reset and reorder_cache, is overridden below)
     @property
-    def keys(self) -> Optional[torch.Tensor]:
+    def keys(self) -> Optional[torch.Tensor]:  # type: ignore[override]
         return None if self.data is None else self.data[0, :, :, :self.length]
 
     @property
-    def values(self) -> Optional[torch.Tensor]:
+    def values(self) -> Optional[torch.Tensor]:  # type: ignore[override]
         return None if self.data is None else self.data[1, :, :, :self.length]
 
     @property
@@ -78,6 +79,7 @@ class SlotLayer(CacheLayerMixin):
             total = max(total, self.capacity + self.capacity // 4 + 16)
         data = like.new_empty(*like.shape[:3], total, like.shape[4])
         if self.length:
+            assert self.data is not None  # stored tokens live in the buffer
             data[:, :, :, :self.length].copy_(self.data[:, :, :, :self.length])
         self.data = data
 
@@ -90,6 +92,7 @@ class SlotLayer(CacheLayerMixin):
             piece = _WriteRegion.apply(kv, self.data, start)
             self.pieces.append((start, end, piece))
             return piece
+        assert self.data is not None  # reserve allocated it (a write of no tokens to an empty entry fails here)
         with torch.no_grad():
             self.data[:, :, :, start:end].copy_(kv)
         return None
@@ -175,18 +178,23 @@ class MeltCache(Cache):
         super().__init__(layers=[SlotLayer() for _ in range(entries)])
         self.num_layers, self.num_loops, self.keep_loop_kv = num_layers, num_loops, keep_loop_kv
 
+    @property
+    def entries(self) -> list[SlotLayer]:
+        """`layers`, typed as what they are (Cache declares them CacheLayerMixin)."""
+        return cast("list[SlotLayer]", self.layers)
+
     def loop_entry(self, loop: int, layer: int) -> int:
         return self.num_layers + loop * self.num_layers + layer
 
     def append(self, entry: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.layers[entry].write(torch.stack([keys, values]))
+        self.entries[entry].write(torch.stack([keys, values]))
 
     @property
     def nbytes(self) -> int:
         """Bytes of the stored tokens' keys and values (what a standard transformer's cache holds for
         them); `allocated_bytes` counts the buffers' spare room too."""
-        return sum(tensor_bytes(layer.keys, layer.values) for layer in self.layers if layer.data is not None)
+        return sum(tensor_bytes(layer.keys, layer.values) for layer in self.entries if layer.data is not None)
 
     @property
     def allocated_bytes(self) -> int:
-        return sum(tensor_bytes(layer.data) for layer in self.layers if layer.data is not None)
+        return sum(tensor_bytes(layer.data) for layer in self.entries if layer.data is not None)

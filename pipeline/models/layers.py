@@ -33,6 +33,8 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """Rotate-half RoPE; cos/sin computed in float32 and cast to the activations' dtype."""
 
+    inv_freq: torch.Tensor  # a buffer (registered in __init__)
+
     def __init__(self, head_dim: int, rope_theta: float):
         super().__init__()
         inv_freq = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))

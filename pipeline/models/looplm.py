@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -237,12 +237,14 @@ def default_position_ids(attention_mask, cache_position, seq_length: int) -> tor
 
 
 class LoopLMPreTrainedModel(LoopedPreTrainedModel):
-    config_class = LoopLMConfig
+    config_class = LoopLMConfig  # type: ignore[assignment]  # transformers declares PreTrainedModel.config_class None
 
 
 class BackboneMixin:
     """Embedding, decoder layers, final norm, RoPE and exit gate: the LoopLM's and MELT's backbone
     (under Ouro's parameter names)."""
+
+    config: Any  # the model's (a LoopLMConfig or MeltConfig), which this is mixed into
 
     def build_backbone(self, config, layer_cls) -> None:
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
@@ -320,13 +322,13 @@ class LoopLMModel(BackboneMixin, LoopLMPreTrainedModel):
             raise ValueError(f"cache was built for {past_key_values.num_loops} loops, model runs {num_loops}")
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         inputs = self.begin_forward(input_ids, inputs_embeds, attention_mask, position_ids, cache_position, past)
-        hidden, cache_position, cos, sin, padded = (inputs.hidden, inputs.cache_position, inputs.cos, inputs.sin,
-                                                    inputs.padded)
+        hidden, positions, cos, sin, padded = (inputs.hidden, inputs.cache_position, inputs.cos, inputs.sin,
+                                               inputs.padded)
         seq = hidden.shape[1]
 
         mask = None
         if padded or (past > 0 and seq > 1):  # else plain causal SDPA (or one query seeing every key)
-            mask = causal_padding_mask(attention_mask if padded else None, cache_position, past + seq)
+            mask = causal_padding_mask(attention_mask if padded else None, positions, past + seq)
         is_causal = mask is None and seq > 1
 
         states, gates, attn_outputs = [], [], []
@@ -359,6 +361,8 @@ class LoopLMModel(BackboneMixin, LoopLMPreTrainedModel):
 
 class LoopedCausalLMMixin:
     """lm_head on the loop states, exit options and the LM loss, shared by the LoopLM and MELT."""
+
+    config: Any  # the model's (a LoopLMConfig or MeltConfig), which this is mixed into
 
     def build_head(self, backbone: nn.Module) -> None:
         self.model = backbone
@@ -415,8 +419,9 @@ class LoopedCausalLMMixin:
         )
 
 
-class LoopLMForCausalLM(LoopedCausalLMMixin, LoopLMPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = ["lm_head.weight"]
+# transformers' PreTrainedModel and GenerationMixin declare generation_config differently (the ignore)
+class LoopLMForCausalLM(LoopedCausalLMMixin, LoopLMPreTrainedModel, GenerationMixin):  # type: ignore[misc]
+    _tied_weights_keys = ["lm_head.weight"]  # type: ignore[assignment]  # transformers declares it None
 
     def __init__(self, config: LoopLMConfig):
         super().__init__(config)

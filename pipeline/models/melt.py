@@ -125,6 +125,7 @@ class KVGate(nn.Module):
             return 0.0
         if self.variant == "mean":
             return loop / (loop + 1.0)  # running average of the loops so far
+        assert self.proj is not None  # elementwise and headwise gates have their projection
         bsz, seq, _ = x.shape
         per_head = self.head_dim if self.variant == "elementwise" else 1
         return torch.sigmoid(self.proj(x)).view(bsz, seq, 2, self.num_kv_heads, per_head).permute(2, 0, 3, 1, 4)
@@ -176,7 +177,7 @@ class GateStats:
 
 
 class MeltPreTrainedModel(LoopedPreTrainedModel):
-    config_class = MeltConfig
+    config_class = MeltConfig  # type: ignore[assignment]  # transformers declares PreTrainedModel.config_class None
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -238,8 +239,8 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
             raise ValueError(f"alpha={alpha} needs per-loop keys, but this MeltCache was built at alpha = 1")
         inputs = self.begin_forward(input_ids, inputs_embeds, attention_mask, position_ids, cache_position,
                                     cache.get_seq_length())
-        hidden, past, cache_position, cos, sin, padded = (inputs.hidden, inputs.past, inputs.cache_position,
-                                                          inputs.cos, inputs.sin, inputs.padded)
+        hidden, past, positions, cos, sin, padded = (inputs.hidden, inputs.past, inputs.cache_position,
+                                                     inputs.cos, inputs.sin, inputs.padded)
         bsz, seq = hidden.shape[:2]
         if layer_inputs is not None:
             shapes = [[tuple(x.shape) for x in loop] for loop in layer_inputs]
@@ -251,13 +252,17 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
         bounds = self._chunk_bounds(seq, past, chunk_size, decode_from)
         self._reserve(cache, hidden, past + seq)
         stats = GateStats(cfg.num_hidden_layers) if self.training or output_gate_stats else None
-        states, gates, attn, exit_loops = [[] for _ in range(num_loops)], [[] for _ in range(num_loops)], [], []
+        states: list[list[Optional[torch.Tensor]]] = [[] for _ in range(num_loops)]
+        gates: list[list[torch.Tensor]] = [[] for _ in range(num_loops)]
+        attn: list[list[tuple[torch.Tensor, ...]]] = []
+        exit_loops: list[Optional[torch.Tensor]] = []
+        padding = attention_mask if padded else None
         for start, end in bounds:
             prefix = past + start
-            query_pos = cache_position[start:end]
+            query_pos = positions[start:end]
             mask = None
             if padded or (prefix > 0 and end - start > 1):
-                mask = causal_padding_mask(attention_mask[:, :prefix + end - start] if padded else None,
+                mask = causal_padding_mask(padding[:, :prefix + end - start] if padding is not None else None,
                                            query_pos, prefix + end - start)
             forced = None if layer_inputs is None else \
                 [[x[:, start:end] for x in layer_inputs[t]] for t in range(num_loops)]
@@ -340,22 +345,22 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
         """Room for the whole input in every cache entry, before the first chunk writes."""
         cfg = self.config
         like = hidden.new_empty(2, hidden.shape[0], cfg.num_key_value_heads, 0, cfg.head_dim)
-        for layer in cache.layers:
+        for layer in cache.entries:
             layer.reserve(like, total)
 
     def _store_chunk(self, cache: MeltCache, new_slots: list, new_loop_kv: dict) -> None:
         keep_graph = not self.config.truncate_chunk_gradients
         for entry, kv in enumerate(new_slots):
-            cache.layers[entry].write(kv, keep_graph)
+            cache.entries[entry].write(kv, keep_graph)
         for entry, kv in new_loop_kv.items():
-            if cache.layers[entry].get_seq_length() != cache.layers[0].get_seq_length() - kv.shape[3]:
-                raise ValueError(f"MELT cache entry {entry} (per-loop keys) holds {cache.layers[entry].length} "
-                                 f"tokens, the slots {cache.layers[0].length - kv.shape[3]}: the cache's per-loop "
+            if cache.entries[entry].get_seq_length() != cache.entries[0].get_seq_length() - kv.shape[3]:
+                raise ValueError(f"MELT cache entry {entry} (per-loop keys) holds {cache.entries[entry].length} "
+                                 f"tokens, the slots {cache.entries[0].length - kv.shape[3]}: the cache's per-loop "
                                  "entries are out of step with its slots (was it changed outside the model?)")
-            cache.layers[entry].write(kv, keep_graph)
+            cache.entries[entry].write(kv, keep_graph)
 
     def _run_chunk(self, hidden, cos, sin, mask, cache: MeltCache, prefix: int, num_loops: int, alpha: float,
-                   exit_threshold: Optional[float], keep_attn: bool, keep_states: bool, stats: GateStats,
+                   exit_threshold: Optional[float], keep_attn: bool, keep_states: bool, stats: Optional[GateStats],
                    forced: Optional[list] = None):
         """All loops of one chunk after `prefix` stored tokens. Pure (it reads the cache's first `prefix`
         tokens and writes nothing lasting), so that activation checkpointing can replay it; the caller
@@ -372,7 +377,7 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
         survive = torch.ones(bsz, chunk, device=hidden.device) if frozen is not None else None
         exit_loop = torch.full((bsz, chunk), num_loops, device=hidden.device) if frozen is not None else None
         states, gates, attn = [], [], []
-        state = None
+        state: Optional[torch.Tensor] = None
         for loop in range(num_loops):
             loop_attn = []
             last_loop = loop == num_loops - 1
@@ -397,8 +402,8 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
                     if cache.keep_loop_kv:  # every loop of every token, so that the entries stay in step
                         new_loop_kv[cache.loop_entry(loop, index)] = new
                     if alpha < 1.0:
-                        loop_kv = cache.layers[cache.loop_entry(loop, index)]
-                    spec = PrefixSpec(cache.layers[index], loop_kv, prefix, alpha, mask, is_causal,
+                        loop_kv = cache.entries[cache.loop_entry(loop, index)]
+                    spec = PrefixSpec(cache.entries[index], loop_kv, prefix, alpha, mask, is_causal,
                                       layer.self_attn.num_kv_heads != layer.self_attn.num_heads)
                     out = prefix_attention(q, mix(new, slot, alpha), spec)
                     return out.transpose(1, 2).reshape(bsz, chunk, -1)
@@ -411,7 +416,8 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
             hidden = self.norm(hidden)
             gate = self.early_exit_gate(hidden).squeeze(-1)
             if frozen is not None:
-                state = hidden if loop == 0 else torch.where(frozen[..., None], state, hidden)
+                assert survive is not None and exit_loop is not None and exit_threshold is not None  # set with frozen
+                state = hidden if state is None else torch.where(frozen[..., None], state, hidden)  # None: loop 0
                 survive = survive * (1.0 - torch.sigmoid(gate.float()))
                 exiting = ~frozen & (1.0 - survive >= exit_threshold) if not last_loop else ~frozen
                 exit_loop = torch.where(exiting, loop + 1, exit_loop)
@@ -430,8 +436,9 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
         return states, gates, slots, new_loop_kv, attn, exit_loop
 
 
-class MeltForCausalLM(LoopedCausalLMMixin, MeltPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = ["lm_head.weight"]
+# transformers' PreTrainedModel and GenerationMixin declare generation_config differently (the ignore)
+class MeltForCausalLM(LoopedCausalLMMixin, MeltPreTrainedModel, GenerationMixin):  # type: ignore[misc]
+    _tied_weights_keys = ["lm_head.weight"]  # type: ignore[assignment]  # transformers declares it None
 
     def __init__(self, config: MeltConfig):
         super().__init__(config)
@@ -456,17 +463,18 @@ class MeltForCausalLM(LoopedCausalLMMixin, MeltPreTrainedModel, GenerationMixin)
         MeltConfig field (gate_init_bias, prompt_chunk_size, truncate_chunk_gradients, ...)
         or LoopLM config override (total_ut_steps, ...).
         """
-        if not isinstance(looplm, LoopLMForCausalLM):
-            looplm = LoopLMForCausalLM.from_pretrained(looplm)
-        config = MeltConfig.from_looplm_config(looplm.config, gate=gate, chunk_size=chunk_size, alpha=alpha,
+        teacher: LoopLMForCausalLM = looplm if isinstance(looplm, LoopLMForCausalLM) \
+            else LoopLMForCausalLM.from_pretrained(looplm)
+        config = MeltConfig.from_looplm_config(teacher.config, gate=gate, chunk_size=chunk_size, alpha=alpha,
                                                **options)
-        param = next(looplm.parameters())
-        melt = cls(config).to(dtype=param.dtype, device=param.device)
-        missing, unexpected = melt.load_state_dict(looplm.state_dict(), strict=False)
+        param = next(teacher.parameters())
+        # PreTrainedModel.to is functools.wraps(nn.Module.to): its stub type wants self once more
+        melt = cls(config).to(dtype=param.dtype, device=param.device)  # type: ignore[call-arg]
+        missing, unexpected = melt.load_state_dict(teacher.state_dict(), strict=False)
         bad_missing = [k for k in missing if not is_gate_parameter(k)]
         if bad_missing or unexpected:
             raise ValueError(f"LoopLM weights do not map onto MELT: missing {bad_missing}, unexpected {unexpected}")
-        return melt.train(looplm.training)
+        return melt.train(teacher.training)
 
     def forward(
         self,

@@ -18,7 +18,7 @@ temporary per call; its gradient goes to both, weighted (1 - alpha) and alpha.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,7 @@ class PrefixSpec:
         P, C = self.prefix, own.shape[3]
         if P == 0:
             return own[0], own[1], lambda: None
+        assert self.slots.data is not None  # the prefix is stored
         if self.loop_kv is None:  # alpha = 1: borrow the slot buffer's next C positions for the own keys
             work = self.slots.data[:, :, :, :P + C]
             kept = work[:, :, :, P:].clone() if self.slots.length > P else None
@@ -54,6 +55,7 @@ class PrefixSpec:
                 if kept is not None:
                     work[:, :, :, P:].copy_(kept)
             return work[0], work[1], restore
+        assert self.loop_kv.data is not None
         work = own.new_empty(*own.shape[:3], P + C, own.shape[4])
         torch.lerp(self.loop_kv.data[:, :, :, :P], self.slots.data[:, :, :, :P], self.alpha, out=work[:, :, :, :P])
         work[:, :, :, P:].copy_(own)
@@ -97,7 +99,7 @@ class PrefixAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         spec: PrefixSpec = ctx.spec
         saved = ctx.saved_tensors  # read once (activation checkpointing unpacks each tensor once)
         q, own = saved[:2]
@@ -119,7 +121,7 @@ class PrefixAttention(torch.autograd.Function):
         full = torch.stack([grad_k, grad_v])
         grad_own = full[:, :, :, P:]
         weighted: dict[float, torch.Tensor] = {1.0: full}
-        grads = []
+        grads: list[Optional[torch.Tensor]] = []
         for index, (start, end, weight) in enumerate(spec.piece_regions):
             if not ctx.needs_input_grad[3 + index]:
                 grads.append(None)

@@ -57,7 +57,7 @@ class ParsedModule:
     name: str
     docstring: str
     body: str                           # the source without its docstring and top-level imports
-    imports: list                       # top-level ast.Import / ast.ImportFrom (level 0)
+    imports: list[ast.Import | ast.ImportFrom]  # top-level imports (level 0)
     relative: dict[str, list[str]]      # module of pipeline/models -> the names imported from it
     defines: set[str]
 
@@ -74,8 +74,12 @@ def parse_module(name: str) -> ParsedModule:
     source = path.read_text()
     tree = ast.parse(source, str(path))
     drop: set[int] = set()  # 1-based line numbers taken out of the body
-    docstring, imports, relative, defines = "", [], {}, set()
+    docstring = ""
+    imports: list[ast.Import | ast.ImportFrom] = []
+    relative: dict[str, list[str]] = {}
+    defines: set[str] = set()
     for index, node in enumerate(tree.body):
+        assert node.end_lineno is not None  # ast.parse sets it on every node it makes
         span = range(node.lineno, node.end_lineno + 1)
         if index == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) \
                 and isinstance(node.value.value, str):
@@ -107,7 +111,8 @@ def _top_level_names(node: ast.stmt) -> set[str]:
 
 def dependency_order(root: str) -> list[ParsedModule]:
     """root and every module it imports relatively, each after the modules it imports."""
-    order, state = [], {}
+    order: list[ParsedModule] = []
+    state: dict[str, str] = {}
 
     def visit(name: str, chain: tuple) -> None:
         if state.get(name) == "done":

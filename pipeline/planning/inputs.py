@@ -17,7 +17,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from pipeline.training.config import ConfigError, RunConfig
+from pipeline.training.config import ConfigError, RunConfig, TransitionPhaseSection
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -103,7 +103,7 @@ def checkpoint_architecture(name_or_path: str, key: str, known: Optional[Mapping
     if (local / "config.json").is_file():
         return Architecture(clean_config(json.loads((local / "config.json").read_text())), f"{local}/config.json")
     for where in (name_or_path, str(local.resolve()) if not name_or_path.startswith(("http", "s3:")) else None):
-        if known and where in known:
+        if known and where is not None and where in known:
             return known[where]
     cached = hub_cache_config(name_or_path) if not local.exists() else None
     if cached is not None:
@@ -126,14 +126,18 @@ def resolve_architectures(cfg: RunConfig, model_config: Optional[str] = None,
                           ) -> tuple[Architecture, Optional[Architecture]]:
     """(trained model's source architecture, teacher's architecture or None)."""
     name = cfg.phase.name
+    # RunConfig's checks: pretrain sets model.config; transition and distill set model.init_from, distill a teacher
     if name == "pretrain":
+        assert cfg.model.config is not None
         return Architecture(dict(cfg.model.config), "model.config"), None
+    assert cfg.model.init_from is not None
     if name == "transition":
         arch = checkpoint_architecture(cfg.model.init_from, "model.init_from", known, model_config)
         if arch.is_melt:
             raise ConfigError(f"config key 'model.init_from': {cfg.model.init_from} is a MELT checkpoint; the "
                               "transition starts from a LoopLM")
         return arch, None
+    assert cfg.teacher is not None
     teacher = checkpoint_architecture(cfg.teacher.init_from, "teacher.init_from", known, model_config)
     student = checkpoint_architecture(cfg.model.init_from, "model.init_from", known, model_config, fallback=teacher,
                                       fallback_why=f"model.init_from {cfg.model.init_from} not on disk yet "
@@ -162,6 +166,7 @@ def resolve_seq_len(cfg: RunConfig, seq_len: Optional[int], source: str = "--seq
 def worst_alpha(cfg: RunConfig) -> tuple[float, str]:
     """Transition: alpha strictly inside (0, 1) when the ramp passes there (per-loop keys and values
     are kept, and mixed: the most memory), else its only value."""
+    assert isinstance(cfg.phase, TransitionPhaseSection)  # only the transition ramps alpha
     a = cfg.phase.alpha
     low, high = sorted((a.start, a.end))
     if low < high:

@@ -11,9 +11,10 @@ internally (workspaces) are not counted.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -27,13 +28,13 @@ class LiveBytes(TorchDispatchMode):
     Tensors that exist before the mode is entered are not counted unless passed to `adopt`.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.current = 0
         self.peak = 0
         self.ops = 0
         self.marks: dict[str, int] = {}
-        self._label = None
+        self._label: Optional[str] = None
         self._seen: dict[int, list] = {}  # storage key -> [weakref, charged bytes]
 
     # ---- charging
@@ -51,7 +52,7 @@ class LiveBytes(TorchDispatchMode):
         else:
             if entry is not None:  # a dead storage whose address was reused before its callback ran
                 self.current -= entry[1]
-            self._seen[key] = [weakref.ref(storage, lambda ref, key=key: self._release(key, ref)), size]
+            self._seen[key] = [weakref.ref(storage, functools.partial(self._release, key)), size]
             self.current += size
         if self.current > self.peak:
             self.peak = self.current

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch import nn
@@ -68,7 +68,8 @@ class ModelCounts:
 
 
 def count_model(model: nn.Module) -> ModelCounts:
-    layers = model.model.layers
+    # nn.Module types its submodules Tensor | Module: the backbone's decoder layers, as built
+    layers = cast(nn.ModuleList, cast(nn.Module, model.model).layers)
     in_layer = {id(p) for p in layers.parameters()}
     params = list(model.named_parameters())
     modules = [sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()]

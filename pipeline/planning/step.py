@@ -26,7 +26,7 @@ from torch import nn
 from pipeline.models.cache import tensor_bytes
 from pipeline.planning.inputs import StepInputs, step_inputs
 from pipeline.planning.live_bytes import LiveBytes
-from pipeline.training.config import RunConfig
+from pipeline.training.config import DistillPhaseSection, RunConfig, TransitionPhaseSection
 from pipeline.training.losses import TokenCounts
 
 REGIONS = ("teacher", "forward", "loss", "backward")
@@ -83,14 +83,18 @@ def build_models(cfg: RunConfig, inputs: StepInputs, layers: Optional[int]):
     from pipeline.training.phases import build_phase
     phase = build_phase(cfg)
     source = inputs.model.looplm_config(layers)
+    model: LoopLMForCausalLM | MeltForCausalLM
     if inputs.phase == "pretrain":
         model = LoopLMForCausalLM(source)
     elif inputs.phase == "transition":
         p = cfg.phase
+        assert isinstance(p, TransitionPhaseSection)  # inputs.phase is cfg's
         config = MeltConfig.from_looplm_config(source, gate=p.gate, chunk_size=p.chunk_size, alpha=inputs.alpha,
                                                **p.melt_options)
         model = MeltForCausalLM(config)
     else:
+        from pipeline.training.phases_distill import DistillPhase
+        assert isinstance(phase, DistillPhase)  # build_phase(cfg) of cfg's phase, which inputs.phase names
         model = MeltForCausalLM(phase.melt_config(source))
     teacher = LoopLMForCausalLM(inputs.teacher.looplm_config(layers)) if inputs.teacher is not None else None
     return phase, model, teacher
@@ -144,6 +148,7 @@ def run_step(cfg: RunConfig, inputs: StepInputs, layers: Optional[int] = None, r
         held += [*teacher.parameters(), *teacher.buffers()]
     base = live.adopt(held)
     if teacher is not None:
+        assert isinstance(cfg.phase, DistillPhaseSection)  # only distill has a teacher
         phase.teacher = PlanFrozenModel(teacher, on_call=lambda: live.label("teacher"))
         if cfg.phase.teacher_forcing:
             from pipeline.training.phases_distill import LayerInputRecorder

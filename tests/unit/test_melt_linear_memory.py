@@ -4,6 +4,8 @@ Memory is counted with LiveBytes (bytes of live tensor storages, the planner's c
 CPU tensors: deterministic byte counts, not timings.
 """
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -79,8 +81,9 @@ def test_alpha_zero_gradients_equal_the_looplm_gradients():
 
 
 def tiny_config(seq: int, **overrides) -> LoopLMConfig:
-    kw = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=4, total_ut_steps=4, max_position_embeddings=seq)
+    kw: dict[str, Any] = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=4, total_ut_steps=4,
+                              max_position_embeddings=seq)
     kw.update(overrides)
     return LoopLMConfig(**kw)
 
