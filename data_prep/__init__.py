@@ -8,7 +8,7 @@ Commands (each also takes ``--config FILE.yaml`` with the same keys; see configs
     python -m data_prep train-tokenizer ... --chat-template chatml        # + <|im_start|>/<|im_end|> and template
     python -m data_prep chat --input chats/*.jsonl --tokenizer runs/tok --seq-len 1024 --out runs/chat
     python -m data_prep synthetic-chat --out runs/s3_chat.jsonl --eval-out runs/s3_chat_eval.jsonl
-    python -m data_prep synthetic --out runs/s3            # the S3 word problem (DESIGN.md 8)
+    python -m data_prep synthetic --out runs/s3            # the S3 word problem (docs/data.md#6-synthetic-reasoning-tasks)
     python -m data_prep inspect runs/s3
     python -m data_prep bench --out bench.json
 

@@ -1,4 +1,4 @@
-"""Where this process sits in the job: one function for every launcher (DESIGN.md 4).
+"""Where this process sits in the job: one function for every launcher (docs/architecture.md#5-distributed-environment).
 
 `resolve_distributed_env()` reads the environment that the `deepspeed` launcher,
 `torchrun` or SLURM (srun / submitit) set up and returns a `DistEnv`;

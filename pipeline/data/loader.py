@@ -1,5 +1,5 @@
 """Training-side reader of a prepared dataset: StreamingDataset + StreamingDataLoader, with the
-manifest checked first and the loader state wrapped in a fingerprint (DESIGN.md 5).
+manifest checked first and the loader state wrapped in a fingerprint (docs/data.md#72-loader-state-and-fingerprint).
 
 Batches are dicts of LongTensors: ``input_ids`` [B, S] and ``labels`` [B, S] (HF convention,
 -100 ignored; from the ``labels`` column, or from ``loss_mask``, or a copy of the ids for

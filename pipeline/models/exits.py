@@ -1,7 +1,7 @@
 """The early-exit distribution of a looped model, and how outputs are picked from it.
 
 lambda_t = sigmoid(gate_t); p_t = lambda_t * prod_{s<t}(1 - lambda_s) for t < T, and
-p_T takes the remaining mass (DESIGN.md 2.1).
+p_T takes the remaining mass (docs/melt.md, section 1.3).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Building blocks shared by the LoopLM and MELT: Ouro's "sandwich" decoder layer.
 
-The math follows the original Ouro code exactly (DESIGN.md 2.1); the attention step
+The math follows the original Ouro code exactly (docs/melt.md, section 1.1); the attention step
 is a callable handed in by the model so that LoopLM (per-loop cache) and MELT (gated
 slots) can share every parameter and every other line of the layer.
 """

@@ -1,7 +1,7 @@
 """The Ouro-compatible LoopLM (teacher; with total_ut_steps=1, a standard transformer).
 
 Loads Ouro checkpoints as published (model_type "ouro") by parameter name, with no
-remote code. Semantics: DESIGN.md 2.1.
+remote code. Semantics: docs/melt.md, section 1.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""MELT: a looped transformer with one gated KV slot per token per layer (DESIGN.md 2.2).
+"""MELT: a looped transformer with one gated KV slot per token per layer (docs/melt.md, section 2).
 
 At loop 1 a token's slot is its new key/value; at loop t > 1 it becomes
 `g * slot + (1 - g) * new` with a learned gate g. The sequence runs in chunks: a query

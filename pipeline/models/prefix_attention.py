@@ -11,7 +11,7 @@ chunk grows with the prefix. On CPU the flash kernel's forward/backward ops are 
 directly (bit-identical to SDPA's autograd); on other devices the backward recomputes the
 attention forward first (one more attention forward per call).
 
-While alpha < 1 the prefix is `lerp(loop-t keys, slots, alpha)` (DESIGN.md 2.2), built in a
+While alpha < 1 the prefix is `lerp(loop-t keys, slots, alpha)` (docs/melt.md, section 2.3), built in a
 temporary per call; its gradient goes to both, weighted (1 - alpha) and alpha.
 """
 

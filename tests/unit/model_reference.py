@@ -1,4 +1,4 @@
-"""An independent, deliberately plain re-implementation of Ouro's forward (DESIGN.md 2.1),
+"""An independent, deliberately plain re-implementation of Ouro's forward (docs/melt.md#1-looplm-ouro),
 written from the description rather than from pipeline.models, to check it against."""
 
 import math
