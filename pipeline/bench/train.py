@@ -56,7 +56,7 @@ def add_arguments(parser) -> None:
 def training_step(model, kind: str, batch: dict):
     """One training step of the trainer's kind (forward + loss + backward + AdamW step) as a closure."""
     from pipeline.training.config import LossSection
-    from pipeline.training.phases import lm_loss
+    from pipeline.training.phases.base import lm_loss
     loss_cfg = LossSection(kind=kind)  # the trainer's defaults (per-loop metrics on)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -158,7 +158,7 @@ def zero_worker(out: str, preset_args: list[str], loops: int) -> None:
     from pipeline.training.config import validate_run_config
     from pipeline.training.engines import build_engine
     from pipeline.training.losses import TokenCounts
-    from pipeline.training.phases import PretrainPhase
+    from pipeline.training.phases.pretrain import PretrainPhase
     parser = argparse.ArgumentParser()
     add_model_arguments(parser)
     shape = model_shape(parser.parse_args(preset_args))

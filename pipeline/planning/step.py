@@ -146,7 +146,7 @@ def run_step(cfg: RunConfig, inputs: StepInputs, layers: Optional[int] = None, r
     if teacher is not None:
         phase.teacher = PlanFrozenModel(teacher, on_call=lambda: live.label("teacher"))
         if cfg.phase.teacher_forcing:
-            from pipeline.training.phases_distill import LayerInputRecorder
+            from pipeline.training.phases.distill import LayerInputRecorder
             phase.recorder = LayerInputRecorder(teacher.model.layers)
 
     def forward(**kwargs):

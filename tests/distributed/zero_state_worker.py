@@ -42,7 +42,7 @@ def main(out: str, config_json: str) -> None:
     from pipeline.training.config import validate_run_config
     from pipeline.training.engines import build_engine
     from pipeline.training.losses import TokenCounts
-    from pipeline.training.phases import PretrainPhase
+    from pipeline.training.phases.pretrain import PretrainPhase
 
     env = resolve_distributed_env()
     cfg = validate_run_config(json.loads(Path(config_json).read_text()))

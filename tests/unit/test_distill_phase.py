@@ -15,7 +15,7 @@ from pipeline.training.engines.base import FrozenModel, PartitionStats
 from pipeline.training.losses import TokenCounts
 from pipeline.training.metrics import StepMetrics
 from pipeline.training.phases import build_phase
-from pipeline.training.phases_distill import DistillPhase, LayerInputRecorder
+from pipeline.training.phases.distill import DistillPhase, LayerInputRecorder
 
 from .test_train_phases import LocalEngine as PlainLocalEngine
 from .test_train_phases import batch  # random ids, a masked prompt

@@ -10,7 +10,8 @@ from pipeline.models import LoopLMConfig, LoopLMForCausalLM
 from pipeline.training.config import ConfigError, load_run_config
 from pipeline.training.initialization import initialize
 from pipeline.training.losses import TokenCounts
-from pipeline.training.phases import PretrainPhase, build_phase
+from pipeline.training.phases import build_phase
+from pipeline.training.phases.pretrain import PretrainPhase
 
 REPO = Path(__file__).resolve().parents[2]
 

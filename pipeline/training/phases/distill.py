@@ -40,7 +40,8 @@ from pipeline.training.config import ConfigError, LossSection
 from pipeline.training.distill_losses import attention_alignment_loss, logit_distillation_loss
 from pipeline.training.engines.base import Engine, FrozenModel
 from pipeline.training.losses import LossOutput, TokenCounts, labelled_positions, real_positions
-from pipeline.training.phases import MeltStudentPhase, MicroStepOutput, check_checkpoint_source, gate_stats, lm_loss
+from pipeline.training.phases.base import MicroStepOutput, check_checkpoint_source, gate_stats, lm_loss
+from pipeline.training.phases.melt_student import MeltStudentPhase
 from pipeline.training.weights import CheckpointTensors, full_shapes, resolve_checkpoint_dir
 
 log = logging.getLogger("melt.train")
