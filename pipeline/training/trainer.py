@@ -29,13 +29,13 @@ from pipeline.training.checkpointing import (
     tag_for,
 )
 from pipeline.training.config import ConfigError, RunConfig
-from pipeline.training.data import TrainData, check_fingerprint, data_fingerprint, read_manifest, tokenizer_source
 from pipeline.training.engines import build_engine
 from pipeline.training.export import export_model
 from pipeline.training.losses import TokenCounts
 from pipeline.training.metrics import RunLogger, StepMetrics, setup_console_logging, summarize_partition
 from pipeline.training.phases import Phase, build_phase
 from pipeline.training.schedules import lr_multiplier
+from pipeline.training.train_data import TrainData, check_fingerprint, data_fingerprint, read_manifest, tokenizer_source
 
 log = logging.getLogger("melt.train")
 

@@ -388,7 +388,7 @@ def test_resuming_with_another_teacher_is_refused(teacher_dir, other_dir, tmp_pa
     """The teacher is not checkpointed (it is reloaded): a resumption must find the same one."""
     from pipeline.distributed import DistEnv
     from pipeline.training.checkpointing import CheckpointManager
-    from pipeline.training.data import data_fingerprint, read_manifest
+    from pipeline.training.train_data import data_fingerprint, read_manifest
     from pipeline.training.trainer import preflight
     data = token_dataset(tmp_path / "data", num_samples=16, seq_len=8)
     run_dir = tmp_path / "run"
