@@ -63,7 +63,7 @@ def training_step(model, kind: str, batch: dict):
 
     def step() -> float:
         out = model(input_ids=batch["input_ids"], output_loop_logits=True, use_cache=False)
-        loss = lm_loss(loss_cfg, out, batch["labels"], None).loss
+        loss = lm_loss(loss_cfg, out, batch["labels"], None).total
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -174,7 +174,7 @@ def zero_worker(out: str, preset_args: list[str], loops: int) -> None:
     counts = TokenCounts.of(batch)
     out_step = phase.micro_step(engine.forward, batch, TokenCounts(counts.labelled * env.world_size,
                                                                   counts.real * env.world_size))
-    engine.backward(out_step.loss.loss)
+    engine.backward(out_step.losses.total)
     engine.optimizer_step()
     stats = comm.all_gather_object(engine.partition_stats().as_dict())
     if env.rank == 0:

@@ -159,7 +159,7 @@ def run_step(cfg: RunConfig, inputs: StepInputs, layers: Optional[int] = None, r
         with live.label("loss"):  # micro_step: the teacher and the forward have their own labels
             out = phase.micro_step(forward, batch, counts)
         with live.label("backward"):  # the trainer holds `out` (loss and metrics) through its backward
-            out.loss.loss.backward()
+            out.losses.total.backward()
         del out
     for hook in hooks:
         hook.remove()

@@ -169,9 +169,9 @@ class Trainer:
             began = time.perf_counter()
             out = self.phase.micro_step(engine.forward, batch, counts)
             if cfg.guards.inject_nonfinite_at_step == self.step + 1 and micro == 0 and self.env.rank == 0:
-                out.loss.loss = out.loss.loss * float("nan")
-            self.check_finite(out.loss.loss, self.step + 1, micro)
-            engine.backward(out.loss.loss)
+                out.losses.total = out.losses.total * float("nan")
+            self.check_finite(out.losses.total, self.step + 1, micro)
+            engine.backward(out.losses.total)
             if out.timings and engine.device.type == "cuda":
                 torch.cuda.synchronize(engine.device)
             compute_s += time.perf_counter() - began

@@ -61,7 +61,7 @@ def main(out: str, config_json: str) -> None:
     tokens = float(ids.numel() * env.world_size)
     out_step = phase.micro_step(engine.forward, {"input_ids": ids, "labels": ids},
                                 TokenCounts(labelled=31.0 * ids.shape[0] * env.world_size, real=tokens))
-    engine.backward(out_step.loss.loss)
+    engine.backward(out_step.losses.total)
     engine.optimizer_step()
 
     opt = engine._engine.optimizer

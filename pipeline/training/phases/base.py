@@ -23,7 +23,7 @@ HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 @dataclass
 class MicroStepOutput:
-    loss: LossOutput                        # .loss is backpropagated; .metrics are per-token means
+    losses: LossOutput                      # .total is backpropagated; .metrics are per-token means
     stats: dict[str, tuple[float, str]] = field(default_factory=dict)  # name -> (value, "mean" | "min" | "max")
     # seconds spent in micro_step on work other than the trained model's forward, by name (e.g. "teacher")
     timings: dict[str, float] = field(default_factory=dict)

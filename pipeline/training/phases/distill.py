@@ -264,7 +264,7 @@ class DistillPhase(MeltStudentPhase):
         with torch.set_grad_enabled(phase.w_ce > 0 and torch.is_grad_enabled()):
             ce = LossSection(kind="last_loop_ce", per_loop_metrics=phase.per_loop_metrics)
             parts.append((phase.w_ce, lm_loss(ce, student, labels, counts.labelled)))
-        total = sum(weight * part.loss for weight, part in parts if weight > 0)
+        total = sum(weight * part.total for weight, part in parts if weight > 0)
         metrics, metric_tokens = {}, {}
         for _, part in parts:  # each part's means are over its own tokens
             metrics.update(part.metrics)
