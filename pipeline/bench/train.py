@@ -168,7 +168,7 @@ def zero_worker(out: str, preset_args: list[str], loops: int) -> None:
     engine.init_distributed()
     phase = PretrainPhase(cfg)
     model = phase.build_model(engine)
-    engine.prepare(model, phase.parameter_groups(model), lambda s: 1.0, cfg.optimizer.betas, cfg.optimizer.eps)
+    engine.prepare(model, phase.parameter_groups(model, engine), lambda s: 1.0, cfg.optimizer.betas, cfg.optimizer.eps)
     ids = torch.randint(0, shape["vocab"], (1, 64), generator=torch.Generator().manual_seed(env.rank))
     batch = {"input_ids": ids, "labels": ids}
     counts = TokenCounts.of(batch)

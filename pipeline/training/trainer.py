@@ -100,7 +100,7 @@ class Trainer:
         model = self.phase.build_model(self.engine)
         if cfg.engine.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        groups = self.phase.parameter_groups(model)
+        groups = self.phase.parameter_groups(model, self.engine)
         sched = cfg.schedule
 
         def lr_lambda(step: int) -> float:

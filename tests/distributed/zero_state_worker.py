@@ -50,7 +50,7 @@ def main(out: str, config_json: str) -> None:
     engine.init_distributed()
     phase = PretrainPhase(cfg)
     model = phase.build_model(engine)
-    engine.prepare(model, phase.parameter_groups(model), lambda s: 1.0, cfg.optimizer.betas, cfg.optimizer.eps)
+    engine.prepare(model, phase.parameter_groups(model, engine), lambda s: 1.0, cfg.optimizer.betas, cfg.optimizer.eps)
     with engine.frozen_init_context(False):
         teacher = LoopLMForCausalLM(LoopLMConfig(**cfg.model.config))
     frozen = engine.build_frozen(teacher)

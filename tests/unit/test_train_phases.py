@@ -25,6 +25,9 @@ class LocalEngine:
     def init_weights(self, root, init_fn, prefix=""):
         initialize(root, init_fn, seed=0, prefix=prefix)
 
+    def full_shape(self, param):
+        return tuple(param.shape)
+
     def load_weights(self, model, tensors):
         with torch.no_grad():
             for name, param in model.named_parameters():

@@ -167,6 +167,11 @@ class Engine(ABC):
     def module(self) -> nn.Module:
         """The model itself (unwrapped), e.g. to set MELT's alpha or read its config."""
 
+    def full_shape(self, param: nn.Parameter) -> tuple[int, ...]:
+        """The whole parameter's shape, however this engine partitions it (a sharded DTensor, and a
+        parameter on the meta device before sharding, report it as their shape)."""
+        return tuple(param.shape)
+
     # -- one optimizer step = grad_accum_steps x (forward, backward), then optimizer_step()
     @abstractmethod
     def forward(self, **inputs) -> Any: ...

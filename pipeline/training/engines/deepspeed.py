@@ -151,7 +151,7 @@ class DeepSpeedEngine(Engine):
         for unit in init_units(root, prefix):
             with deepspeed.zero.GatheredParameters(list(unit.params.values()), modifier_rank=0):
                 if self.rank == 0:
-                    values = unit_values(unit, init_fn, self.cfg.seed)
+                    values = unit_values(unit, init_fn, self.cfg.seed, self.full_shape)
                     with torch.no_grad():
                         for name, param in unit.params.items():
                             param.data.copy_(values[name])
@@ -201,6 +201,10 @@ class DeepSpeedEngine(Engine):
     @property
     def module(self) -> nn.Module:
         return self._engine.module if self._engine is not None else self._model
+
+    def full_shape(self, param: nn.Parameter) -> tuple[int, ...]:
+        # a ZeRO-3 partitioned parameter's own shape is its (empty) local storage's
+        return tuple(getattr(param, "ds_shape", param.shape))
 
     # -- steps
     def forward(self, **inputs) -> Any:

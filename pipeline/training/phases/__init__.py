@@ -6,7 +6,7 @@ interface (partitioned construction / loading) and computes its loss through a
 
     phase = build_phase(cfg)
     model = phase.build_model(engine)                   # inside the engine's partitioning
-    groups = phase.parameter_groups(model)              # freezes the rest
+    groups = phase.parameter_groups(model, engine)      # freezes the rest
     every step:    scalars = phase.begin_step(model, step)          # e.g. MELT's alpha
     every micro:   out = phase.micro_step(engine.forward, batch, counts)  # counts: the step's TokenCounts
     at the end:    phase.after_fit(run_dir)                         # collective

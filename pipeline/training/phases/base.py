@@ -16,7 +16,7 @@ from torch import nn
 from pipeline.training.config import ConfigError, LossSection, RunConfig
 from pipeline.training.engines.base import Engine, FrozenModel, ParamGroup
 from pipeline.training.losses import LossOutput, TokenCounts, causal_lm_loss, last_loop_lm_loss, ouro_stage1_loss
-from pipeline.training.weights import full_shape
+from pipeline.training.weights import plain_shape
 
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -67,8 +67,11 @@ class Phase(ABC):
     def trainable_roles(self) -> set[str]:
         return set(self.group_names)
 
-    def parameter_groups(self, model: nn.Module) -> list[ParamGroup]:
-        """One group per role (with optimizer.groups.<role> overrides); frozen roles get requires_grad False."""
+    def parameter_groups(self, model: nn.Module, engine: Optional[Engine] = None) -> list[ParamGroup]:
+        """One group per role (with optimizer.groups.<role> overrides); frozen roles get requires_grad False.
+        Matrices decay, vectors do not: `engine` reads the whole shape of a model it partitioned
+        (None: a model not partitioned)."""
+        full_shape = engine.full_shape if engine is not None else plain_shape
         opt = self.cfg.optimizer
         trainable = self.trainable_roles()
         groups = {}

@@ -201,7 +201,7 @@ class DistillPhase(MeltStudentPhase):
         with engine.frozen_init_context(offload):
             teacher = LoopLMForCausalLM(teacher_config)
         tensors = CheckpointTensors(self.teacher_dir)
-        tensors.check_fits(full_shapes(teacher))
+        tensors.check_fits(full_shapes(teacher, engine.full_shape))
         engine.load_weights(teacher, tensors)
         if self.cfg.phase.teacher_forcing:
             self.recorder = LayerInputRecorder(teacher.model.layers)

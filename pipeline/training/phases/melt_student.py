@@ -34,7 +34,7 @@ class MeltStudentPhase(Phase):
         with engine.init_context():
             model = MeltForCausalLM(config)
         tensors = CheckpointTensors(directory)
-        shapes = full_shapes(model)
+        shapes = full_shapes(model, engine.full_shape)
         tensors.check_fits(shapes, may_be_missing=[n for n in shapes if fresh_gates and self.role(n) == "gates"])
         if fresh_gates:
             for name, module in model.named_modules():
