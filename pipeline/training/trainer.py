@@ -20,17 +20,11 @@ import torch
 
 from pipeline.distributed import DistEnv
 from pipeline.training import comm
-from pipeline.training.checkpointing import (
-    CheckpointManager,
-    maybe_kill,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-    tag_for,
-)
+from pipeline.training.checkpointing import CheckpointManager, rng_state, seed_everything, set_rng_state, tag_for
 from pipeline.training.config import ConfigError, RunConfig
 from pipeline.training.engines import build_engine
 from pipeline.training.export import export_model
+from pipeline.training.hooks import StepHook, fault_hooks
 from pipeline.training.losses import TokenCounts
 from pipeline.training.metrics import RunLogger, StepMetrics, setup_console_logging, summarize_partition
 from pipeline.training.phases import Phase, build_phase
@@ -89,6 +83,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.engine = build_engine(cfg, env)
         self.engine.init_distributed()
+        self.hooks: list[StepHook] = fault_hooks(cfg, env.rank)
         setup_console_logging(env.rank)
         seed_everything(cfg.seed)
         if env.rank == 0:
@@ -168,8 +163,8 @@ class Trainer:
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             began = time.perf_counter()
             out = self.phase.micro_step(engine.forward, batch, counts)
-            if cfg.guards.inject_nonfinite_at_step == self.step + 1 and micro == 0 and self.env.rank == 0:
-                out.losses.total = out.losses.total * float("nan")
+            for hook in self.hooks:
+                hook.after_micro_step(self.step + 1, micro, out)
             self.check_finite(out.losses.total, self.step + 1, micro)
             engine.backward(out.losses.total)
             if out.timings and engine.device.type == "cuda":
@@ -212,6 +207,8 @@ class Trainer:
                  "fingerprint": self.pre.fingerprint, "phase_identity": self.phase.resume_identity(),
                  "data": self.data.state_dict(), "samples_seen": self.step * self.cfg.data.global_batch_size}
         self.engine.save_checkpoint(root, tag, {"trainer": {**state, "rng": rng_state()}})
+        for hook in self.hooks:
+            hook.before_checkpoint_complete(self.step)
         self.pre.checkpoints.finish_save(tag, state)
         self.saved_step = self.step
         log.info(f"checkpoint {self.pre.checkpoints.root / tag}")
@@ -236,9 +233,8 @@ class Trainer:
                 rate = (time.perf_counter() - began) / (self.step - first)
                 self.logger.log(self.step, scalars)
                 self.logger.console(self.step, scalars, rate * (total - self.step))
-            maybe_kill("after_step", self.step)
-            maybe_kill("lose_rank", self.step)
-            maybe_kill("hold", self.step)
+            for hook in self.hooks:
+                hook.after_step(self.step)
             if self.step % cfg.checkpointing.every == 0 or self.step == self.stop_step:
                 self.save()
         if self.saved_step != self.step:
