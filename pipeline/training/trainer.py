@@ -29,6 +29,7 @@ from pipeline.training.losses import TokenCounts
 from pipeline.training.metrics import RunLogger, StepMetrics, setup_console_logging, summarize_partition
 from pipeline.training.phases import Phase, build_phase
 from pipeline.training.schedules import lr_multiplier
+from pipeline.training.step_scalars import StepOutcome, step_scalars
 from pipeline.training.train_data import TrainData, check_fingerprint, data_fingerprint, read_manifest, tokenizer_source
 
 log = logging.getLogger("melt.train")
@@ -148,8 +149,9 @@ class Trainer:
         log.warning(message + "; the optimizer step is skipped")
 
     def train_step(self) -> dict[str, float]:
+        """One optimizer step; its scalars when it is logged ({} otherwise)."""
         cfg, engine = self.cfg, self.engine
-        scalars = {f"train/{k}": v for k, v in self.phase.begin_step(engine.module, self.step).items()}
+        phase_scalars = self.phase.begin_step(engine.module, self.step)
         start = time.perf_counter()
         batches = [self.data.next_batch() for _ in range(engine.grad_accum_steps)]
         local = [TokenCounts.of(b) for b in batches]
@@ -178,26 +180,9 @@ class Trainer:
         elapsed = time.perf_counter() - start
         if not (self.step % cfg.logging.every == 0 or self.step == self.stop_step):
             return {}
-        seq = batches[0]["input_ids"].shape[1]
-        scalars.update(metrics.reduce())
-        scalars.update({f"lr/{k}": v for k, v in lrs.items()})
-        scalars.update({
-            "train/grad_norm": result.grad_norm,
-            "train/step_applied": float(result.applied),
-            "train/samples_seen": float(self.step * cfg.data.global_batch_size),
-            "perf/tokens_per_s": cfg.data.global_batch_size * seq / elapsed,
-            "perf/step_time_s": elapsed,
-        })
-        if side_s:  # the trained model's forward + backward, apart from the phase's other work
-            tokens_per_step = cfg.data.global_batch_size * seq
-            student_s = max(compute_s - sum(side_s.values()), 1e-9)
-            scalars.update({"perf/student_tokens_per_s": tokens_per_step / student_s,
-                            "perf/student_forward_backward_s": student_s})
-            for name, seconds in side_s.items():
-                scalars.update({f"perf/{name}_tokens_per_s": tokens_per_step / max(seconds, 1e-9),
-                                f"perf/{name}_forward_s": seconds})
-        scalars.update({f"memory/{k}": v for k, v in engine.memory_stats().items()})
-        return scalars
+        outcome = StepOutcome(self.step, phase_scalars, lrs, result, cfg.data.global_batch_size,
+                              batches[0]["input_ids"].shape[1], elapsed, compute_s, side_s)
+        return step_scalars(outcome, metrics.reduce(), engine.memory_stats())  # reduce: collective
 
     # -- checkpoints and export
     def save(self) -> None:
