@@ -28,7 +28,7 @@ from pipeline.evaluation.data import load_eval_split
 from pipeline.evaluation.math_cli import add_math_arguments, math_run
 from pipeline.evaluation.metrics import SCORING_CHUNKINGS, evaluate
 from pipeline.evaluation.report import markdown_table, math_table
-from pipeline.training.phases import HUB_NAME
+from pipeline.training.phases.base import HUB_NAME
 
 
 def parse_models(values: list[str], default_contender: str | None) -> list[tuple[str, str]]:

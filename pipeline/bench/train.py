@@ -63,14 +63,14 @@ def add_arguments(parser) -> None:
 def training_step(model, kind: str, batch: dict):
     """One training step of the trainer's kind (forward + loss + backward + AdamW step) as a closure."""
     from pipeline.training.config import LossSection
-    from pipeline.training.phases import lm_loss
+    from pipeline.training.phases.base import lm_loss
     loss_cfg = LossSection.model_validate({"kind": kind})  # the trainer's defaults (per-loop metrics on)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step() -> float:
         out = model(input_ids=batch["input_ids"], output_loop_logits=True, use_cache=False)
-        loss = lm_loss(loss_cfg, out, batch["labels"], None).loss
+        loss = lm_loss(loss_cfg, out, batch["labels"], None).total
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -190,7 +190,7 @@ def zero_worker(out: str, preset_args: list[str], loops: int) -> None:
     from pipeline.training.config import validate_run_config
     from pipeline.training.engines import build_engine
     from pipeline.training.losses import TokenCounts
-    from pipeline.training.phases import PretrainPhase
+    from pipeline.training.phases.pretrain import PretrainPhase
     parser = argparse.ArgumentParser()
     add_model_arguments(parser)
     shape = model_shape(parser.parse_args(preset_args))
@@ -200,13 +200,13 @@ def zero_worker(out: str, preset_args: list[str], loops: int) -> None:
     engine.init_distributed()
     phase = PretrainPhase(cfg)
     model = phase.build_model(engine)
-    engine.prepare(model, phase.parameter_groups(model), lambda s: 1.0, cfg.optimizer.betas, cfg.optimizer.eps)
+    engine.prepare(model, phase.parameter_groups(model, engine), lambda s: 1.0, cfg.optimizer.betas, cfg.optimizer.eps)
     ids = torch.randint(0, shape["vocab"], (1, 64), generator=torch.Generator().manual_seed(env.rank))
     batch = {"input_ids": ids, "labels": ids}
     counts = TokenCounts.of(batch)
     out_step = phase.micro_step(engine.forward, batch, TokenCounts(counts.labelled * env.world_size,
                                                                   counts.real * env.world_size))
-    engine.backward(out_step.loss.loss)
+    engine.backward(out_step.losses.total)
     engine.optimizer_step()
     stats = comm.all_gather_object(engine.partition_stats().as_dict())
     if env.rank == 0:

@@ -151,7 +151,7 @@ def run_step(cfg: RunConfig, inputs: StepInputs, layers: Optional[int] = None, r
         assert isinstance(cfg.phase, DistillPhaseSection)  # only distill has a teacher
         phase.teacher = PlanFrozenModel(teacher, on_call=lambda: live.label("teacher"))
         if cfg.phase.teacher_forcing:
-            from pipeline.training.phases_distill import LayerInputRecorder
+            from pipeline.training.phases.distill import LayerInputRecorder
             phase.recorder = LayerInputRecorder(teacher.model.layers)
 
     def forward(**kwargs):
@@ -164,7 +164,7 @@ def run_step(cfg: RunConfig, inputs: StepInputs, layers: Optional[int] = None, r
         with live.label("loss"):  # micro_step: the teacher and the forward have their own labels
             out = phase.micro_step(forward, batch, counts)
         with live.label("backward"):  # the trainer holds `out` (loss and metrics) through its backward
-            out.loss.loss.backward()
+            out.losses.total.backward()
         del out
     for hook in hooks:
         hook.remove()

@@ -10,15 +10,8 @@ interrupted run), barrier; every rank writes its part; barrier; rank 0 writes
 trainer_state.json and COMPLETE (fsynced), then replaces `latest` atomically
 (temp file + rename), then deletes complete tags beyond the last `keep_last` and
 incomplete ones. A kill before the rename leaves `latest` on the previous
-complete checkpoint; resumption ignores tags without COMPLETE.
-
-Fault injection for tests: MELT_DEBUG_KILL="<point>@<step>" makes rank 0 SIGKILL its
-whole process group (launcher and all ranks, as when a node dies) at `point`
-("after_step": after the optimizer step, before any saving; "mid_save": after rank 0
-wrote its checkpoint files, before the checkpoint is marked complete; "lose_rank": the
-last rank stops answering after the step; "hold": rank 0 waits after the step, as a job
-whose time runs out does, until a signal ends it). With MELT_DEBUG_KILL_ONCE=FILE the hook fires
-only while FILE does not exist, and creates it, so a requeued or rerun job passes.
+complete checkpoint; resumption ignores tags without COMPLETE (hooks.py can kill a run
+between the two, to test it).
 """
 
 from __future__ import annotations
@@ -28,8 +21,6 @@ import os
 import random
 import re
 import shutil
-import signal
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -107,7 +98,6 @@ class CheckpointManager:
         return str(self.root)
 
     def finish_save(self, tag: str, trainer_state: dict) -> None:
-        maybe_kill("mid_save", trainer_state.get("step"))
         comm.barrier()  # every rank has written its part
         if comm.rank() == 0:
             directory = self.root / tag
@@ -123,25 +113,6 @@ class CheckpointManager:
         for path in self.root.iterdir():
             if path.is_dir() and TAG.match(path.name) and path.name not in survivors:
                 shutil.rmtree(path, ignore_errors=True)
-
-
-def maybe_kill(point: str, step: Optional[int]) -> None:
-    """Test hook (MELT_DEBUG_KILL=POINT@STEP): rank 0 SIGKILLs its process group there; with
-    POINT lose_rank, the last rank stops answering (as a hung or unreachable node does) until killed;
-    with hold, rank 0 waits until a signal (SLURM's USR2) ends it."""
-    spec = os.environ.get("MELT_DEBUG_KILL", "")
-    if not spec or spec != f"{point}@{step}":
-        return
-    firing = comm.rank() == (comm.world_size() - 1 if point == "lose_rank" else 0)
-    once = os.environ.get("MELT_DEBUG_KILL_ONCE")
-    if not firing or (once and os.path.exists(once)):
-        return
-    if once:
-        Path(once).write_text(f"{point}@{step}\n")
-    if point in ("lose_rank", "hold"):
-        time.sleep(3600)
-    else:
-        os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
 def rng_state() -> dict:

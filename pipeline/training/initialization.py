@@ -26,9 +26,10 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from pipeline.training.weights import full_shape
+from pipeline.training.weights import plain_shape
 
 InitFn = Callable[[nn.Module], None]
+ShapeFn = Callable[[nn.Parameter], tuple[int, ...]]  # a parameter's whole shape (Engine.full_shape)
 
 
 def module_seed(seed: int, name: str) -> int:
@@ -92,7 +93,7 @@ def init_units(root: nn.Module, prefix: str = "") -> list[InitUnit]:
     return units
 
 
-def stand_in(param: nn.Parameter) -> nn.Parameter:
+def stand_in(param: nn.Parameter, full_shape: ShapeFn = plain_shape) -> nn.Parameter:
     """A full-size CPU tensor in place of `param`; NaN, so a value init_fn leaves alone shows."""
     if param.is_floating_point():
         value = torch.full(full_shape(param), float("nan"), dtype=torch.float32)
@@ -110,9 +111,11 @@ def run_seeded(init_fn: InitFn, module: nn.Module, seed: int) -> None:
             init_fn(module)
 
 
-def unit_values(unit: InitUnit, init_fn: InitFn, seed: int) -> dict[str, torch.Tensor]:
-    """The full initial value (fp32 on CPU for floating parameters) of every parameter of `unit`."""
-    by_id = {id(p): stand_in(p) for p in unit.params.values()}
+def unit_values(unit: InitUnit, init_fn: InitFn, seed: int, full_shape: ShapeFn = plain_shape) \
+        -> dict[str, torch.Tensor]:
+    """The full initial value (fp32 on CPU for floating parameters) of every parameter of `unit`;
+    `full_shape` reads the whole shape of a parameter partitioned in place (Engine.full_shape)."""
+    by_id = {id(p): stand_in(p, full_shape) for p in unit.params.values()}
     swapped = []
     for _, module in unit.modules:
         for leaf, param in module._parameters.items():

@@ -17,7 +17,7 @@ IGNORE_INDEX = -100
 
 @dataclass
 class LossOutput:
-    loss: torch.Tensor                        # what to backpropagate (already divided by the normaliser)
+    total: torch.Tensor                       # what to backpropagate (already divided by the normaliser)
     num_tokens: torch.Tensor                  # valid tokens in this micro-batch (local count)
     metrics: dict = field(default_factory=dict)  # detached scalars for logging (per-token means)
     # the local token count a metric is a mean over, where it is not num_tokens (a distillation part

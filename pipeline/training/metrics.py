@@ -32,11 +32,11 @@ class StepMetrics:
         self.stats: dict[str, tuple[list[float], str]] = {}
 
     def add(self, out) -> None:
-        n = int(out.loss.num_tokens)
-        self.loss += float(out.loss.loss.detach())
+        n = int(out.losses.num_tokens)
+        self.loss += float(out.losses.total.detach())
         self.tokens += n
-        for name, value in out.loss.metrics.items():
-            weight = int(out.loss.metric_tokens.get(name, n))
+        for name, value in out.losses.metrics.items():
+            weight = int(out.losses.metric_tokens.get(name, n))
             self.weighted[name] = self.weighted.get(name, 0.0) + float(value) * weight
             self.weights[name] = self.weights.get(name, 0) + weight
         for name, (value, op) in out.stats.items():

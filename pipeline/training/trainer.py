@@ -20,22 +20,17 @@ import torch
 
 from pipeline.distributed import DistEnv
 from pipeline.training import comm
-from pipeline.training.checkpointing import (
-    CheckpointManager,
-    maybe_kill,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-    tag_for,
-)
+from pipeline.training.checkpointing import CheckpointManager, rng_state, seed_everything, set_rng_state, tag_for
 from pipeline.training.config import ConfigError, RunConfig
-from pipeline.training.data import TrainData, check_fingerprint, data_fingerprint, read_manifest, tokenizer_source
 from pipeline.training.engines import build_engine
 from pipeline.training.export import export_model
+from pipeline.training.hooks import StepHook, fault_hooks
 from pipeline.training.losses import TokenCounts
 from pipeline.training.metrics import RunLogger, StepMetrics, setup_console_logging, summarize_partition
 from pipeline.training.phases import Phase, build_phase
 from pipeline.training.schedules import lr_multiplier
+from pipeline.training.step_scalars import StepOutcome, step_scalars
+from pipeline.training.train_data import TrainData, check_fingerprint, data_fingerprint, read_manifest, tokenizer_source
 
 log = logging.getLogger("melt.train")
 
@@ -89,6 +84,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.engine = build_engine(cfg, env)
         self.engine.init_distributed()
+        self.hooks: list[StepHook] = fault_hooks(cfg, env.rank)
         setup_console_logging(env.rank)
         seed_everything(cfg.seed)
         if env.rank == 0:
@@ -100,7 +96,7 @@ class Trainer:
         model = self.phase.build_model(self.engine)
         if cfg.engine.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        groups = self.phase.parameter_groups(model)
+        groups = self.phase.parameter_groups(model, self.engine)
         sched = cfg.schedule
 
         def lr_lambda(step: int) -> float:
@@ -153,8 +149,9 @@ class Trainer:
         log.warning(message + "; the optimizer step is skipped")
 
     def train_step(self) -> dict[str, float]:
+        """One optimizer step; its scalars when it is logged ({} otherwise)."""
         cfg, engine = self.cfg, self.engine
-        scalars = {f"train/{k}": v for k, v in self.phase.begin_step(engine.module, self.step).items()}
+        phase_scalars = self.phase.begin_step(engine.module, self.step)
         start = time.perf_counter()
         batches = [self.data.next_batch() for _ in range(engine.grad_accum_steps)]
         local = [TokenCounts.of(b) for b in batches]
@@ -168,10 +165,10 @@ class Trainer:
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             began = time.perf_counter()
             out = self.phase.micro_step(engine.forward, batch, counts)
-            if cfg.guards.inject_nonfinite_at_step == self.step + 1 and micro == 0 and self.env.rank == 0:
-                out.loss.loss = out.loss.loss * float("nan")
-            self.check_finite(out.loss.loss, self.step + 1, micro)
-            engine.backward(out.loss.loss)
+            for hook in self.hooks:
+                hook.after_micro_step(self.step + 1, micro, out)
+            self.check_finite(out.losses.total, self.step + 1, micro)
+            engine.backward(out.losses.total)
             if out.timings and engine.device.type == "cuda":
                 torch.cuda.synchronize(engine.device)
             compute_s += time.perf_counter() - began
@@ -183,26 +180,9 @@ class Trainer:
         elapsed = time.perf_counter() - start
         if not (self.step % cfg.logging.every == 0 or self.step == self.stop_step):
             return {}
-        seq = batches[0]["input_ids"].shape[1]
-        scalars.update(metrics.reduce())
-        scalars.update({f"lr/{k}": v for k, v in lrs.items()})
-        scalars.update({
-            "train/grad_norm": result.grad_norm,
-            "train/step_applied": float(result.applied),
-            "train/samples_seen": float(self.step * cfg.data.global_batch_size),
-            "perf/tokens_per_s": cfg.data.global_batch_size * seq / elapsed,
-            "perf/step_time_s": elapsed,
-        })
-        if side_s:  # the trained model's forward + backward, apart from the phase's other work
-            tokens_per_step = cfg.data.global_batch_size * seq
-            student_s = max(compute_s - sum(side_s.values()), 1e-9)
-            scalars.update({"perf/student_tokens_per_s": tokens_per_step / student_s,
-                            "perf/student_forward_backward_s": student_s})
-            for name, seconds in side_s.items():
-                scalars.update({f"perf/{name}_tokens_per_s": tokens_per_step / max(seconds, 1e-9),
-                                f"perf/{name}_forward_s": seconds})
-        scalars.update({f"memory/{k}": v for k, v in engine.memory_stats().items()})
-        return scalars
+        outcome = StepOutcome(self.step, phase_scalars, lrs, result, cfg.data.global_batch_size,
+                              batches[0]["input_ids"].shape[1], elapsed, compute_s, side_s)
+        return step_scalars(outcome, metrics.reduce(), engine.memory_stats())  # reduce: collective
 
     # -- checkpoints and export
     def save(self) -> None:
@@ -212,6 +192,8 @@ class Trainer:
                  "fingerprint": self.pre.fingerprint, "phase_identity": self.phase.resume_identity(),
                  "data": self.data.state_dict(), "samples_seen": self.step * self.cfg.data.global_batch_size}
         self.engine.save_checkpoint(root, tag, {"trainer": {**state, "rng": rng_state()}})
+        for hook in self.hooks:
+            hook.before_checkpoint_complete(self.step)
         self.pre.checkpoints.finish_save(tag, state)
         self.saved_step = self.step
         log.info(f"checkpoint {self.pre.checkpoints.root / tag}")
@@ -236,9 +218,8 @@ class Trainer:
                 rate = (time.perf_counter() - began) / (self.step - first)
                 self.logger.log(self.step, scalars)
                 self.logger.console(self.step, scalars, rate * (total - self.step))
-            maybe_kill("after_step", self.step)
-            maybe_kill("lose_rank", self.step)
-            maybe_kill("hold", self.step)
+            for hook in self.hooks:
+                hook.after_step(self.step)
             if self.step % cfg.checkpointing.every == 0 or self.step == self.stop_step:
                 self.save()
         if self.saved_step != self.step:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from safetensors import safe_open
@@ -62,13 +62,16 @@ def persistent_buffers(model: torch.nn.Module):
             yield name, buf
 
 
-def full_shape(param: torch.nn.Parameter) -> tuple[int, ...]:
-    """The whole parameter's shape, also for a ZeRO-3 partitioned one (FSDP's DTensors report it)."""
-    return tuple(getattr(param, "ds_shape", param.shape))
+def plain_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The shape a tensor reports: the whole one, unless an engine partitioned it in place
+    (then ask the engine: `Engine.full_shape`)."""
+    return tuple(param.shape)
 
 
-def full_shapes(model: torch.nn.Module) -> dict[str, tuple]:
-    """Shapes of the parameters (also partitioned ZeRO-3 ones) and persistent buffers, by name."""
+def full_shapes(model: torch.nn.Module, full_shape: Callable[[torch.nn.Parameter], tuple[int, ...]]) \
+        -> dict[str, tuple]:
+    """Shapes of the parameters (whole, as `full_shape` reads them: `Engine.full_shape` for a
+    partitioned model) and persistent buffers, by name."""
     shapes = {n: full_shape(p) for n, p in model.named_parameters()}
     shapes.update({n: tuple(b.shape) for n, b in persistent_buffers(model)})
     return shapes

@@ -48,7 +48,7 @@ def looplms(tmp_path_factory):
         for step in range(1, 201):
             ids = (torch.randint(0, 64, (16, 1), generator=g) + torch.arange(32)) % 64
             out = model(input_ids=ids, output_loop_logits=True, use_cache=False)
-            loss = ouro_stage1_loss(out.loop_logits, out.exit_logits, ids).loss
+            loss = ouro_stage1_loss(out.loop_logits, out.exit_logits, ids).total
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -42,7 +42,7 @@ def main(out: str, config_json: str) -> None:
     from pipeline.training.config import validate_run_config
     from pipeline.training.engines import build_engine
     from pipeline.training.losses import TokenCounts
-    from pipeline.training.phases import PretrainPhase
+    from pipeline.training.phases.pretrain import PretrainPhase
 
     env = resolve_distributed_env()
     cfg = validate_run_config(json.loads(Path(config_json).read_text()))
@@ -50,7 +50,7 @@ def main(out: str, config_json: str) -> None:
     engine.init_distributed()
     phase = PretrainPhase(cfg)
     model = phase.build_model(engine)
-    engine.prepare(model, phase.parameter_groups(model), lambda s: 1.0, cfg.optimizer.betas, cfg.optimizer.eps)
+    engine.prepare(model, phase.parameter_groups(model, engine), lambda s: 1.0, cfg.optimizer.betas, cfg.optimizer.eps)
     with engine.frozen_init_context(False):
         teacher = LoopLMForCausalLM(LoopLMConfig(**cfg.model.config))
     frozen = engine.build_frozen(teacher)
@@ -61,7 +61,7 @@ def main(out: str, config_json: str) -> None:
     tokens = float(ids.numel() * env.world_size)
     out_step = phase.micro_step(engine.forward, {"input_ids": ids, "labels": ids},
                                 TokenCounts(labelled=31.0 * ids.shape[0] * env.world_size, real=tokens))
-    engine.backward(out_step.loss.loss)
+    engine.backward(out_step.losses.total)
     engine.optimizer_step()
 
     opt = engine._engine.optimizer

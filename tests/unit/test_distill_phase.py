@@ -15,7 +15,7 @@ from pipeline.training.engines.base import FrozenModel, PartitionStats
 from pipeline.training.losses import TokenCounts
 from pipeline.training.metrics import StepMetrics
 from pipeline.training.phases import build_phase
-from pipeline.training.phases_distill import DistillPhase, LayerInputRecorder
+from pipeline.training.phases.distill import DistillPhase, LayerInputRecorder
 
 from .test_train_phases import LocalEngine as PlainLocalEngine
 from .test_train_phases import batch  # random ids, a masked prompt
@@ -209,17 +209,17 @@ def test_a_student_identical_to_the_teacher_has_zero_alignment_and_kl(teacher_di
     student.set_alpha(0.0)
     b = batch()
     out = phase.micro_step(student, b, TokenCounts(57.0, 57.0))
-    m = out.loss.metrics
-    assert int(out.loss.num_tokens) == 3 * 23 - 4
+    m = out.losses.metrics
+    assert int(out.losses.num_tokens) == 3 * 23 - 4
     for key in ["align", "align/layer0", "align/layer1", "kl", "kl_loop1", "kl_loop2", "kl_loop3"]:
         assert float(m[key]) == pytest.approx(0.0, abs=1e-6), key  # float32 rounding only
     # what is left is w_ce x CE of the (teacher-equal) student, normalised by the given count
     assert float(m["ce"]) > 1.0
-    torch.testing.assert_close(out.loss.loss, 0.5 * m["ce"] * out.loss.num_tokens / 57.0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.losses.total, 0.5 * m["ce"] * out.losses.num_tokens / 57.0, rtol=1e-5, atol=1e-6)
     assert out.timings["teacher"] > 0 and "gates/layer0/mean" in out.stats
     # at alpha = 1 (what the phase trains) the student differs: alignment and KL are positive
     student.set_alpha(1.0)
-    m = phase.micro_step(student, b, TokenCounts(57.0, 57.0)).loss.metrics
+    m = phase.micro_step(student, b, TokenCounts(57.0, 57.0)).losses.metrics
     assert float(m["align"]) > 1e-3 and float(m["kl"]) > 1e-4
 
 
@@ -235,20 +235,20 @@ def test_losses_are_weighted_sums_and_split_invariant(teacher_dir, other_dir, al
     counts = TokenCounts.of(b)
     assert counts == TokenCounts(labelled=4 * 23 - 4, real=4 * 24)
     whole = phase.micro_step(student, b, counts)
-    m = whole.loss.metrics
+    m = whole.losses.metrics
     expected = 0.7 * m["align"] + 1.3 * m["kl"] + 0.2 * m["ce"]
-    torch.testing.assert_close(whole.loss.loss.detach(), expected, rtol=1e-5, atol=1e-6)
-    assert int(whole.loss.num_tokens) == counts.labelled
-    whole.loss.loss.backward()
+    torch.testing.assert_close(whole.losses.total.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert int(whole.losses.num_tokens) == counts.labelled
+    whole.losses.total.backward()
     grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
     student.zero_grad()
     parts, logged = 0.0, StepMetrics()
     for rows in (slice(0, 1), slice(1, 4)):  # uneven split, different token counts (row 0 has a masked prompt)
         out = phase.micro_step(student, {k: v[rows] for k, v in b.items()}, counts)
-        out.loss.loss.backward()
-        parts = parts + out.loss.loss.detach()
+        out.losses.total.backward()
+        parts = parts + out.losses.total.detach()
         logged.add(out)
-    torch.testing.assert_close(parts, whole.loss.loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts, whole.losses.total.detach(), rtol=1e-5, atol=1e-6)
     for name, p in student.named_parameters():
         if name in grads:
             torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -268,13 +268,13 @@ def test_unlabelled_tokens_are_aligned_by_default(teacher_dir, other_dir, align)
     b["labels"][0] = -100
     counts = TokenCounts.of(b)
     out = phase.micro_step(student, {k: v[:1] for k, v in b.items()}, counts)  # the unlabelled row alone
-    out.loss.loss.backward()
+    out.losses.total.backward()
     moved = max(float(p.grad.abs().max()) for p in student.parameters() if p.grad is not None)
     if align == "real":
-        assert float(out.loss.metrics["align"]) > 1e-3 and moved > 0
-        torch.testing.assert_close(out.loss.loss, out.loss.metrics["align"] * 24 / counts.real)
+        assert float(out.losses.metrics["align"]) > 1e-3 and moved > 0
+        torch.testing.assert_close(out.losses.total, out.losses.metrics["align"] * 24 / counts.real)
     else:
-        assert float(out.loss.loss) == 0.0 and moved == 0.0
+        assert float(out.losses.total) == 0.0 and moved == 0.0
 
 
 def test_last_loop_logits_only_give_the_same_loss_and_gradient(teacher_dir, other_dir):
@@ -286,10 +286,10 @@ def test_last_loop_logits_only_give_the_same_loss_and_gradient(teacher_dir, othe
         phase, student = built(*overrides, f"phase.per_loop_metrics={per_loop}", student=other_dir,
                                teacher=teacher_dir)
         out = phase.micro_step(student, batch(size=(2, 24)), TokenCounts(40.0, 40.0))
-        out.loss.loss.backward()
-        results.append((out.loss, {n: p.grad for n, p in student.named_parameters() if p.grad is not None}))
+        out.losses.total.backward()
+        results.append((out.losses, {n: p.grad for n, p in student.named_parameters() if p.grad is not None}))
     (full, full_grads), (last, last_grads) = results
-    torch.testing.assert_close(last.loss, full.loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(last.total, full.total, rtol=1e-6, atol=1e-7)
     assert full_grads.keys() == last_grads.keys()
     for name, grad in full_grads.items():
         torch.testing.assert_close(last_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
@@ -306,11 +306,11 @@ def test_left_padded_rows_are_masked_in_both_models(teacher_dir, other_dir):
     b["labels"][:, :5] = -100  # nothing is predicted from the padding
     b["attention_mask"] = (torch.arange(24) >= 4).long().expand(3, 24)
     with torch.no_grad():
-        masked = phase.micro_step(student, b, TokenCounts(10.0, 10.0)).loss
+        masked = phase.micro_step(student, b, TokenCounts(10.0, 10.0)).losses
         unmasked = phase.micro_step(student, {k: v for k, v in b.items() if k != "attention_mask"},
-                                    TokenCounts(10.0, 10.0)).loss
+                                    TokenCounts(10.0, 10.0)).losses
         alone = phase.micro_step(student, {"input_ids": b["input_ids"][:, 4:], "labels": b["labels"][:, 4:]},
-                                 TokenCounts(10.0, 10.0)).loss
+                                 TokenCounts(10.0, 10.0)).losses
     for key in ("align", "kl", "ce"):
         torch.testing.assert_close(masked.metrics[key], alone.metrics[key], rtol=1e-5, atol=1e-6, msg=key)
         assert not torch.allclose(masked.metrics[key], unmasked.metrics[key]), key
@@ -320,8 +320,8 @@ def test_loss_weights_zero_out_gradients_of_unused_parts(teacher_dir, other_dir)
     """w_kd = w_ce = 0: only the alignment trains (lm_head gets no gradient); the other parts are still logged."""
     phase, student = built("phase.w_kd=0", "phase.w_ce=0", student=other_dir, teacher=teacher_dir)
     out = phase.micro_step(student, batch(), TokenCounts(40.0, 40.0))
-    assert {"align", "kl", "ce", "kl_loop1", "ce_loop3"} <= set(out.loss.metrics)
-    out.loss.loss.backward()
+    assert {"align", "kl", "ce", "kl_loop1", "ce_loop3"} <= set(out.losses.metrics)
+    out.losses.total.backward()
     assert student.lm_head.weight.grad is None
     assert student.model.layers[1].self_attn.q_proj.weight.grad.abs().max() > 0
 
@@ -388,7 +388,7 @@ def test_resuming_with_another_teacher_is_refused(teacher_dir, other_dir, tmp_pa
     """The teacher is not checkpointed (it is reloaded): a resumption must find the same one."""
     from pipeline.distributed import DistEnv
     from pipeline.training.checkpointing import CheckpointManager
-    from pipeline.training.data import data_fingerprint, read_manifest
+    from pipeline.training.train_data import data_fingerprint, read_manifest
     from pipeline.training.trainer import preflight
     data = token_dataset(tmp_path / "data", num_samples=16, seq_len=8)
     run_dir = tmp_path / "run"

@@ -64,9 +64,9 @@ def test_stage1_loss_by_hand_with_masking():
             total += sum(p[t, b, s] * ce[t] for t in range(T)) - beta * ent
             count += 1
     assert out.num_tokens.item() == count == 2 * (S - 1) - 1
-    torch.testing.assert_close(out.loss, total / count)
+    torch.testing.assert_close(out.total, total / count)
     # a global normaliser divides the same sum
-    torch.testing.assert_close(ouro_stage1_loss(loop_logits, exit_logits, labels, beta, normalizer=4.0).loss,
+    torch.testing.assert_close(ouro_stage1_loss(loop_logits, exit_logits, labels, beta, normalizer=4.0).total,
                                total / 4.0)
 
 
@@ -74,7 +74,7 @@ def test_stage1_loss_trains_the_model_and_the_gate():
     model = tiny_looplm(total_ut_steps=2).train()
     ids = torch.randint(0, 97, (2, 8))
     out = model(ids, output_loop_logits=True, use_cache=False)
-    ouro_stage1_loss(out.loop_logits, out.exit_logits, ids, beta=0.1).loss.backward()
+    ouro_stage1_loss(out.loop_logits, out.exit_logits, ids, beta=0.1).total.backward()
     assert model.model.early_exit_gate.weight.grad.abs().sum() > 0
     assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
 
@@ -88,11 +88,11 @@ def test_stage2_gate_loss_targets():
     good[0, 0, 3] = 10.0
     gate = torch.zeros(1, 2, requires_grad=True)
     out = ouro_stage2_gate_loss([bad, good], [gate, torch.zeros(1, 2)], labels)
-    out.loss.backward()
+    out.total.backward()
     assert gate.grad[0, 0] > 0  # lowering the exit logit (continuing) lowers the loss
     # no improvement -> target ~0 -> gradient pushes towards exiting
     gate2 = torch.zeros(1, 2, requires_grad=True)
-    ouro_stage2_gate_loss([good, good], [gate2, torch.zeros(1, 2)], labels).loss.backward()
+    ouro_stage2_gate_loss([good, good], [gate2, torch.zeros(1, 2)], labels).total.backward()
     assert gate2.grad[0, 0] < 0
     with pytest.raises(ValueError, match="at least 2 loops"):
         ouro_stage2_gate_loss([good], [gate], labels)
@@ -103,4 +103,4 @@ def test_forward_labels_give_plain_next_token_ce():
     ids = torch.randint(0, 97, (2, 6))
     with torch.no_grad():
         out = model(ids, labels=ids)
-    torch.testing.assert_close(out.loss, causal_lm_loss(out.logits, ids).loss)
+    torch.testing.assert_close(out.loss, causal_lm_loss(out.logits, ids).total)

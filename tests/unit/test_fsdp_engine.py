@@ -181,7 +181,7 @@ def test_engine_config_section():
 
 def test_resuming_another_engines_checkpoints_is_refused(tmp_path, token_dataset):
     from pipeline.training.checkpointing import CheckpointManager
-    from pipeline.training.data import data_fingerprint, read_manifest
+    from pipeline.training.train_data import data_fingerprint, read_manifest
     from pipeline.training.trainer import preflight
     data = token_dataset(tmp_path / "data", num_samples=32)
     cfg = fsdp_cfg(f"data.path={data}", run_dir=tmp_path / "run")

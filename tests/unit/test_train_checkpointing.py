@@ -9,7 +9,7 @@ import torch
 from pipeline.training.checkpointing import COMPLETE, CheckpointManager, tag_for
 from pipeline.training.losses import LossOutput
 from pipeline.training.metrics import RunLogger, StepMetrics, read_jsonl
-from pipeline.training.phases import MicroStepOutput
+from pipeline.training.phases.base import MicroStepOutput
 
 
 def fake_save(manager, step):

@@ -14,6 +14,7 @@ count; the engine undoes its own averaging over ranks / accumulation steps).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -103,6 +104,7 @@ class Engine(ABC):
         self.grad_accum_steps = global_batch // (micro * env.world_size)
         precision = cfg.engine.precision
         self.bf16 = precision == "bf16" or (precision == "auto" and self.on_gpu())
+        self._group_names: list[str] = []  # per optimizer param group, its ParamGroup's name (set by prepare)
 
     # -- process group and placement
     @staticmethod
@@ -167,6 +169,29 @@ class Engine(ABC):
     def module(self) -> nn.Module:
         """The model itself (unwrapped), e.g. to set MELT's alpha or read its config."""
 
+    def full_shape(self, param: nn.Parameter) -> tuple[int, ...]:
+        """The whole parameter's shape, however this engine partitions it (a sharded DTensor, and a
+        parameter on the meta device before sharding, report it as their shape)."""
+        return tuple(param.shape)
+
+    def local_part(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The part of a parameter this rank stores (the tensor itself when it is not partitioned)."""
+        return tensor
+
+    def param_partition(self, module: nn.Module) -> tuple[int, int, int]:
+        """(elements of the whole model, elements held by this rank, bytes held by this rank)."""
+        total = local = held_bytes = 0
+        for p in module.parameters():
+            held = self.local_part(p)
+            total += math.prod(self.full_shape(p))
+            local += held.numel()
+            held_bytes += held.numel() * held.element_size()
+        return total, local, held_bytes
+
+    @abstractmethod
+    def gather_full(self, param: nn.Parameter) -> torch.Tensor:
+        """Collective: the whole value of a parameter of a model this engine wrapped."""
+
     # -- one optimizer step = grad_accum_steps x (forward, backward), then optimizer_step()
     @abstractmethod
     def forward(self, **inputs) -> Any: ...
@@ -177,9 +202,16 @@ class Engine(ABC):
     @abstractmethod
     def optimizer_step(self) -> StepResult: ...
 
-    @abstractmethod
     def learning_rates(self) -> dict[str, float]:
-        """Current lr per parameter group name."""
+        """Current lr per parameter group name (a ParamGroup's no_decay part has the same lr)."""
+        out = {}
+        for name, group in zip(self._group_names, self._optimizer_param_groups()):
+            out.setdefault(name, float(group["lr"]))
+        return out
+
+    @abstractmethod
+    def _optimizer_param_groups(self) -> list[dict]:
+        """The optimizer's torch param groups, in the order `prepare` built them."""
 
     # -- checkpoints (engine format), export, accounting
     @abstractmethod

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.training.engines.base import Engine, FrozenModel, ParamGroup, PartitionStats, StepResult
+from pipeline.training.engines.shared import EngineFrozenModel, check_trains, optimizer_groups, share_cpu_cores
 from pipeline.training.initialization import init_units, unit_values
 from pipeline.training.weights import persistent_buffers
 
@@ -23,44 +24,11 @@ def _on_gpu() -> bool:
     return get_accelerator().device_name() == "cuda"
 
 
-def param_partition(module: nn.Module) -> tuple[int, int, int]:
-    """(elements of the whole model, elements held by this rank, bytes held by this rank)."""
-    total = local = held_bytes = 0
-    for p in module.parameters():
-        total += getattr(p, "ds_numel", p.numel())
-        held = getattr(p, "ds_tensor", p)
-        local += held.numel()
-        held_bytes += held.numel() * held.element_size()
-    return total, local, held_bytes
-
-
 def gathered(param: nn.Parameter) -> torch.Tensor:
     """A copy of a (possibly ZeRO-3 partitioned) parameter's full value (collective)."""
     import deepspeed
     with deepspeed.zero.GatheredParameters([param]):
         return param.data.detach().clone()
-
-
-class DeepSpeedFrozenModel(FrozenModel):
-    """A frozen model in a DeepSpeed engine with a ZeRO-3 inference config (no optimizer)."""
-
-    def __init__(self, engine, rank: int, world_size: int):
-        self._engine, self.rank, self.world_size = engine, rank, world_size
-
-    @property
-    def module(self) -> nn.Module:
-        return self._engine.module
-
-    def __call__(self, **inputs) -> Any:
-        with torch.no_grad():
-            return self._engine(**inputs)
-
-    def partition_stats(self) -> PartitionStats:
-        total, local, held_bytes = param_partition(self.module)
-        return PartitionStats(self.rank, self.world_size, total, local, held_bytes, 0, 0)
-
-    def gather_full(self, param):
-        return gathered(param)
 
 
 class DeepSpeedEngine(Engine):
@@ -71,7 +39,6 @@ class DeepSpeedEngine(Engine):
         super().__init__(cfg, env)
         self._engine = None
         self._model: Optional[nn.Module] = None
-        self._group_names: list[str] = []
         self._last: Optional[StepResult] = None
         self.ds_config = self.build_ds_config()
 
@@ -108,8 +75,8 @@ class DeepSpeedEngine(Engine):
         backend = "nccl" if _on_gpu() else "gloo"
         if _on_gpu():
             get_accelerator().set_device(self.env.local_rank)
-        elif "OMP_NUM_THREADS" not in os.environ:  # ranks share the node's cores: do not oversubscribe
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, self.env.local_world_size)))
+        else:
+            share_cpu_cores(self.env)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=timedelta(seconds=self.cfg.engine.collective_timeout_s))
         if not _on_gpu():
@@ -151,7 +118,7 @@ class DeepSpeedEngine(Engine):
         for unit in init_units(root, prefix):
             with deepspeed.zero.GatheredParameters(list(unit.params.values()), modifier_rank=0):
                 if self.rank == 0:
-                    values = unit_values(unit, init_fn, self.cfg.seed)
+                    values = unit_values(unit, init_fn, self.cfg.seed, self.full_shape)
                     with torch.no_grad():
                         for name, param in unit.params.items():
                             param.data.copy_(values[name])
@@ -180,18 +147,13 @@ class DeepSpeedEngine(Engine):
         import deepspeed
         model.requires_grad_(False)
         model.eval()
-        engine, _, _, _ = deepspeed.initialize(model=model, config=self.build_frozen_ds_config(offload_params))
-        engine.eval()
-        return DeepSpeedFrozenModel(engine, self.rank, self.world_size)
+        inference, _, _, _ = deepspeed.initialize(model=model, config=self.build_frozen_ds_config(offload_params))
+        inference.eval()
+        return EngineFrozenModel(self, inference, inference.module)
 
     def prepare(self, model, groups: list[ParamGroup], lr_lambda, betas, eps) -> None:
         import deepspeed
-        torch_groups, self._group_names = [], []
-        for group in groups:
-            for params, wd in ((group.params, group.weight_decay), (group.no_decay, 0.0)):
-                if params:
-                    torch_groups.append({"params": params, "lr": group.lr, "weight_decay": wd})
-                    self._group_names.append(group.name)
+        self._group_names, torch_groups = optimizer_groups(groups)
         optimizer = torch.optim.AdamW(torch_groups, betas=betas, eps=eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
         self._model = model
@@ -202,6 +164,16 @@ class DeepSpeedEngine(Engine):
     def module(self) -> nn.Module:
         return self._engine.module if self._engine is not None else self._model
 
+    def full_shape(self, param: nn.Parameter) -> tuple[int, ...]:
+        # a ZeRO-3 partitioned parameter's own shape is its (empty) local storage's
+        return tuple(getattr(param, "ds_shape", param.shape))
+
+    def local_part(self, tensor: torch.Tensor) -> torch.Tensor:
+        return getattr(tensor, "ds_tensor", tensor)
+
+    def gather_full(self, param: nn.Parameter) -> torch.Tensor:
+        return gathered(param)
+
     # -- steps
     def forward(self, **inputs) -> Any:
         return self._engine(**inputs)
@@ -209,8 +181,7 @@ class DeepSpeedEngine(Engine):
     def backward(self, loss: torch.Tensor) -> None:
         # ZeRO averages gradients over ranks; our losses are already global means -> undo it.
         # scale_wrt_gas=False: the losses are normalised over accumulation steps already.
-        if loss.grad_fn is None:
-            raise RuntimeError("the loss does not depend on any trainable parameter (nothing to train)")
+        check_trains(loss)
         boundary = self._engine.is_gradient_accumulation_boundary()
         self._engine.backward(loss * self.world_size, scale_wrt_gas=False)
         self._engine.step()
@@ -226,11 +197,8 @@ class DeepSpeedEngine(Engine):
         result, self._last = self._last, None
         return result
 
-    def learning_rates(self) -> dict[str, float]:
-        out = {}
-        for name, group in zip(self._group_names, self._engine.optimizer.param_groups):
-            out.setdefault(name, float(group["lr"]))
-        return out
+    def _optimizer_param_groups(self) -> list[dict]:
+        return self._engine.optimizer.param_groups
 
     # -- checkpoints
     def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
@@ -262,7 +230,7 @@ class DeepSpeedEngine(Engine):
         return state if self.rank == 0 else None
 
     def partition_stats(self) -> PartitionStats:
-        total, local, param_bytes = param_partition(self.module)
+        total, local, param_bytes = self.param_partition(self.module)
         opt = self._engine.optimizer
         master_bytes = state_bytes = 0
         params_storage = {id(p.ds_tensor) for p in self.module.parameters() if hasattr(p, "ds_tensor")}

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from pipeline.training.engines.base import Engine, FrozenModel, ParamGroup, PartitionStats, StepResult
+from pipeline.training.engines.shared import EngineFrozenModel, check_trains, optimizer_groups, share_cpu_cores
 from pipeline.training.initialization import initial_values, initialize
 from pipeline.training.weights import persistent_buffers
 
@@ -99,45 +100,11 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if m is not model and any(c.__name__ in names for c in type(m).__mro__)]
 
 
-def param_partition(module: nn.Module) -> tuple[int, int, int]:
-    """(elements of the whole model, elements held by this rank, bytes held by this rank)."""
-    total = local = held_bytes = 0
-    for p in module.parameters():
-        held = local_part(p)
-        total += p.numel()
-        local += held.numel()
-        held_bytes += held.numel() * held.element_size()
-    return total, local, held_bytes
-
-
 @dataclass
 class PendingWrite:
     """An init_weights / load_weights call on a model still on the meta device, run once it is sharded."""
     target: nn.Module
     run: Callable[[], set[int]]       # writes the values; returns the ids of the parameters it wrote
-
-
-class FSDPFrozenModel(FrozenModel):
-    """A frozen model sharded with fully_shard (no optimizer), run in eval mode without gradients."""
-
-    def __init__(self, model: nn.Module, rank: int, world_size: int):
-        self._model, self.rank, self.world_size = model, rank, world_size
-
-    @property
-    def module(self) -> nn.Module:
-        return self._model
-
-    def __call__(self, **inputs) -> Any:
-        with torch.no_grad():
-            return self._model(**inputs)
-
-    def partition_stats(self) -> PartitionStats:
-        total, local, held_bytes = param_partition(self._model)
-        return PartitionStats(self.rank, self.world_size, total, local, held_bytes, 0, 0)
-
-    def gather_full(self, param):
-        from torch.distributed.tensor import DTensor
-        return param.full_tensor() if isinstance(param, DTensor) else param.detach()
 
 
 class FSDPEngine(Engine):
@@ -152,7 +119,6 @@ class FSDPEngine(Engine):
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self._scheduler = None
         self._params: list[nn.Parameter] = []
-        self._group_names: list[str] = []
         self._micro_steps = 0
         self._pending: list[PendingWrite] = []
 
@@ -163,8 +129,8 @@ class FSDPEngine(Engine):
         self.env.export()
         if _on_gpu():
             torch.cuda.set_device(self.env.local_rank)
-        elif "OMP_NUM_THREADS" not in os.environ:  # ranks share the node's cores: do not oversubscribe
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, self.env.local_world_size)))
+        else:
+            share_cpu_cores(self.env)
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if _on_gpu() else "gloo",
                                     timeout=timedelta(seconds=self.cfg.engine.collective_timeout_s))
@@ -265,22 +231,18 @@ class FSDPEngine(Engine):
         offload = offload_params and _on_gpu()
         self.shard(model, MixedPrecisionPolicy(), reshard_after_forward=True, frozen=True, offload=offload)
         self.materialize(model, torch.device("cpu") if offload else None)
-        return FSDPFrozenModel(model, self.rank, self.world_size)
+        return EngineFrozenModel(self, model, model)
 
     def prepare(self, model, groups: list[ParamGroup], lr_lambda, betas, eps) -> None:
         # fully_shard replaces the parameters: the groups are remembered by name
         names = {id(p): n for n, p in model.named_parameters()}
-        spec = []
-        for group in groups:
-            for params, wd in ((group.params, group.weight_decay), (group.no_decay, 0.0)):
-                if params:
-                    spec.append((group.name, [names[id(p)] for p in params], group.lr, wd))
+        self._group_names, torch_groups = optimizer_groups(groups)
+        param_names = [[names[id(p)] for p in group["params"]] for group in torch_groups]
         self.shard(model, self.mp_policy(), self.options.reshard_after_forward)
         self.materialize(model)
         by_name = dict(model.named_parameters())
-        torch_groups = [{"params": [by_name[n] for n in params], "lr": lr, "weight_decay": wd}
-                        for _, params, lr, wd in spec]
-        self._group_names = [name for name, _, _, _ in spec]
+        for group, params in zip(torch_groups, param_names):
+            group["params"] = [by_name[n] for n in params]
         self._params = [p for g in torch_groups for p in g["params"]]
         self._optimizer = torch.optim.AdamW(torch_groups, betas=betas, eps=eps)
         self.init_optimizer_state()
@@ -309,13 +271,19 @@ class FSDPEngine(Engine):
     def module(self) -> nn.Module:
         return self._model
 
+    def local_part(self, tensor: torch.Tensor) -> torch.Tensor:
+        return local_part(tensor)
+
+    def gather_full(self, param: nn.Parameter) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+        return param.full_tensor() if isinstance(param, DTensor) else param.detach()
+
     # -- steps
     def forward(self, **inputs) -> Any:
         return self._model(**inputs)
 
     def backward(self, loss: torch.Tensor) -> None:
-        if loss.grad_fn is None:
-            raise RuntimeError("the loss does not depend on any trainable parameter (nothing to train)")
+        check_trains(loss)
         loss.backward()  # each micro-step's gradients are reduce-scattered (summed) into the sharded .grad
         self._micro_steps += 1
 
@@ -334,11 +302,8 @@ class FSDPEngine(Engine):
         self._optimizer.zero_grad(set_to_none=True)
         return StepResult(applied=applied, grad_norm=norm)
 
-    def learning_rates(self) -> dict[str, float]:
-        out = {}
-        for name, group in zip(self._group_names, self._optimizer.param_groups):
-            out.setdefault(name, float(group["lr"]))
-        return out
+    def _optimizer_param_groups(self) -> list[dict]:
+        return self._optimizer.param_groups
 
     # -- checkpoints
     def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
@@ -375,11 +340,11 @@ class FSDPEngine(Engine):
         return state if self.rank == 0 else None
 
     def partition_stats(self) -> PartitionStats:
-        total, local, param_bytes = param_partition(self._model)
+        total, local, param_bytes = self.param_partition(self._model)
         state_bytes = 0
         for state in self._optimizer.state.values():
             for value in state.values():
-                held = local_part(value) if torch.is_tensor(value) else None
+                held = self.local_part(value) if torch.is_tensor(value) else None
                 if held is not None and value.dim() > 0:
                     state_bytes += held.numel() * held.element_size()
         # the sharded fp32 parameters are the master weights (bf16 copies exist only while gathered)

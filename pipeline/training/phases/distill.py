@@ -40,7 +40,8 @@ from pipeline.training.config import ConfigError, LossSection
 from pipeline.training.distill_losses import attention_alignment_loss, logit_distillation_loss
 from pipeline.training.engines.base import Engine, FrozenModel
 from pipeline.training.losses import LossOutput, TokenCounts, labelled_positions, real_positions
-from pipeline.training.phases import MeltStudentPhase, MicroStepOutput, check_checkpoint_source, gate_stats, lm_loss
+from pipeline.training.phases.base import MicroStepOutput, check_checkpoint_source, gate_stats, lm_loss
+from pipeline.training.phases.melt_student import MeltStudentPhase
 from pipeline.training.weights import CheckpointTensors, full_shapes, resolve_checkpoint_dir
 
 log = logging.getLogger("melt.train")
@@ -200,7 +201,7 @@ class DistillPhase(MeltStudentPhase):
         with engine.frozen_init_context(offload):
             teacher = LoopLMForCausalLM(teacher_config)
         tensors = CheckpointTensors(self.teacher_dir)
-        tensors.check_fits(full_shapes(teacher))
+        tensors.check_fits(full_shapes(teacher, engine.full_shape))
         engine.load_weights(teacher, tensors)
         if self.cfg.phase.teacher_forcing:
             self.recorder = LayerInputRecorder(teacher.model.layers)
@@ -263,7 +264,7 @@ class DistillPhase(MeltStudentPhase):
         with torch.set_grad_enabled(phase.w_ce > 0 and torch.is_grad_enabled()):
             ce = LossSection(kind="last_loop_ce", per_loop_metrics=phase.per_loop_metrics)
             parts.append((phase.w_ce, lm_loss(ce, student, labels, counts.labelled)))
-        total = sum(weight * part.loss for weight, part in parts if weight > 0)
+        total = sum(weight * part.total for weight, part in parts if weight > 0)
         metrics, metric_tokens = {}, {}
         for _, part in parts:  # each part's means are over its own tokens
             metrics.update(part.metrics)
