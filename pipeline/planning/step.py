@@ -93,7 +93,7 @@ def build_models(cfg: RunConfig, inputs: StepInputs, layers: Optional[int]):
                                                **p.melt_options)
         model = MeltForCausalLM(config)
     else:
-        from pipeline.training.phases_distill import DistillPhase
+        from pipeline.training.phases.distill import DistillPhase
         assert isinstance(phase, DistillPhase)  # build_phase(cfg) of cfg's phase, which inputs.phase names
         model = MeltForCausalLM(phase.melt_config(source))
     teacher = LoopLMForCausalLM(inputs.teacher.looplm_config(layers)) if inputs.teacher is not None else None

@@ -1,6 +1,6 @@
 """Training losses. Each returns a sum and the count it is normalised by, so that the
 trainer can normalise by the global number of valid tokens (across data-parallel
-ranks and gradient accumulation), never by a per-micro-batch mean (DESIGN.md 3)."""
+ranks and gradient accumulation), never by a per-micro-batch mean (docs/architecture.md#34-loss-normalisation-and-parameter-groups)."""
 
 from __future__ import annotations
 

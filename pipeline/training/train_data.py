@@ -1,4 +1,4 @@
-"""The trainer's side of the data (DESIGN.md 5), over the streaming reader in `pipeline.data`:
+"""The trainer's side of the data (docs/data.md#7-reading-for-training), over the streaming reader in `pipeline.data`:
 dataset checks phrased as config errors, the loader fingerprint known before any process
 group (so a mismatched resumption is refused before anything is written), and an
 endless batch iterator whose position is saved in every checkpoint.

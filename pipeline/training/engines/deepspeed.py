@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-3 engine (DESIGN.md 4): partitioned construction and loading, bf16 on
+"""DeepSpeed ZeRO-3 engine (docs/architecture.md#4-engines): partitioned construction and loading, bf16 on
 GPU / fp32 on CPU, gradient accumulation, clipping, our own lr schedule, DeepSpeed's
 checkpoint format."""
 

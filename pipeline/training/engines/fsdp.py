@@ -1,4 +1,4 @@
-"""FSDP2 engine (DESIGN.md 4): `torch.distributed.fsdp.fully_shard` per decoder layer and at
+"""FSDP2 engine (docs/architecture.md#4-engines): `torch.distributed.fsdp.fully_shard` per decoder layer and at
 the root, launched with torchrun (`engine.name: fsdp`).
 
 - Models are built with their parameters on the meta device (`init_context`); the weights

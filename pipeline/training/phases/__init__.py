@@ -1,4 +1,4 @@
-"""Training phases (DESIGN.md 3): what model a phase trains, which parameters, and its loss.
+"""Training phases (docs/architecture.md#3-the-trainer-and-its-phases): what model a phase trains, which parameters, and its loss.
 
 A phase never sees the engine's type: it builds its model through the `Engine`
 interface (partitioned construction / loading) and computes its loss through a

@@ -1,4 +1,4 @@
-"""Phase `distill` (DESIGN.md 3, phase 2): attention-aligned distillation from a frozen LoopLM.
+"""Phase `distill` (docs/architecture.md#33-distill): attention-aligned distillation from a frozen LoopLM.
 
 Student: MELT at alpha = 1 from `model.init_from` (a transition's MELT export; or a LoopLM
 checkpoint, then with fresh gates), trained by the engine. Teacher: the LoopLM of
