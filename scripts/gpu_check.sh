@@ -8,7 +8,7 @@ OUT=${OUT:-runs/gpu_check}
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" || true
-"$PY" -m pytest tests/gpu tests/unit/test_melt.py tests/unit/test_looplm.py -q 2>&1 | tee "$OUT/tests.txt"
+"$PY" -m pytest tests/gpu tests/models/test_melt.py tests/models/test_looplm.py -q 2>&1 | tee "$OUT/tests.txt"
 "$PY" -m pipeline.bench memory --preset ouro-1.4b --loops 1,2,4,8 --context 32768 --new-tokens 16 \
     --prefill-chunk 1024 --out "$OUT/memory.json"
 "$PY" -m pipeline.bench decode --preset ouro-1.4b --loops 4 --context 4096 --new-tokens 128 \

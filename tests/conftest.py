@@ -11,6 +11,17 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matrices: one thread is as fast as two, and much faster when the cores are busy
+    (use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def token_dataset():
     """The writer below, as a fixture: `token_dataset(out_dir, **options)`."""

@@ -9,7 +9,7 @@ gradients; `grads` gives the full model's gradient bytes separately.
 
 With `fake=True` everything runs under `FakeTensorMode` on CPU: no memory is allocated and
 the bytes are those real tensors would take (validated against real tensors in
-tests/unit/test_plan.py). Regions (teacher, forward, loss, backward) are peaked separately so
+tests/planning/test_plan.py). Regions (teacher, forward, loss, backward) are peaked separately so
 that a depth extrapolation can take each region's line and then the maximum.
 """
 

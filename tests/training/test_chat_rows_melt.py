@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.models import MeltForCausalLM
-
-from .helpers import random_gates, tiny_looplm
+from tests.model_helpers import random_gates, tiny_looplm
 
 CHUNK = 4
 

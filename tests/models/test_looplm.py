@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from pipeline.models import LoopLMCache, LoopLMConfig, LoopLMForCausalLM
+from tests.model_helpers import FIXTURE, tiny_looplm
 
-from .helpers import FIXTURE, tiny_looplm
 from .model_reference import reference_loop_states
 
 

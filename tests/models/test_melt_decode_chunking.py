@@ -10,8 +10,7 @@ from pipeline.evaluation.metrics import evaluate, teacher_forced
 from pipeline.evaluation.report import markdown_table
 from pipeline.models import LoopLMCache, MeltForCausalLM
 from pipeline.training.losses import token_cross_entropy
-
-from .helpers import random_gates, tiny_looplm
+from tests.model_helpers import random_gates, tiny_looplm
 
 EXACT = dict(atol=1e-12, rtol=0)
 

@@ -14,7 +14,7 @@ from data_prep.errors import DataPrepError
 from data_prep.manifest import read_manifest
 from pipeline.data import build_train_loader
 from tests.data_prep.support import kill_while_reading, make_docs, manifest, read_samples, run_cli, take
-from tests.unit.test_data_prep_s3 import BUCKET, s3  # noqa: F401  (fixture)
+from tests.data_prep.test_s3 import BUCKET, s3  # noqa: F401  (fixture)
 
 END = "<|im_end|>\n"
 

@@ -114,7 +114,7 @@ def test_a_wrong_engine_name_names_the_key_and_the_choices(tmp_path, where):
 def test_experiment_configs_validate(name):
     path = REPO / "configs/ouro" / f"{name}.yaml"
     runs = load_experiment(path)
-    assert set(runs) == {"transition", "distill"}  # distill: tests/unit/test_distill_phase.py
+    assert set(runs) == {"transition", "distill"}  # distill: tests/training/test_distill_phase.py
     cfg = runs["transition"]
     assert cfg.model.init_from.startswith("ByteDance/Ouro-")
     assert cfg.engine.name == "deepspeed" and cfg.engine.precision == "auto" and cfg.engine.activation_checkpointing

@@ -6,8 +6,8 @@ import json
 from pipeline.evaluate import main as evaluate_main
 from pipeline.evaluation.demo_report import check_targets, write_report
 from pipeline.models import MeltForCausalLM
+from tests.model_helpers import tiny_looplm, write_eval_split
 
-from .helpers import tiny_looplm, write_eval_split
 from .test_evaluation import _split
 
 

@@ -6,7 +6,7 @@ import torch
 
 from pipeline.models import LoopLMConfig, LoopLMForCausalLM
 
-FIXTURE = __import__("pathlib").Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "ouro_reference_tiny"
+FIXTURE = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "ouro_reference_tiny"
 
 
 def tiny_looplm(seed=0, perturb_norms=True, **overrides) -> LoopLMForCausalLM:

@@ -27,8 +27,7 @@ from pipeline.export_hub import main as export_hub
 from pipeline.models import LoopLMForCausalLM, MeltForCausalLM
 from pipeline.models.standalone import generate_source
 from pipeline.training.export import save_hf
-
-from .helpers import random_gates, write_eval_split
+from tests.model_helpers import random_gates, write_eval_split
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -8,8 +8,8 @@ import pytest
 from pipeline.evaluate import main as evaluate_main
 from pipeline.evaluation.reproduce_report import write_report
 from pipeline.models import MeltForCausalLM
+from tests.model_helpers import tiny_looplm, write_eval_split
 
-from .helpers import tiny_looplm, write_eval_split
 from .test_evaluation import _split
 
 

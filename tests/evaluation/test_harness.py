@@ -9,8 +9,8 @@ from pipeline.evaluation.contenders import load_contender
 from pipeline.evaluation.data import load_eval_split
 from pipeline.evaluation.harness import run_harness
 from pipeline.evaluation.metrics import generation_accuracy
+from tests.model_helpers import tiny_looplm, write_eval_split
 
-from .helpers import tiny_looplm, write_eval_split
 from .test_evaluation import _split
 
 

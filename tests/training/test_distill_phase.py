@@ -17,8 +17,8 @@ from pipeline.training.metrics import StepMetrics
 from pipeline.training.phases import build_phase
 from pipeline.training.phases.distill import DistillPhase, LayerInputRecorder
 
-from .test_train_phases import LocalEngine as PlainLocalEngine
-from .test_train_phases import batch  # random ids, a masked prompt
+from .test_phases import LocalEngine as PlainLocalEngine
+from .test_phases import batch  # random ids, a masked prompt
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE_DISTILL = REPO / "configs/smoke/distill.yaml"

@@ -11,8 +11,8 @@ import torch
 
 from pipeline.models import LoopLMConfig, LoopLMForCausalLM, MeltConfig, MeltForCausalLM
 from pipeline.planning.live_bytes import LiveBytes
+from tests.model_helpers import tiny_looplm
 
-from .helpers import tiny_looplm
 from .test_melt import random_gates
 
 

@@ -10,8 +10,7 @@ from pipeline.evaluation.contenders import Contender, load_contender
 from pipeline.evaluation.data import EvalSplit
 from pipeline.evaluation.metrics import evaluate
 from pipeline.models import MeltForCausalLM
-
-from .helpers import tiny_looplm
+from tests.model_helpers import tiny_looplm
 
 
 def ouro_lastkv_greedy(lm, prompt, new_tokens):
@@ -84,7 +83,7 @@ def test_accuracy_by_generation_counts_exact_answers():
 
 
 def test_cli_writes_json_and_table_with_cache_ratios(tmp_path):
-    from .helpers import write_eval_split
+    from tests.model_helpers import write_eval_split
     lm = tiny_looplm()
     data = write_eval_split(tmp_path / "eval", _split(lm))
     lm.save_pretrained(tmp_path / "lm")

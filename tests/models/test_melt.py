@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from pipeline.models import LoopLMCache, MeltCache, MeltConfig, MeltForCausalLM
-
-from .helpers import random_gates, tiny_looplm
+from tests.model_helpers import random_gates, tiny_looplm
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 

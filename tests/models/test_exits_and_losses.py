@@ -7,8 +7,7 @@ import torch
 
 from pipeline.models import exit_probabilities, q_exit_loop
 from pipeline.training.losses import causal_lm_loss, ouro_stage1_loss, ouro_stage2_gate_loss
-
-from .helpers import tiny_looplm
+from tests.model_helpers import tiny_looplm
 
 
 def test_exit_distribution_by_hand():
