@@ -121,7 +121,6 @@ Command-line overrides ``key=value`` (value parsed as YAML) address this file:
 
 from __future__ import annotations
 
-import copy
 import re
 import warnings
 from pathlib import Path
@@ -129,6 +128,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+import config_loader
 
 MIN_SIGNAL_DELAY_S = 120
 DEFAULT_ENTRY = {"train": "pipeline.train", "evaluate": "pipeline.evaluate", "data_prep": "data_prep"}
@@ -415,7 +416,7 @@ class Experiment(_Strict):
         try:
             res = Resources.model_validate({**base, **top})
         except ValidationError as err:
-            raise ValueError(_format_errors(err, prefix=where)) from None
+            raise ValueError("\n  ".join(config_loader.format_validation_errors(err, prefix=where))) from None
         if phase.kind in SINGLE_TASK_KINDS:
             if res.nodes != 1 or (res.tasks_per_node or 1) != 1:
                 raise ValueError(f"{where}: a {phase.kind} phase runs one task on one node (got nodes={res.nodes}, "
@@ -456,49 +457,21 @@ class Experiment(_Strict):
 
 # ----------------------------------------------------------------------------- loading
 
-def _format_errors(err: ValidationError, prefix: str = "") -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(e["loc"]))
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{loc}: unknown key")
-        elif e["type"] == "missing":
-            lines.append(f"{loc}: required but missing")
-        elif e["type"] == "value_error" and not e["loc"]:
-            lines.append(str(e["msg"]).removeprefix("Value error, "))
-        else:
-            shown = e.get("input")
-            shown = "" if isinstance(shown, (dict, list)) else f" (got {shown!r})"
-            lines.append(f"{loc or '<top>'}: {str(e['msg']).removeprefix('Value error, ')}{shown}")
-    return "\n  ".join(lines)
-
-
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply ``dotted.key=value`` (value parsed as YAML) to the raw experiment mapping.
 
     The same syntax as the trainer's overrides; below ``overrides``/``inputs`` a nested key
     (``phases.a.overrides.schedule.total_steps=5``) is the same as the dotted key it spells.
     """
-    from pipeline.training.config import ConfigError
-    from pipeline.training.config import apply_overrides as apply_dotted
-
     for item in overrides:
         if item.startswith("-") or "=" not in item or item.startswith("="):
             raise ExperimentError(f"override {item!r} must look like dotted.key=value")
-    try:
-        return apply_dotted(copy.deepcopy(raw), list(overrides))
-    except ConfigError as err:
-        raise ExperimentError(str(err)) from None
+    return config_loader.apply_overrides(raw, list(overrides), error=ExperimentError)
 
 
 def load_experiment(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Experiment:
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise ExperimentError(f"cannot read experiment file {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise ExperimentError(f"experiment file {path} is not valid YAML: {err}") from None
+    raw = config_loader.read_yaml(path, what="experiment file", error=ExperimentError)
     if not isinstance(raw, dict):
         raise ExperimentError(f"{path}: the top level must be a mapping")
     return experiment_from_dict(raw, overrides, source=str(path))
@@ -511,7 +484,8 @@ def experiment_from_dict(raw: dict, overrides: Optional[list[str]] = None, sourc
     try:
         exp = Experiment.model_validate(raw)
     except ValidationError as err:
-        raise ExperimentError(f"invalid experiment {source}:\n  {_format_errors(err)}") from None
+        lines = config_loader.format_validation_errors(err)
+        raise ExperimentError(f"invalid experiment {source}:\n  " + "\n  ".join(lines)) from None
     if exp.run_dir is None:
         exp.run_dir = f"runs/{exp.name}"
     return exp
