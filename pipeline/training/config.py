@@ -355,8 +355,8 @@ def load_run_config(path: str | Path, overrides: Optional[list[str]] = None,
     return validate_run_config(apply_overrides(raw, list(overrides or [])))
 
 
-def load_experiment(path: str | Path) -> dict[str, RunConfig]:
-    """Every phase section of an experiment file, validated."""
+def load_run_configs_by_phase(path: str | Path) -> dict[str, RunConfig]:
+    """Every phase section of a file holding one run config per phase (configs/ouro/*.yaml), validated."""
     raw = load_yaml_with_includes(path)
     sections = phase_sections(raw) if isinstance(raw, dict) else {}
     if not sections:
