@@ -6,11 +6,11 @@ are relative to the working directory in both cases.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from config_loader import read_yaml
 
 from .errors import DataPrepError
 
@@ -184,7 +184,10 @@ def load_config(model: type[_Config], config_file: str | None, flags: dict[str, 
     """Validate ``model`` from a YAML file (if any) overridden by the CLI flags actually given."""
     values: dict[str, Any] = {}
     if config_file is not None:
-        values = _read_yaml(Path(config_file))
+        document = read_yaml(config_file, error=DataPrepError)
+        if document is not None and not isinstance(document, dict):
+            raise DataPrepError(f"{config_file}: a config must be a mapping of keys to values")
+        values = dict(document or {})
     values.update(flags)
     try:
         return model.model_validate(values)
@@ -197,21 +200,3 @@ def load_config(model: type[_Config], config_file: str | None, flags: dict[str, 
             msg = "missing" if e["type"] == "missing" else e["msg"]
             lines.append(f"{where}: {key} ({flag}): {msg}")
         raise DataPrepError("invalid configuration:\n  " + "\n  ".join(lines)) from None
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise DataPrepError(f"{path}: cannot read config: {err.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise DataPrepError(f"{path}{line}: invalid YAML: {getattr(err, 'problem', err)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise DataPrepError(f"{path}: a config must be a mapping of keys to values")
-    return data

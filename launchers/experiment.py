@@ -1,34 +1,36 @@
-"""The experiment file: which phases run, in which order, fed by what, on which resources.
+"""The experiment file: which stages run, in which order, fed by what, on which resources.
 
-An experiment is one YAML file read by both launchers::
+A stage is one job of an experiment: a data preparation, a training (which runs one of the
+trainer's phases, pretrain / transition / distill, given by its run config or ``--phase``), an
+evaluation. An experiment is one YAML file read by both launchers::
 
     python launchers/slurm.py --config configs/experiments/X.yaml [key=value ...] [--dry-run]
     python launchers/local.py --config configs/experiments/X.yaml [key=value ...]
 
 It is typed and validated with pydantic when it is loaded: an unknown key, a bad value,
-an input that no earlier phase produces, or a production time limit too short for a
+an input that no earlier stage produces, or a production time limit too short for a
 checkpoint is an error that names the key (``ExperimentError``), before anything is
 submitted. ``configs/experiments/smoke.yaml`` is a complete small example.
 
 Format (every key, with its default)::
 
-    name: ouro-1.4b-melt            # required; SLURM job names are "<name>.<phase>"
+    name: ouro-1.4b-melt            # required; SLURM job names are "<name>.<stage>"
     run_dir: runs/ouro-1.4b-melt    # default runs/<name>; the command line's run_dir=DIR wins
     description: ""
     allow_short_signal_delay: false # tests / CPU only: accept signal_delay_s < 120
 
-    resources:                      # defaults for every phase; a phase's `resources` overrides any key
+    resources:                      # defaults for every stage; a stage's `resources` overrides any key
       partition: null               # sbatch --partition (checked against `sinfo -h -o %P` first)
       account: null                 # --account
       qos: null                     # --qos
       constraint: null              # --constraint, e.g. h100
       nodes: 1                      # --nodes
-      gpus_per_node: 0              # --gpus-per-node; train phases run one task per GPU
+      gpus_per_node: 0              # --gpus-per-node; train stages run one task per GPU
       tasks_per_node: null          # --ntasks-per-node; default gpus_per_node, or 1 when CPU-only;
                                     #   set it for CPU test runs (e.g. 2 CPU ranks on one node)
       cpus_per_task: null           # --cpus-per-task
       mem_gb: null                  # --mem, per node (0: all of the node's memory)
-      gpu_memory_gb: null           # memory of one GPU (default 80): train phases on GPUs are
+      gpu_memory_gb: null           # memory of one GPU (default 80): train stages on GPUs are
                                     #   planned against it before submission (launchers/memory.py)
       time: 60                      # --time: minutes, or "HH:MM:SS" / "D-HH:MM:SS"
       signal_delay_s: 120           # USR2 this long before the time limit -> the job requeues and
@@ -47,16 +49,16 @@ Format (every key, with its default)::
       srun_args: []                 # extra arguments of the srun line, e.g. ["--cpu-bind=none"]
 
     local:                          # launchers/local.py only
-      launcher: deepspeed           # train phases: deepspeed or torchrun (a phase whose run
+      launcher: deepspeed           # train stages: deepspeed or torchrun (a stage whose run
                                     #   config says engine.name: fsdp always uses torchrun)
-      nproc_per_node: null          # default: the phase's tasks per node
-      max_tasks: 1                  # processes at once; above 1, independent phases run side
+      nproc_per_node: null          # default: the stage's tasks per node
+      max_tasks: 1                  # processes at once; above 1, independent stages run side
                                     #   by side (in file order, as their inputs are done)
-      reference_timing: null        # {machine, probe_s, phases: {name: seconds}}: measured wall
+      reference_timing: null        # {machine, probe_s, stages: {name: seconds}}: measured wall
                                     #   times; the launcher prints the expected time and an ETA
-      progress_every_s: 30          # a progress line (phases running, % of steps, ETA) this often
+      progress_every_s: 30          # a progress line (stages running, % of steps, ETA) this often
 
-    phases:                         # run in this order; the keys are the phase names
+    stages:                         # run in this order; the keys are the stage names
       data:
         kind: data_prep             # data_prep | train | evaluate
         args: [synthetic, --task, s3, --train-samples, 200000]   # after `python -m data_prep`
@@ -65,7 +67,7 @@ Format (every key, with its default)::
         kind: train
         config: configs/phases/pretrain.yaml      # the trainer's run config
         overrides: {schedule.total_steps: 20000, optimizer.lr: 1.0e-3}   # dotted.key: value
-        inputs: {data.path: data/train}           # trainer key: <phase>[/path in its output]
+        inputs: {data.path: data/train}           # trainer key: <stage>[/path in its output]
         resources: {nodes: 4, gpus_per_node: 8, time: "2-00:00:00"}
       transition:
         kind: train
@@ -76,7 +78,7 @@ Format (every key, with its default)::
         args: [--model, "melt={transition/export}", --data, "{data/eval}"]
         resources: {gpus_per_node: 1}
 
-Phase keys:
+Stage keys:
 
 - ``kind``: ``train`` runs ``pipeline.train.main(argv)`` in every task (one per GPU, or
   ``tasks_per_node`` on CPU), exactly what ``deepspeed pipeline/train.py argv`` runs, with
@@ -89,39 +91,38 @@ Phase keys:
 - ``config``: the trainer's run config (required for train); ``args``: extra command-line
   arguments; ``overrides``: ``dotted.key: value`` (nested mappings are flattened; values
   are written as YAML, which the trainer parses back).
-- ``inputs``: ``key: <phase>[/path]``, the output of an earlier phase of this
-  experiment; ``{<phase>[/path]}`` in an ``args`` item is replaced the same way (also
-  ``{output}``, ``{run_dir}``; ``{{`` / ``}}`` are literal braces). Anything else a phase reads
+- ``inputs``: ``key: <stage>[/path]``, the output of an earlier stage of this
+  experiment; ``{<stage>[/path]}`` in an ``args`` item is replaced the same way (also
+  ``{output}``, ``{run_dir}``; ``{{`` / ``}}`` are literal braces). Anything else a stage reads
   (a hub model name, an existing dataset) is an ordinary override or argument.
-- ``after``: more earlier phases to wait for (``afterok``), beyond those feeding the inputs.
+- ``after``: more earlier stages to wait for (``afterok``), beyond those feeding the inputs.
 - ``resources``: partial, merged onto the experiment's ``resources`` (``env`` and ``sbatch``
   are merged key by key).
 - Rarely needed: ``entry`` (another module ``pkg.mod``, or a script ``path/to/x.py``: called
   as ``main(argv)`` when it defines ``main``, else run as ``__main__``), ``arg_style``
   (``dotted`` or ``flags``), ``output`` (directory under run_dir; default ``data`` for
-  data_prep, else the phase name), ``output_arg`` (``run_dir=`` for train, ``--out`` otherwise;
+  data_prep, else the stage name), ``output_arg`` (``run_dir=`` for train, ``--out`` otherwise;
   empty: not passed), ``output_file`` (``results.json`` for evaluate), ``done`` (files, relative
   to the output, that mark it complete: train ``export/config.json``, evaluate
   ``results.json``; data_prep: ``manifest.json`` beside every MDS ``index.json``).
 
-Run layout: ``<run_dir>/<phase>/`` (train: ``tensorboard/``, ``checkpoints/``, ``export/``),
-data prep in ``<run_dir>/data/``; SLURM logs and submitit files in ``<run_dir>/slurm/<phase>/``,
+Run layout: ``<run_dir>/<stage>/`` (train: ``tensorboard/``, ``checkpoints/``, ``export/``),
+data prep in ``<run_dir>/data/``; SLURM logs and submitit files in ``<run_dir>/slurm/<stage>/``,
 the job ids in ``<run_dir>/slurm/jobs.json`` (every launch: ``launches.jsonl``), local logs in ``<run_dir>/local/``, the resolved
 experiment (absolute paths) in ``<run_dir>/experiment.yaml``. Relative paths in the file and
 on the command line are relative to the working directory of the launcher.
 
-``--resume-from RUN_DIR`` skips the phases whose ``done`` files exist; ``--phases a,b``
-launches a subset and requires the outputs it reads from the other phases to be complete.
+``--resume-from RUN_DIR`` skips the stages whose ``done`` files exist; ``--stages a,b``
+launches a subset and requires the outputs it reads from the other stages to be complete.
 
 Command-line overrides ``key=value`` (value parsed as YAML) address this file:
-``run_dir=/scratch/x``, ``resources.partition=gpu``, ``phases.pretrain.resources.nodes=2``,
-``phases.pretrain.overrides.schedule.total_steps=100`` (nested keys below ``overrides`` and
+``run_dir=/scratch/x``, ``resources.partition=gpu``, ``stages.pretrain.resources.nodes=2``,
+``stages.pretrain.overrides.schedule.total_steps=100`` (nested keys below ``overrides`` and
 ``inputs`` are the same as the dotted keys they spell).
 """
 
 from __future__ import annotations
 
-import copy
 import re
 import warnings
 from pathlib import Path
@@ -129,6 +130,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+import config_loader
 
 MIN_SIGNAL_DELAY_S = 120
 DEFAULT_ENTRY = {"train": "pipeline.train", "evaluate": "pipeline.evaluate", "data_prep": "data_prep"}
@@ -179,7 +182,7 @@ def parse_time_minutes(value: Union[int, str]) -> int:
 
 
 class Resources(_Strict):
-    """Cluster resources of one phase (see the module docstring)."""
+    """Cluster resources of one stage (see the module docstring)."""
 
     partition: Optional[str] = None
     account: Optional[str] = None
@@ -232,24 +235,24 @@ _MANAGED_SBATCH = {
     "partition": "partition", "account": "account", "qos": "qos", "constraint": "constraint",
     "nodes": "nodes", "gpus-per-node": "gpus_per_node", "ntasks-per-node": "tasks_per_node",
     "cpus-per-task": "cpus_per_task", "mem": "mem_gb", "time": "time", "signal": "signal_delay_s",
-    "dependency": "phases.<name>.after / inputs", "output": "(the run layout)", "error": "(the run layout)",
+    "dependency": "stages.<name>.after / inputs", "output": "(the run layout)", "error": "(the run layout)",
     "job-name": "name",
 }
 _NOT_INHERITED_BY_SINGLE_TASK = ("nodes", "gpus_per_node", "tasks_per_node")
 
 
 class ReferenceTiming(_Strict):
-    """Each phase's wall seconds on a reference machine and launchers.progress.speed_probe()'s time
+    """Each stage's wall seconds on a reference machine and launchers.progress.speed_probe()'s time
     there: the local launcher scales them to this machine for the expected time and the ETA."""
     machine: str = ""                          # where they were measured (printed, for the reader)
     probe_s: float = Field(gt=0)
-    phases: dict[str, float]                   # phase name -> wall seconds
+    stages: dict[str, float]                   # stage name -> wall seconds
 
 
 class LocalSettings(_Strict):
     launcher: Literal["deepspeed", "torchrun"] = "deepspeed"
     nproc_per_node: Optional[int] = Field(None, ge=1)
-    max_tasks: int = Field(1, ge=1)  # processes at once: independent phases side by side when > 1
+    max_tasks: int = Field(1, ge=1)  # processes at once: independent stages side by side when > 1
     reference_timing: Optional[ReferenceTiming] = None
     progress_every_s: float = Field(30.0, gt=0)  # a progress (and ETA) line this often
 
@@ -259,11 +262,11 @@ def placeholders(text: str) -> list[str]:
     return _PLACEHOLDER.findall(text.replace("{{", "").replace("}}", ""))
 
 
-def ref_phase(ref: str) -> str:
+def ref_stage(ref: str) -> str:
     return ref.strip().strip("/").split("/", 1)[0]
 
 
-class Phase(_Strict):
+class Stage(_Strict):
     kind: Literal["data_prep", "train", "evaluate"]
     config: Optional[str] = None
     args: list[Scalar] = []
@@ -286,7 +289,7 @@ class Phase(_Strict):
     @model_validator(mode="after")
     def _kind_fields(self):
         if self.kind == "train" and self.config is None and self.entry is None:
-            raise ValueError("a train phase needs `config` (the trainer's run config file)")
+            raise ValueError("a train stage needs `config` (the trainer's run config file)")
         return self
 
     # resolved views -----------------------------------------------------------------
@@ -319,7 +322,7 @@ class Phase(_Strict):
         return None
 
     def references(self) -> list[tuple[str, str]]:
-        """(where, reference) of every input and every ``{phase/path}`` placeholder in args."""
+        """(where, reference) of every input and every ``{stage/path}`` placeholder in args."""
         refs = [(f"inputs.{key}", ref) for key, ref in self.inputs.items()]
         for i, arg in enumerate(self.args):
             if isinstance(arg, str):
@@ -334,7 +337,7 @@ class Experiment(_Strict):
     allow_short_signal_delay: bool = False
     resources: Resources = Resources()
     local: LocalSettings = LocalSettings()
-    phases: dict[str, Phase]
+    stages: dict[str, Stage]
 
     # filled by the validator below
     _resolved: dict[str, Resources] = PrivateAttr(default_factory=dict)
@@ -349,64 +352,64 @@ class Experiment(_Strict):
             raise ValueError(f"name {value!r}: use letters, digits and _ . + - only")
         return value
 
-    @field_validator("phases")
+    @field_validator("stages")
     @classmethod
-    def _phase_names(cls, value):
+    def _stage_names(cls, value):
         if not value:
-            raise ValueError("no phase defined")
+            raise ValueError("no stage defined")
         for name in value:
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-                raise ValueError(f"phase name {name!r}: use letters, digits and _ . - only")
+                raise ValueError(f"stage name {name!r}: use letters, digits and _ . - only")
         return value
 
     @model_validator(mode="after")
     def _cross_checks(self):
-        order = list(self.phases)
+        order = list(self.stages)
         outputs: dict[str, str] = {}
         resolved: dict[str, Resources] = {}
-        for index, (name, phase) in enumerate(self.phases.items()):
-            where = f"phases.{name}"
+        for index, (name, stage) in enumerate(self.stages.items()):
+            where = f"stages.{name}"
             earlier = order[:index]
-            for at, ref in phase.references():
-                source = ref_phase(ref)
-                if source not in self.phases:
-                    raise ValueError(f"{where}.{at}: {ref!r} names no phase of this experiment "
-                                     f"(phases: {', '.join(order)}); an input must be produced by an earlier "
-                                     "phase (put existing paths or hub names in `overrides` or `args`)")
+            for at, ref in stage.references():
+                source = ref_stage(ref)
+                if source not in self.stages:
+                    raise ValueError(f"{where}.{at}: {ref!r} names no stage of this experiment "
+                                     f"(stages: {', '.join(order)}); an input must be produced by an earlier "
+                                     "stage (put existing paths or hub names in `overrides` or `args`)")
                 if source not in earlier:
-                    raise ValueError(f"{where}.{at}: {ref!r} comes from phase {source!r}, which does not "
+                    raise ValueError(f"{where}.{at}: {ref!r} comes from stage {source!r}, which does not "
                                      f"run before {name!r} (order: {', '.join(order)})")
-            for dep in phase.after:
+            for dep in stage.after:
                 if dep not in earlier:
-                    raise ValueError(f"{where}.after: {dep!r} is not an earlier phase (order: {', '.join(order)})")
-            out = phase.output if phase.output is not None else ("data" if phase.kind == "data_prep" else name)
+                    raise ValueError(f"{where}.after: {dep!r} is not an earlier stage (order: {', '.join(order)})")
+            out = stage.output if stage.output is not None else ("data" if stage.kind == "data_prep" else name)
             out = out.strip("/")
             if not out or out.startswith("..") or out.split("/")[0] in ("slurm", "local"):
-                raise ValueError(f"{where}.output: {phase.output!r} must be a directory inside run_dir "
+                raise ValueError(f"{where}.output: {stage.output!r} must be a directory inside run_dir "
                                  "(not slurm/ or local/, used for logs)")
             if out in outputs.values():
                 other = next(k for k, v in outputs.items() if v == out)
-                raise ValueError(f"{where}: output directory {out!r} is also phase {other!r}'s; set `output`")
+                raise ValueError(f"{where}: output directory {out!r} is also stage {other!r}'s; set `output`")
             outputs[name] = out
-            resolved[name] = self._merge_resources(name, phase)
+            resolved[name] = self._merge_resources(name, stage)
         self._resolved = resolved
         self._outputs = outputs
         timing = self.local.reference_timing
-        unknown = sorted(set(timing.phases) - set(self.phases)) if timing else []
+        unknown = sorted(set(timing.stages) - set(self.stages)) if timing else []
         if unknown:
-            raise ValueError(f"local.reference_timing.phases: {', '.join(map(repr, unknown))} name no phase "
-                             f"(phases: {', '.join(order)})")
+            raise ValueError(f"local.reference_timing.stages: {', '.join(map(repr, unknown))} name no stage "
+                             f"(stages: {', '.join(order)})")
         if self._short_delay:
-            self._notes.append(f"signal_delay_s < {MIN_SIGNAL_DELAY_S} s for phase(s) {', '.join(self._short_delay)} "
+            self._notes.append(f"signal_delay_s < {MIN_SIGNAL_DELAY_S} s for stage(s) {', '.join(self._short_delay)} "
                                "(allow_short_signal_delay is set: for tests on tiny models only)")
             warnings.warn(self._notes[-1], stacklevel=2)
         return self
 
-    def _merge_resources(self, name: str, phase: Phase) -> Resources:
-        where = f"phases.{name}.resources"
+    def _merge_resources(self, name: str, stage: Stage) -> Resources:
+        where = f"stages.{name}.resources"
         base = self.resources.model_dump(exclude_unset=False)
-        top = dict(phase.resources)
-        if phase.kind in SINGLE_TASK_KINDS:
+        top = dict(stage.resources)
+        if stage.kind in SINGLE_TASK_KINDS:
             for key in _NOT_INHERITED_BY_SINGLE_TASK:
                 base[key] = Resources.model_fields[key].default
         for key in ("env", "sbatch"):
@@ -415,10 +418,10 @@ class Experiment(_Strict):
         try:
             res = Resources.model_validate({**base, **top})
         except ValidationError as err:
-            raise ValueError(_format_errors(err, prefix=where)) from None
-        if phase.kind in SINGLE_TASK_KINDS:
+            raise ValueError("\n  ".join(config_loader.format_validation_errors(err, prefix=where))) from None
+        if stage.kind in SINGLE_TASK_KINDS:
             if res.nodes != 1 or (res.tasks_per_node or 1) != 1:
-                raise ValueError(f"{where}: a {phase.kind} phase runs one task on one node (got nodes={res.nodes}, "
+                raise ValueError(f"{where}: a {stage.kind} stage runs one task on one node (got nodes={res.nodes}, "
                                  f"tasks_per_node={res.tasks_per_node}); give it cpus_per_task / gpus_per_node")
             res = res.model_copy(update={"tasks_per_node": 1})
         elif res.gpus_per_node and res.tasks_per_node is not None and res.tasks_per_node != res.gpus_per_node:
@@ -441,64 +444,36 @@ class Experiment(_Strict):
         """Warnings found while validating (the launchers print them)."""
         return list(self._notes)
 
-    def resources_of(self, phase: str) -> Resources:
-        return self._resolved[phase]
+    def resources_of(self, stage: str) -> Resources:
+        return self._resolved[stage]
 
-    def output_of(self, phase: str) -> str:
-        return self._outputs[phase]
+    def output_of(self, stage: str) -> str:
+        return self._outputs[stage]
 
-    def upstream_of(self, phase: str) -> list[str]:
-        """Earlier phases this one waits for (its inputs' producers, then `after`), in phase order."""
-        spec = self.phases[phase]
-        names = {ref_phase(ref) for _, ref in spec.references()} | set(spec.after)
-        return [p for p in self.phases if p in names]
+    def upstream_of(self, stage: str) -> list[str]:
+        """Earlier stages this one waits for (its inputs' producers, then `after`), in stage order."""
+        spec = self.stages[stage]
+        names = {ref_stage(ref) for _, ref in spec.references()} | set(spec.after)
+        return [p for p in self.stages if p in names]
 
 
 # ----------------------------------------------------------------------------- loading
-
-def _format_errors(err: ValidationError, prefix: str = "") -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(e["loc"]))
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{loc}: unknown key")
-        elif e["type"] == "missing":
-            lines.append(f"{loc}: required but missing")
-        elif e["type"] == "value_error" and not e["loc"]:
-            lines.append(str(e["msg"]).removeprefix("Value error, "))
-        else:
-            shown = e.get("input")
-            shown = "" if isinstance(shown, (dict, list)) else f" (got {shown!r})"
-            lines.append(f"{loc or '<top>'}: {str(e['msg']).removeprefix('Value error, ')}{shown}")
-    return "\n  ".join(lines)
-
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply ``dotted.key=value`` (value parsed as YAML) to the raw experiment mapping.
 
     The same syntax as the trainer's overrides; below ``overrides``/``inputs`` a nested key
-    (``phases.a.overrides.schedule.total_steps=5``) is the same as the dotted key it spells.
+    (``stages.a.overrides.schedule.total_steps=5``) is the same as the dotted key it spells.
     """
-    from pipeline.training.config import ConfigError
-    from pipeline.training.config import apply_overrides as apply_dotted
-
     for item in overrides:
         if item.startswith("-") or "=" not in item or item.startswith("="):
             raise ExperimentError(f"override {item!r} must look like dotted.key=value")
-    try:
-        return apply_dotted(copy.deepcopy(raw), list(overrides))
-    except ConfigError as err:
-        raise ExperimentError(str(err)) from None
+    return config_loader.apply_overrides(raw, list(overrides), error=ExperimentError)
 
 
 def load_experiment(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Experiment:
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise ExperimentError(f"cannot read experiment file {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise ExperimentError(f"experiment file {path} is not valid YAML: {err}") from None
+    raw = config_loader.read_yaml(path, what="experiment file", error=ExperimentError)
     if not isinstance(raw, dict):
         raise ExperimentError(f"{path}: the top level must be a mapping")
     return experiment_from_dict(raw, overrides, source=str(path))
@@ -506,12 +481,16 @@ def load_experiment(path: Union[str, Path], overrides: Optional[list[str]] = Non
 
 def experiment_from_dict(raw: dict, overrides: Optional[list[str]] = None, source: str = "<experiment>") -> Experiment:
     raw = apply_overrides(raw, list(overrides or []))
-    if "phases" in raw and not isinstance(raw["phases"], dict):
-        raise ExperimentError(f"{source}: `phases` must be a mapping of phase name -> phase")
+    if "phases" in raw:
+        raise ExperimentError(f"{source}: the top-level key `phases` is now `stages`: rename it (in overrides too: "
+                              "stages.<name>.*)")
+    if "stages" in raw and not isinstance(raw["stages"], dict):
+        raise ExperimentError(f"{source}: `stages` must be a mapping of stage name -> stage")
     try:
         exp = Experiment.model_validate(raw)
     except ValidationError as err:
-        raise ExperimentError(f"invalid experiment {source}:\n  {_format_errors(err)}") from None
+        lines = config_loader.format_validation_errors(err)
+        raise ExperimentError(f"invalid experiment {source}:\n  " + "\n  ".join(lines)) from None
     if exp.run_dir is None:
         exp.run_dir = f"runs/{exp.name}"
     return exp

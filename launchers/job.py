@@ -1,15 +1,15 @@
-"""What runs inside each SLURM task of a phase (submitit pickles a `PhaseJob`).
+"""What runs inside each SLURM task of a stage (submitit pickles a `StageJob`).
 
-Each task (one per GPU, or per node for CPU-only phases) resolves its distributed
+Each task (one per GPU, or per node for CPU-only stages) resolves its distributed
 environment from SLURM (`pipeline.distributed.resolve_distributed_env`: ranks from
 SLURM_PROCID/SLURM_LOCALID, LOCAL_WORLD_SIZE from the tasks per node, the master from
 the node list) and exports RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR,
 MASTER_PORT without touching CUDA_VISIBLE_DEVICES (DeepSpeed selects the device from
-LOCAL_RANK). Then it calls the phase's entry point in-process, exactly as the
+LOCAL_RANK). Then it calls the stage's entry point in-process, exactly as the
 ``deepspeed`` launcher would run it: ``pipeline.train.main(argv)``.
 
 Preemption and time limits: SLURM sends USR2 ``signal_delay_s`` before the limit (or
-on ``scancel --signal=USR2``); submitit calls `PhaseJob.checkpoint` on rank 0, which only
+on ``scancel --signal=USR2``); submitit calls `StageJob.checkpoint` on rank 0, which only
 resubmits the same call, and requeues the job. The training itself saves checkpoints
 periodically on all ranks, and rerunning the trainer with the same run_dir resumes
 from the latest one, so the requeued job continues where the last checkpoint left it.
@@ -38,11 +38,11 @@ from launchers.requeue import FAILED, PREEMPTED, mark
 from pipeline.train import EXIT_LOST_PEER  # the trainer's code when another rank is gone: requeue, not a crash
 
 
-class PhaseFailed(RuntimeError):
+class StageFailed(RuntimeError):
     pass
 
 
-# Set by PhaseJob.checkpoint (rank 0, inside submitit's USR2 handler) just before submitit requeues
+# Set by StageJob.checkpoint (rank 0, inside submitit's USR2 handler) just before submitit requeues
 # the job and exits with sys.exit(-1): that SystemExit must reach submitit untouched.
 _requeue_requested = False
 
@@ -58,7 +58,7 @@ def run_entry(entry: str, argv: list[str]) -> int:
     if not is_script:
         spec = importlib.util.find_spec(entry)
         if spec is None:
-            raise PhaseFailed(f"entry point module {entry!r} not found (sys.path: {sys.path[:4]} ...)")
+            raise StageFailed(f"entry point module {entry!r} not found (sys.path: {sys.path[:4]} ...)")
         if spec.submodule_search_locations is None:  # a plain module: prefer main(argv)
             main = getattr(importlib.import_module(entry), "main", None)
     saved = sys.argv
@@ -105,13 +105,13 @@ def export_distributed_env() -> Any:
     return env
 
 
-class PhaseJob(submitit.helpers.Checkpointable):
-    """One phase of an experiment, run by every task of its SLURM job."""
+class StageJob(submitit.helpers.Checkpointable):
+    """One stage of an experiment, run by every task of its SLURM job."""
 
-    def __init__(self, experiment: str, phase: str, kind: str, entry: str, argv: list[str],
+    def __init__(self, experiment: str, stage: str, kind: str, entry: str, argv: list[str],
                  workdir: str, repo_root: str, env: dict[str, str]) -> None:
         self.experiment = experiment
-        self.phase = phase
+        self.stage = stage
         self.kind = kind
         self.entry = entry
         self.argv = list(argv)
@@ -126,7 +126,7 @@ class PhaseJob(submitit.helpers.Checkpointable):
         os.environ.update(self.env)
         dist = export_distributed_env()
         attempt = int(os.environ.get("SLURM_RESTART_COUNT", "0")) + 1
-        tag = f"[launcher] {self.experiment}.{self.phase}"
+        tag = f"[launcher] {self.experiment}.{self.stage}"
         print(f"{tag}: rank {dist.rank}/{dist.world_size} local {dist.local_rank}/{dist.local_world_size} "
               f"master {dist.master_addr}:{dist.master_port} job {os.environ.get('SLURM_JOB_ID')} "
               f"attempt {attempt} host {os.uname().nodename}", flush=True)
@@ -143,20 +143,20 @@ class PhaseJob(submitit.helpers.Checkpointable):
         if code != 0:
             if code != EXIT_LOST_PEER:
                 _mark(f"{FAILED}{dist.rank}", f"exit code {code}")
-            raise PhaseFailed(f"{tag}: {self.entry} exited with code {code} on rank {dist.rank}")
-        # The phase is complete: a time-limit or preemption USR2 arriving from now on has nothing left to
+            raise StageFailed(f"{tag}: {self.entry} exited with code {code} on rank {dist.rank}")
+        # The stage is complete: a time-limit or preemption USR2 arriving from now on has nothing left to
         # save, and must neither requeue a finished job nor (once Python restores default handlers at
         # exit) kill the task and turn a COMPLETED job into FAILED.
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         print(f"{tag}: rank {dist.rank} done in {time.time() - start:.1f}s", flush=True)
-        return {"phase": self.phase, "rank": dist.rank, "attempt": attempt, "seconds": time.time() - start}
+        return {"stage": self.stage, "rank": dist.rank, "attempt": attempt, "seconds": time.time() - start}
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         # The trainer checkpoints by itself; requeueing the same call resumes from its run_dir.
         global _requeue_requested
         _requeue_requested = True
         _mark(PREEMPTED, "USR2: submitit requeues the job")
-        print(f"[launcher] {self.experiment}.{self.phase}: preempted or timed out, requeueing "
+        print(f"[launcher] {self.experiment}.{self.stage}: preempted or timed out, requeueing "
               "(the rerun resumes from the latest checkpoint)", flush=True)
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 

@@ -1,23 +1,23 @@
-"""Run an experiment's phases on this machine (no SLURM): one after the other, or side by side.
+"""Run an experiment's stages on this machine (no SLURM): one after the other, or side by side.
 
     python launchers/local.py --config configs/experiments/X.yaml [key=value ...]
-        [--phases a,b] [--resume-from RUN_DIR] [--dry-run]
+        [--stages a,b] [--resume-from RUN_DIR] [--dry-run]
 
 The same experiment file, run layout and command lines as `launchers/slurm.py`:
 
-- data_prep / evaluate phases: ``python -m data_prep ...`` / ``python -m pipeline.evaluate ...``
+- data_prep / evaluate stages: ``python -m data_prep ...`` / ``python -m pipeline.evaluate ...``
   in a subprocess;
-- train phases: ``deepspeed --num_gpus N --master_port P pipeline/train.py --config ...
+- train stages: ``deepspeed --num_gpus N --master_port P pipeline/train.py --config ...
   key=value ...`` (``local.launcher: torchrun`` uses ``torchrun --nproc_per_node N``, and so
-  does every phase whose run config, with its overrides, says ``engine.name: fsdp``);
-  N is ``local.nproc_per_node``, else the phase's tasks per node (its GPUs per node, or
+  does every stage whose run config, with its overrides, says ``engine.name: fsdp``);
+  N is ``local.nproc_per_node``, else the stage's tasks per node (its GPUs per node, or
   ``tasks_per_node`` on CPU: set ``DS_ACCELERATOR=cpu`` in ``resources.env``).
 
 ``local.max_tasks`` (default 1) is how many processes may run at once: above 1, independent
-phases run side by side as SLURM would run them (each line of output prefixed with its phase),
-starting in file order as their upstream phases finish and their processes fit. A phase that
-fails stops the run: nothing more is started, phases already running finish. Each phase's output is
-also written to ``<run_dir>/local/<phase>.log``. ``resources.env`` is exported;
+stages run side by side as SLURM would run them (each line of output prefixed with its stage),
+starting in file order as their upstream stages finish and their processes fit. A stage that
+fails stops the run: nothing more is started, stages already running finish. Each stage's output is
+also written to ``<run_dir>/local/<stage>.log``. ``resources.env`` is exported;
 ``resources.setup`` lines (module load, ...) are for the cluster and are not run here.
 """
 
@@ -44,7 +44,7 @@ from launchers.plan import (  # noqa: E402
     REPO_ROOT,
     LaunchError,
     Plan,
-    PlannedPhase,
+    PlannedStage,
     add_launch_arguments,
     plan_from_args,
     save_experiment,
@@ -72,14 +72,14 @@ def _target(entry: str, module_flag: str) -> list[str]:
     return [module_flag, entry]
 
 
-def nproc(plan: Plan, p: PlannedPhase) -> int:
+def nproc(plan: Plan, p: PlannedStage) -> int:
     if p.kind in SINGLE_TASK_KINDS:
         return 1
     return plan.experiment.local.nproc_per_node or p.resources.ntasks_per_node
 
 
-def train_engine(p: PlannedPhase) -> Optional[str]:
-    """`engine.name` of a trainer phase's run config with its overrides (None when unreadable)."""
+def train_engine(p: PlannedStage) -> Optional[str]:
+    """`engine.name` of a train stage's run config with its overrides (None when unreadable)."""
     if p.kind != "train" or p.entry != DEFAULT_ENTRY["train"]:
         return None
     from pipeline.train import parse_args
@@ -95,12 +95,12 @@ def train_engine(p: PlannedPhase) -> Optional[str]:
     return engine.get("name") if isinstance(engine, dict) else None
 
 
-def use_torchrun(plan: Plan, p: PlannedPhase) -> bool:
+def use_torchrun(plan: Plan, p: PlannedStage) -> bool:
     """torchrun for `local.launcher: torchrun`, and for the FSDP engine whatever the launcher setting."""
     return plan.experiment.local.launcher == "torchrun" or train_engine(p) == "fsdp"
 
 
-def command(plan: Plan, p: PlannedPhase, port: Optional[int] = None) -> list[str]:
+def command(plan: Plan, p: PlannedStage, port: Optional[int] = None) -> list[str]:
     python = sys.executable
     if p.kind in SINGLE_TASK_KINDS:  # python -m module ... (or python script.py ...)
         is_script = p.entry.endswith(".py") or "/" in p.entry
@@ -114,10 +114,10 @@ def command(plan: Plan, p: PlannedPhase, port: Optional[int] = None) -> list[str
             *_target(p.entry, "--module"), *p.argv]
 
 
-def phase_env(p: PlannedPhase) -> dict[str, str]:
+def stage_env(p: PlannedStage) -> dict[str, str]:
     env = dict(os.environ)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)  # the launcher of each phase sets them
+        env.pop(key, None)  # the launcher of each stage sets them
     for key, value in p.resources.env.items():
         env[str(key)] = ("1" if value else "0") if isinstance(value, bool) else str(value)
     path = env.get("PYTHONPATH")
@@ -125,12 +125,12 @@ def phase_env(p: PlannedPhase) -> dict[str, str]:
     return env
 
 
-class PhaseProcess:
-    """One phase running in a subprocess: its output goes to the console (prefixed with the
-    phase name when phases run side by side) and to ``<run_dir>/local/<phase>.log``."""
+class StageProcess:
+    """One stage running in a subprocess: its output goes to the console (prefixed with the
+    stage name when stages run side by side) and to ``<run_dir>/local/<stage>.log``."""
 
-    def __init__(self, plan: Plan, p: PlannedPhase, out, port: Optional[int] = None, prefix: bool = False):
-        self.phase, self.out = p, out
+    def __init__(self, plan: Plan, p: PlannedStage, out, port: Optional[int] = None, prefix: bool = False):
+        self.stage, self.out = p, out
         self.tag = f"[{p.name}] " if prefix else ""
         self.cmd = command(plan, p, port)
         self.log = plan.run_dir / "local" / f"{p.name}.log"
@@ -139,7 +139,7 @@ class PhaseProcess:
         self.start = time.time()
         self.sink = open(self.log, "a")
         self.sink.write(f"$ {shlex.join(self.cmd)}\n")
-        self.proc = subprocess.Popen(self.cmd, env=phase_env(p), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(self.cmd, env=stage_env(p), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, bufsize=1, start_new_session=True)
 
     def pump(self, lock: threading.Lock) -> int:
@@ -151,7 +151,7 @@ class PhaseProcess:
                 self.out.flush()
             self.sink.write(line)
         code = self.proc.wait()
-        ending = (f"[local] {self.phase.name}: exit {code} after {time.time() - self.start:.0f}s, "
+        ending = (f"[local] {self.stage.name}: exit {code} after {time.time() - self.start:.0f}s, "
                   f"at {time.strftime('%Y-%m-%dT%H:%M:%S')}")
         self.sink.write(ending + "\n")  # the log keeps each run's outcome and wall time (the demo report reads it)
         self.sink.close()
@@ -169,7 +169,7 @@ def _interrupt(signum, frame):
 
 
 def _stop_on_sigterm():
-    """SIGTERM stops the run like Ctrl-C (the phases run in their own sessions: nothing else would
+    """SIGTERM stops the run like Ctrl-C (the stages run in their own sessions: nothing else would
     stop them). Returns the previous handler (None off the main thread, where none can be set)."""
     if threading.current_thread() is not threading.main_thread():
         return None
@@ -177,7 +177,7 @@ def _stop_on_sigterm():
 
 
 def _ports(used: set[int]) -> int:
-    """A free port no phase of this run was given yet (a phase binds it only once it starts)."""
+    """A free port no stage of this run was given yet (a stage binds it only once it starts)."""
     while True:
         port = _free_port()
         if port not in used:
@@ -186,18 +186,18 @@ def _ports(used: set[int]) -> int:
 
 
 def run(plan: Plan, out=None) -> int:
-    """Run the plan's phases in order. With ``local.max_tasks`` above 1, a phase whose upstream
-    phases are done starts as soon as its processes fit beside the running ones (in file order);
-    a phase that needs more than max_tasks runs alone."""
+    """Run the plan's stages in order. With ``local.max_tasks`` above 1, a stage whose upstream
+    stages are done starts as soon as its processes fit beside the running ones (in file order);
+    a stage that needs more than max_tasks runs alone."""
     out = out or sys.stdout
-    if not plan.phases:
-        print("nothing to run: every selected phase is complete", file=out)
+    if not plan.stages:
+        print("nothing to run: every selected stage is complete", file=out)
         return 0
     save_experiment(plan.experiment, plan.run_dir)
     for name, why in plan.skipped.items():
         print(f"[local] {name}: skipped ({why})", file=out)
     max_tasks = plan.experiment.local.max_tasks
-    pending, running, done, failed = list(plan.phases), {}, [], []
+    pending, running, done, failed = list(plan.stages), {}, [], []
     finished: queue.Queue = queue.Queue()
     lock, ports = threading.Lock(), set()
     progress = RunProgress(plan, nproc, out, lock, interval=plan.experiment.local.progress_every_s)
@@ -205,7 +205,7 @@ def run(plan: Plan, out=None) -> int:
     try:
         with progress:
             while pending or running:
-                busy = sum(nproc(plan, r.phase) for r in running.values())
+                busy = sum(nproc(plan, r.stage) for r in running.values())
                 for p in [] if failed else list(pending):
                     if any(u not in done for u in p.upstream):
                         continue
@@ -214,9 +214,9 @@ def run(plan: Plan, out=None) -> int:
                         continue
                     port = None if p.kind in SINGLE_TASK_KINDS else _ports(ports)
                     with lock:
-                        running[p.name] = proc = PhaseProcess(plan, p, out, port, prefix=max_tasks > 1)
-                    progress.phase_started(p.name)
-                    threading.Thread(target=lambda proc=proc: finished.put((proc.phase.name, proc.pump(lock))),
+                        running[p.name] = proc = StageProcess(plan, p, out, port, prefix=max_tasks > 1)
+                    progress.stage_started(p.name)
+                    threading.Thread(target=lambda proc=proc: finished.put((proc.stage.name, proc.pump(lock))),
                                      daemon=True).start()
                     pending.remove(p)
                     busy += need
@@ -224,11 +224,11 @@ def run(plan: Plan, out=None) -> int:
                     break
                 name, code = finished.get()
                 del running[name]
-                progress.phase_finished(name)
+                progress.stage_finished(name)
                 (done if code == 0 else failed).append(name)
                 if code != 0:
                     with lock:
-                        print(f"error: phase {name} failed (exit {code})", file=sys.stderr, flush=True)
+                        print(f"error: stage {name} failed (exit {code})", file=sys.stderr, flush=True)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (kill, timeout, a job manager)
         for proc in running.values():
             proc.terminate()
@@ -242,12 +242,12 @@ def run(plan: Plan, out=None) -> int:
         if pending:
             print(f"error: not started: {', '.join(p.name for p in pending)}", file=sys.stderr, flush=True)
         return 1
-    print(f"[local] done: {', '.join(p.name for p in plan.phases)} in {plan.run_dir}", file=out)
+    print(f"[local] done: {', '.join(p.name for p in plan.stages)} in {plan.run_dir}", file=out)
     return 0
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Run an experiment's phases on this machine (no SLURM).",
+    parser = argparse.ArgumentParser(description="Run an experiment's stages on this machine (no SLURM).",
                                      epilog="The experiment format is documented in launchers/experiment.py.")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     add_launch_arguments(parser, verb="run")
@@ -260,7 +260,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         plan = plan_from_args(args, strict=not args.dry_run)
         if not args.dry_run:
             return run(plan)
-        for p in plan.phases:
+        for p in plan.stages:
             after = f" (after {', '.join(p.upstream)})" if p.upstream else ""
             print(f"{p.name}{after}: {shlex.join(command(plan, p, port=29500))}")
         for name, why in plan.skipped.items():
@@ -270,7 +270,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: the running phases were stopped; rerun to resume", file=sys.stderr, flush=True)
+        print("interrupted: the running stages were stopped; rerun to resume", file=sys.stderr, flush=True)
         return 130
 
 

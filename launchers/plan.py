@@ -1,9 +1,9 @@
-"""From an experiment to the list of phases to launch: paths, command lines, dependencies.
+"""From an experiment to the list of stages to launch: paths, command lines, dependencies.
 
-Shared by `launchers/slurm.py` and `launchers/local.py`, so both run the same phases with
+Shared by `launchers/slurm.py` and `launchers/local.py`, so both run the same stages with
 the same arguments. Everything is resolved here, before anything is submitted: output
-directories, the inputs each phase reads (from phases of this launch, or already on disk),
-the phases a ``--phases`` subset or ``--resume-from`` skips.
+directories, the inputs each stage reads (from stages of this launch, or already on disk),
+the stages a ``--stages`` subset or ``--resume-from`` skips.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
-from launchers.experiment import Experiment, ExperimentError, Phase, Resources, flatten_overrides, render_value
+from launchers.experiment import Experiment, ExperimentError, Resources, Stage, flatten_overrides, render_value
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,15 +27,15 @@ class LaunchError(RuntimeError):
 
 
 @dataclass
-class PlannedPhase:
+class PlannedStage:
     name: str
-    spec: Phase
+    spec: Stage
     resources: Resources
     output_dir: Path
     entry: str                  # module name, or absolute script path
     argv: list[str]
     inputs: dict[str, Path]     # where (inputs.<key> / args[i]) -> resolved path
-    upstream: list[str] = field(default_factory=list)  # phases of this launch that must succeed first
+    upstream: list[str] = field(default_factory=list)  # stages of this launch that must succeed first
 
     @property
     def kind(self) -> str:
@@ -46,16 +46,16 @@ class PlannedPhase:
 class Plan:
     experiment: Experiment
     run_dir: Path
-    phases: list[PlannedPhase]
-    skipped: dict[str, str]     # phase -> why it is not launched
+    stages: list[PlannedStage]
+    skipped: dict[str, str]     # stage -> why it is not launched
     notes: list[str] = field(default_factory=list)  # warnings (a dry run's missing files)
 
-    def phase(self, name: str) -> PlannedPhase:
-        return next(p for p in self.phases if p.name == name)
+    def stage(self, name: str) -> PlannedStage:
+        return next(p for p in self.stages if p.name == name)
 
     def graph_lines(self) -> list[str]:
         lines = []
-        for p in self.phases:
+        for p in self.stages:
             after = ", ".join(p.upstream) if p.upstream else "-"
             lines.append(f"{p.name}: afterok [{after}]  ({p.kind}, {p.resources.nodes} node(s) x "
                          f"{p.resources.ntasks_per_node} task(s), {p.resources.gpus_per_node} GPU(s)/node)")
@@ -87,8 +87,8 @@ def entry_exists(entry: str) -> bool:
         return False
 
 
-def output_dir(exp: Experiment, run_dir: Path, phase: str) -> Path:
-    return run_dir / exp.output_of(phase)
+def output_dir(exp: Experiment, run_dir: Path, stage: str) -> Path:
+    return run_dir / exp.output_of(stage)
 
 
 def input_path(exp: Experiment, run_dir: Path, ref: str) -> tuple[str, Path]:
@@ -97,10 +97,10 @@ def input_path(exp: Experiment, run_dir: Path, ref: str) -> tuple[str, Path]:
     return source, (out / sub if sub else out)
 
 
-def missing_done_files(exp: Experiment, run_dir: Path, phase: str) -> list[Path]:
-    """What is missing for `phase`'s output to be complete (empty: complete)."""
-    out = output_dir(exp, run_dir, phase)
-    done = exp.phases[phase].done_files
+def missing_done_files(exp: Experiment, run_dir: Path, stage: str) -> list[Path]:
+    """What is missing for `stage`'s output to be complete (empty: complete)."""
+    out = output_dir(exp, run_dir, stage)
+    done = exp.stages[stage].done_files
     if done is not None:
         return [out / f for f in done if not (out / f).exists()]
     # data_prep default: manifest.json (written last) at the top, or beside every MDS index.json below
@@ -111,19 +111,19 @@ def missing_done_files(exp: Experiment, run_dir: Path, phase: str) -> list[Path]
     return missing if indexed else [out / "manifest.json"]
 
 
-def is_complete(exp: Experiment, run_dir: Path, phase: str) -> bool:
-    return not missing_done_files(exp, run_dir, phase)
+def is_complete(exp: Experiment, run_dir: Path, stage: str) -> bool:
+    return not missing_done_files(exp, run_dir, stage)
 
 
-def phase_output_path(exp: Experiment, run_dir: Path, name: str) -> Path:
-    """What the phase is told to write: its output directory, or a file in it (evaluate)."""
+def stage_output_path(exp: Experiment, run_dir: Path, name: str) -> Path:
+    """What the stage is told to write: its output directory, or a file in it (evaluate)."""
     out = output_dir(exp, run_dir, name)
-    filename = exp.phases[name].output_filename
+    filename = exp.stages[name].output_filename
     return out / filename if filename else out
 
 
 def substitute(text: str, exp: Experiment, run_dir: Path, name: str) -> str:
-    """Replace ``{phase/path}``, ``{output}`` and ``{run_dir}`` in an argument."""
+    """Replace ``{stage/path}``, ``{output}`` and ``{run_dir}`` in an argument."""
     from launchers.experiment import _PLACEHOLDER
 
     def one(match) -> str:
@@ -138,13 +138,13 @@ def substitute(text: str, exp: Experiment, run_dir: Path, name: str) -> str:
     return _PLACEHOLDER.sub(one, text).replace("\0", "{").replace("\1", "}")
 
 
-def phase_inputs(exp: Experiment, run_dir: Path, name: str) -> list[tuple[str, str, Path]]:
-    """(where, reference, resolved path) of every input of a phase (inputs and args placeholders)."""
-    return [(at, ref, input_path(exp, run_dir, ref)[1]) for at, ref in exp.phases[name].references()]
+def stage_inputs(exp: Experiment, run_dir: Path, name: str) -> list[tuple[str, str, Path]]:
+    """(where, reference, resolved path) of every input of a stage (inputs and args placeholders)."""
+    return [(at, ref, input_path(exp, run_dir, ref)[1]) for at, ref in exp.stages[name].references()]
 
 
-def phase_argv(exp: Experiment, name: str, run_dir: Path, base: Path) -> list[str]:
-    spec = exp.phases[name]
+def stage_argv(exp: Experiment, name: str, run_dir: Path, base: Path) -> list[str]:
+    spec = exp.stages[name]
     argv: list[str] = []
     if spec.config is not None:
         argv += ["--config", str(_abs(spec.config, base).resolve())]
@@ -156,40 +156,40 @@ def phase_argv(exp: Experiment, name: str, run_dir: Path, base: Path) -> list[st
             argv += [key if key.startswith("-") else "--" + key.replace("_", "-"), render_value(value)]
     else:                        # the trainer's dotted.key=value overrides
         argv += [f"{key}={render_value(value)}" for key, value in pairs]
-    flag, out = spec.output_flag, phase_output_path(exp, run_dir, name)
+    flag, out = spec.output_flag, stage_output_path(exp, run_dir, name)
     if flag:
         argv += [f"{flag}{out}"] if flag.endswith("=") else [flag, str(out)]
     return argv
 
 
-def parse_phase_list(text: Optional[str], exp: Experiment) -> Optional[list[str]]:
+def parse_stage_list(text: Optional[str], exp: Experiment) -> Optional[list[str]]:
     if text is None:
         return None
     names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in exp.phases]
+    unknown = [n for n in names if n not in exp.stages]
     if unknown or not names:
-        raise LaunchError(f"--phases {text!r}: unknown phase(s) {unknown}; this experiment has "
-                          f"{', '.join(exp.phases)}")
+        raise LaunchError(f"--stages {text!r}: unknown stage(s) {unknown}; this experiment has "
+                          f"{', '.join(exp.stages)}")
     return names
 
 
 def build_plan(exp: Experiment, run_dir: Optional[Path] = None, select: Optional[list[str]] = None,
                resume: bool = False, base: Optional[Path] = None, strict: bool = True) -> Plan:
-    """The phases to launch, in experiment order, with their inputs resolved and checked.
+    """The stages to launch, in experiment order, with their inputs resolved and checked.
 
-    `select`: launch only these phases (the outputs of the others they read must be complete on
-    disk). `resume`: also skip selected phases whose outputs are complete. Relative paths are
+    `select`: launch only these stages (the outputs of the others they read must be complete on
+    disk). `resume`: also skip selected stages whose outputs are complete. Relative paths are
     relative to `base` (default: the working directory). `strict=False` (dry runs) reports a
     missing run config or entry point as a note instead of an error.
     """
     base = Path(base or os.getcwd())
     run_dir = _abs(str(run_dir or exp.run_dir), base).resolve()
-    wanted = list(exp.phases) if select is None else [p for p in exp.phases if p in select]
+    wanted = list(exp.stages) if select is None else [p for p in exp.stages if p in select]
     skipped: dict[str, str] = {}
     if select is not None:
-        for name in exp.phases:
+        for name in exp.stages:
             if name not in wanted:
-                skipped[name] = "not selected by --phases"
+                skipped[name] = "not selected by --stages"
     launch = []
     for name in wanted:
         if resume and is_complete(exp, run_dir, name):
@@ -201,9 +201,9 @@ def build_plan(exp: Experiment, run_dir: Optional[Path] = None, select: Optional
     missing_files: list[str] = []
     planned = []
     for name in launch:
-        spec = exp.phases[name]
+        spec = exp.stages[name]
         inputs: dict[str, Path] = {}
-        for at, ref, path in phase_inputs(exp, run_dir, name):
+        for at, ref, path in stage_inputs(exp, run_dir, name):
             inputs[at] = path
             source = ref.strip().strip("/").split("/", 1)[0]
             if source in launch:
@@ -212,23 +212,23 @@ def build_plan(exp: Experiment, run_dir: Optional[Path] = None, select: Optional
             if missing or not path.exists():
                 what = f"missing {', '.join(str(m) for m in missing)}" if missing else f"{path} does not exist"
                 problems.append(
-                    f"phase {name!r}, {at} = {ref}: phase {source!r} is not launched "
+                    f"stage {name!r}, {at} = {ref}: stage {source!r} is not launched "
                     f"({skipped.get(source, 'not selected')}) and its output is not complete on disk ({what}); "
-                    f"launch it too (--phases {source},{name}) or run it first")
+                    f"launch it too (--stages {source},{name}) or run it first")
         if spec.config is not None and not _abs(spec.config, base).is_file():
-            missing_files.append(f"phase {name!r}: run config {spec.config} not found (relative to {base})")
+            missing_files.append(f"stage {name!r}: run config {spec.config} not found (relative to {base})")
         entry = resolve_entry(spec.entry_point, base)
         if not entry_exists(entry):
-            missing_files.append(f"phase {name!r} ({spec.kind}): entry point {entry!r} not found")
-        planned.append(PlannedPhase(
+            missing_files.append(f"stage {name!r} ({spec.kind}): entry point {entry!r} not found")
+        planned.append(PlannedStage(
             name=name, spec=spec, resources=exp.resources_of(name), output_dir=output_dir(exp, run_dir, name),
-            entry=resolve_entry(spec.entry_point, base), argv=phase_argv(exp, name, run_dir, base),
+            entry=resolve_entry(spec.entry_point, base), argv=stage_argv(exp, name, run_dir, base),
             inputs=inputs, upstream=[u for u in exp.upstream_of(name) if u in launch]))
     if strict:
         problems += missing_files
     if problems:
         raise LaunchError("cannot launch:\n  " + "\n  ".join(problems))
-    return Plan(experiment=exp, run_dir=run_dir, phases=planned, skipped=skipped,
+    return Plan(experiment=exp, run_dir=run_dir, stages=planned, skipped=skipped,
                 notes=exp.notes + ([] if strict else missing_files))
 
 
@@ -237,11 +237,11 @@ def resolved_experiment(exp: Experiment, run_dir: Path, base: Optional[Path] = N
     base = Path(base or os.getcwd())
     data = exp.model_dump(mode="json", exclude_defaults=False)
     data["run_dir"] = str(run_dir)
-    for name, phase in data["phases"].items():
-        if phase.get("config"):
-            phase["config"] = str(_abs(phase["config"], base).resolve())
-        if phase.get("entry"):
-            phase["entry"] = resolve_entry(phase["entry"], base)
+    for name, stage in data["stages"].items():
+        if stage.get("config"):
+            stage["config"] = str(_abs(stage["config"], base).resolve())
+        if stage.get("entry"):
+            stage["entry"] = resolve_entry(stage["entry"], base)
     return data
 
 
@@ -280,25 +280,25 @@ def experiment_for_launch(config: Optional[str], overrides: list[str], resume_fr
 def add_launch_arguments(parser, verb: str = "launch") -> None:
     """The command line both launchers share."""
     parser.add_argument("--config", help="experiment YAML (configs/experiments/*.yaml)")
-    parser.add_argument("--phases", help=f"comma-separated subset of the phases to {verb}")
-    parser.add_argument("--resume-from", metavar="RUN_DIR", help="continue this run: skip complete phases")
+    parser.add_argument("--stages", help=f"comma-separated subset of the stages to {verb}")
+    parser.add_argument("--resume-from", metavar="RUN_DIR", help="continue this run: skip complete stages")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="experiment overrides, e.g. run_dir=DIR resources.partition=gpu")
 
 
 def plan_from_args(args, strict: bool) -> Plan:
-    """Experiment + overrides + --phases/--resume-from -> the plan; its warnings go to stderr."""
+    """Experiment + overrides + --stages/--resume-from -> the plan; its warnings go to stderr."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exp.notes are printed below
         exp = experiment_for_launch(args.config, args.overrides, args.resume_from)
-    plan = build_plan(exp, select=parse_phase_list(args.phases, exp), resume=args.resume_from is not None,
+    plan = build_plan(exp, select=parse_stage_list(args.stages, exp), resume=args.resume_from is not None,
                       strict=strict)
     for note in plan.notes:
         print(f"warning: {note}", file=sys.stderr, flush=True)
     return plan
 
 
-__all__ = ["ExperimentError", "LaunchError", "Plan", "PlannedPhase", "build_plan", "experiment_for_launch",
+__all__ = ["ExperimentError", "LaunchError", "Plan", "PlannedStage", "build_plan", "experiment_for_launch",
            "is_complete", "save_experiment", "REPO_ROOT"]

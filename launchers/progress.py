@@ -1,11 +1,11 @@
 """How long a local run will take, and how far it is: the expected time at the start and a running ETA.
 
-An experiment may carry `local.reference_timing`: each phase's wall seconds measured on a reference
+An experiment may carry `local.reference_timing`: each stage's wall seconds measured on a reference
 machine and the time of `speed_probe()` there. At the start this machine runs the same probe; the
 reference seconds scaled by the two probes' ratio, scheduled as `launchers/local.py` schedules the
-phases (file order, upstream first, at most `local.max_tasks` processes), give the expected time.
-While the run goes on, every running train phase reports its progress (the last step in its
-metrics.jsonl out of its config's schedule.total_steps), finished phases their real time; both
+stages (file order, upstream first, at most `local.max_tasks` processes), give the expected time.
+While the run goes on, every running train stage reports its progress (the last step in its
+metrics.jsonl out of its config's schedule.total_steps), finished stages their real time; both
 correct the scale, and the ETA is the same schedule over what is left.
 """
 
@@ -23,7 +23,7 @@ import yaml
 
 def speed_probe(repeats: int = 3, iterations: int = 40) -> float:
     """Seconds for a fixed small PyTorch training workload on one thread (best of `repeats`): the
-    kind of work the demo's phases do (small matmuls, attention, autograd, AdamW), to compare machines.
+    kind of work the demo's stages do (small matmuls, attention, autograd, AdamW), to compare machines.
     The fastest repeat: other load on the machine only ever slows one down."""
     import torch
     import torch.nn.functional as F
@@ -88,7 +88,7 @@ def schedule_seconds(tasks: list[Task], max_tasks: int, done: set[str] = frozens
 
 
 def train_progress(output_dir: Path) -> Optional[float]:
-    """The fraction of a train phase's steps done (its metrics.jsonl against schedule.total_steps)."""
+    """The fraction of a train stage's steps done (its metrics.jsonl against schedule.total_steps)."""
     try:
         total = yaml.safe_load((output_dir / "config.yaml").read_text())["schedule"]["total_steps"]
         lines = (output_dir / "metrics.jsonl").read_text().splitlines()
@@ -118,7 +118,7 @@ class RunProgress:
         self.reference = plan.experiment.local.reference_timing
         self.started: dict[str, float] = {}
         self.finished: dict[str, float] = {}
-        self._first_progress: dict[str, tuple[float, float]] = {}  # phase -> (when, fraction) first seen
+        self._first_progress: dict[str, tuple[float, float]] = {}  # stage -> (when, fraction) first seen
         self.begin = time.time()
         self.scale = 1.0
         self._stop = threading.Event()
@@ -134,14 +134,14 @@ class RunProgress:
                   f"{self.reference.probe_s:.2f}s, x{self.scale:.2f})", file=out, flush=True)
 
     def _reference_s(self, name: str) -> float:
-        return self.reference.phases.get(name, 0.0) if self.reference else 0.0
+        return self.reference.stages.get(name, 0.0) if self.reference else 0.0
 
     def _tasks(self, seconds: Callable, running: set[str]) -> list[Task]:
         return [Task(p.name, seconds(p), self.nproc(self.plan, p), [u for u in p.upstream], p.name in running)
-                for p in self.plan.phases if p.name not in self.finished]
+                for p in self.plan.stages if p.name not in self.finished]
 
     def _observed_scale(self) -> float:
-        """Real time over reference time of the finished phases (the probe's scale until one finished)."""
+        """Real time over reference time of the finished stages (the probe's scale until one finished)."""
         pairs = [(s, self._reference_s(n)) for n, s in self.finished.items() if self._reference_s(n) > 0]
         return sum(s for s, _ in pairs) / sum(r for _, r in pairs) if pairs else self.scale
 
@@ -151,7 +151,7 @@ class RunProgress:
             return expected
         fraction = train_progress(p.output_dir) if p.kind == "train" else None
         if fraction is not None:
-            # its rate since first seen (after start-up; a resumed phase starts part-way)
+            # its rate since first seen (after start-up; a resumed stage starts part-way)
             first_at, first = self._first_progress.setdefault(p.name, (now, fraction))
             if fraction - first >= 0.05:
                 return (now - first_at) * (1 - fraction) / (fraction - first)
@@ -162,21 +162,21 @@ class RunProgress:
         tasks = self._tasks(lambda p: self._left_s(p, scale, now), running=set(self.started))
         return schedule_seconds(tasks, self.plan.experiment.local.max_tasks, done=set(self.finished))
 
-    def phase_started(self, name: str) -> None:
+    def stage_started(self, name: str) -> None:
         self.started.setdefault(name, time.time())
 
-    def phase_finished(self, name: str) -> None:
+    def stage_finished(self, name: str) -> None:
         self.finished[name] = time.time() - self.started.get(name, time.time())
         self.started.pop(name, None)
 
     def line(self) -> str:
         parts = []
-        for p in self.plan.phases:
+        for p in self.plan.stages:
             if p.name in self.started:
                 fraction = train_progress(p.output_dir) if p.kind == "train" else None
                 parts.append(f"{p.name} {fraction:.0%}" if fraction is not None else f"{p.name} running")
         text = (f"[local] {format_seconds(time.time() - self.begin)} elapsed, {len(self.finished)}/"
-                f"{len(self.plan.phases)} phases done; running: {', '.join(parts) or 'none'}")
+                f"{len(self.plan.stages)} stages done; running: {', '.join(parts) or 'none'}")
         if self.reference is not None:
             left = self.remaining()
             text += f"; ETA {format_seconds(left)} (done at {time.strftime('%H:%M:%S', time.localtime(time.time() + left))})"
@@ -186,7 +186,7 @@ class RunProgress:
         def report():
             while not self._stop.wait(self.interval):
                 text = self.line()
-                with self.lock:  # whole lines between the phases' output
+                with self.lock:  # whole lines between the stages' output
                     print(text, file=self.out, flush=True)
         self._thread = threading.Thread(target=report, daemon=True)
         self._thread.start()
@@ -198,18 +198,18 @@ class RunProgress:
 
 def calibrate(run_dir: Path) -> dict:
     """The `local.reference_timing` block for an experiment, from a finished local run on this machine
-    (each phase's last successful wall time in <run_dir>/local/*.log) and this machine's speed probe."""
+    (each stage's last successful wall time in <run_dir>/local/*.log) and this machine's speed probe."""
     import os
 
     from pipeline.evaluation.demo_report import phase_times
 
     seconds, _ = phase_times(run_dir)
     if not seconds:
-        raise SystemExit(f"{run_dir}/local/ holds no finished phase's log")
+        raise SystemExit(f"{run_dir}/local/ holds no finished stage's log")
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").is_file() else "unknown CPU"
     return {"machine": f"{cpu}, {os.cpu_count()} cores",
-            "probe_s": round(speed_probe(), 3), "phases": {name: float(s) for name, s in sorted(seconds.items())}}
+            "probe_s": round(speed_probe(), 3), "stages": {name: float(s) for name, s in sorted(seconds.items())}}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -1,4 +1,4 @@
-"""After a phase's srun ends: requeue the SLURM job when its step was lost to a node failure.
+"""After a stage's srun ends: requeue the SLURM job when its step was lost to a node failure.
 
 SLURM requeues a ``--requeue`` job by itself only once it marks a failed node DOWN
 (SlurmdTimeout, often minutes). A node whose slurmd is back before that leaves srun with a
@@ -84,7 +84,7 @@ def decide(folder: Path, srun_status: int, max_failure_requeues: int, state: str
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("folder", type=Path, help="the phase's submitit log folder")
+    parser.add_argument("folder", type=Path, help="the stage's submitit log folder")
     parser.add_argument("--srun-status", type=int, required=True, help="srun's exit status ($?)")
     parser.add_argument("--max-failure-requeues", type=int, required=True)
     args = parser.parse_args(argv)

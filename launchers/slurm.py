@@ -1,34 +1,34 @@
-"""Submit an experiment's phases to SLURM through submitit: one job per phase, chained with afterok.
+"""Submit an experiment's stages to SLURM through submitit: one job per stage, chained with afterok.
 
     python launchers/slurm.py --config configs/experiments/X.yaml [key=value ...]
-        [--dry-run] [--phases a,b] [--resume-from RUN_DIR]
+        [--dry-run] [--stages a,b] [--resume-from RUN_DIR]
 
-- One SLURM job per phase (submitit's SLURM executor), each waiting for the phases whose
+- One SLURM job per stage (submitit's SLURM executor), each waiting for the stages whose
   outputs it reads with ``--dependency=afterok:<ids> --kill-on-invalid-dep=yes``: when a
-  phase fails, SLURM cancels every phase after it instead of leaving them pending.
+  stage fails, SLURM cancels every stage after it instead of leaving them pending.
 - One task per GPU across all nodes (``--ntasks-per-node = gpus_per_node``); CPU-only
-  phases run one task per node, or ``tasks_per_node`` (CPU test runs). Inside the job
+  stages run one task per node, or ``tasks_per_node`` (CPU test runs). Inside the job
   every task resolves its rank from SLURM and runs the trainer in-process
   (`launchers/job.py`), as ``deepspeed pipeline/train.py --config ... key=value`` would
   (or ``torchrun``, for a run config with ``engine.name: fsdp``: the engine starts its
   process group from the same exported environment).
-- Outputs: ``<run_dir>/<phase>/`` (train: tensorboard/, checkpoints/, export/), data in
-  ``<run_dir>/data/``; logs in ``<run_dir>/slurm/<phase>/<jobid>_<task>_log.{out,err}``;
-  job ids in ``<run_dir>/slurm/jobs.json``. Each phase's inputs are resolved before
+- Outputs: ``<run_dir>/<stage>/`` (train: tensorboard/, checkpoints/, export/), data in
+  ``<run_dir>/data/``; logs in ``<run_dir>/slurm/<stage>/<jobid>_<task>_log.{out,err}``;
+  job ids in ``<run_dir>/slurm/jobs.json``. Each stage's inputs are resolved before
   submission.
 - Preemption / time limit: USR2 ``signal_delay_s`` before the end; the job requeues and
   the trainer resumes from its latest checkpoint (at most ``max_requeues`` time-outs).
 - Node failure: after srun, the batch script requeues the job when its step was lost and no
   rank failed with its own error (at most ``max_failure_requeues`` times; launchers/requeue.py).
 - ``--dry-run`` prints the sbatch scripts and the dependency graph, submits nothing.
-- Memory plan (`launchers/memory.py`, `python -m pipeline.plan`): every train phase on GPUs is
+- Memory plan (`launchers/memory.py`, `python -m pipeline.plan`): every train stage on GPUs is
   planned first (one fake-tensor micro-step of its run config plus the engine's sharded state,
   per GPU of ``resources.gpu_memory_gb``, default 80, or ``--gpu-memory``); ``--dry-run`` prints
-  the plans, and a launch with a phase that does not fit is refused before anything is submitted
+  the plans, and a launch with a stage that does not fit is refused before anything is submitted
   (``--ignore-plan`` submits anyway; ``--no-plan`` skips planning, e.g. to save its minutes).
-- ``--phases transition,distill`` launches a subset: the outputs it reads from the other
-  phases must already be complete in run_dir.
-- ``--resume-from RUN_DIR`` continues an experiment: phases whose outputs are complete
+- ``--stages transition,distill`` launches a subset: the outputs it reads from the other
+  stages must already be complete in run_dir.
+- ``--resume-from RUN_DIR`` continues an experiment: stages whose outputs are complete
   (e.g. ``export/config.json`` present) are skipped; ``--config`` defaults to the
   ``RUN_DIR/experiment.yaml`` saved at the first launch.
 
@@ -58,7 +58,7 @@ from launchers.plan import (  # noqa: E402
     REPO_ROOT,
     LaunchError,
     Plan,
-    PlannedPhase,
+    PlannedStage,
     add_launch_arguments,
     plan_from_args,
     save_experiment,
@@ -67,7 +67,7 @@ from launchers.plan import (  # noqa: E402
 SUBMITIT_COMMAND = "{python} -u -m submitit.core._submit {folder}"
 
 
-def job_env(p: PlannedPhase) -> dict[str, str]:
+def job_env(p: PlannedStage) -> dict[str, str]:
     return {str(k): _env_str(v) for k, v in p.resources.env.items()}
 
 
@@ -77,8 +77,8 @@ def _env_str(value: Any) -> str:
     return str(value)
 
 
-def sbatch_parameters(plan: Plan, p: PlannedPhase, dependency: Optional[str]) -> dict[str, Any]:
-    """submitit SlurmExecutor parameters (sbatch names) of one phase."""
+def sbatch_parameters(plan: Plan, p: PlannedStage, dependency: Optional[str]) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters (sbatch names) of one stage."""
     from submitit.slurm.slurm import _convert_mem
 
     res = p.resources
@@ -95,7 +95,7 @@ def sbatch_parameters(plan: Plan, p: PlannedPhase, dependency: Optional[str]) ->
                 "gpus_per_node": res.gpus_per_node or None,
                 "mem": None if res.mem_gb is None else ("0" if res.mem_gb == 0 else _convert_mem(res.mem_gb))}
     params.update({k: v for k, v in optional.items() if v is not None})
-    # the job unpickles launchers.job.PhaseJob before anything else: the repository must be importable
+    # the job unpickles launchers.job.StageJob before anything else: the repository must be importable
     setup = [f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"]
     setup += [f"export {k}={shlex.quote(v)}" for k, v in job_env(p).items()] + list(res.setup)
     params["setup"] = setup
@@ -112,18 +112,18 @@ def sbatch_parameters(plan: Plan, p: PlannedPhase, dependency: Optional[str]) ->
     return params
 
 
-def log_folder(plan: Plan, p: PlannedPhase) -> Path:
+def log_folder(plan: Plan, p: PlannedStage) -> Path:
     return plan.run_dir / "slurm" / p.name
 
 
-def python_of(p: PlannedPhase) -> str:
+def python_of(p: PlannedStage) -> str:
     return p.resources.python or shlex.quote(sys.executable)
 
 
-def make_job(plan: Plan, p: PlannedPhase):
-    from launchers.job import PhaseJob
+def make_job(plan: Plan, p: PlannedStage):
+    from launchers.job import StageJob
 
-    return PhaseJob(experiment=plan.experiment.name, phase=p.name, kind=p.kind, entry=p.entry, argv=p.argv,
+    return StageJob(experiment=plan.experiment.name, stage=p.name, kind=p.kind, entry=p.entry, argv=p.argv,
                     workdir=os.getcwd(), repo_root=str(REPO_ROOT), env=job_env(p))
 
 
@@ -150,10 +150,10 @@ def cluster_partitions() -> list[str]:
 
 
 def check_partitions(plan: Plan, partitions: list[str]) -> None:
-    bad = sorted({(p.name, part) for p in plan.phases for part in (p.resources.partition or "").split(",")
+    bad = sorted({(p.name, part) for p in plan.stages for part in (p.resources.partition or "").split(",")
                   if part and part not in partitions})
     if bad:
-        lines = [f"phase {name!r}: partition {part!r} does not exist" for name, part in bad]
+        lines = [f"stage {name!r}: partition {part!r} does not exist" for name, part in bad]
         raise LaunchError("; ".join(lines) + f" (partitions of this cluster: {', '.join(partitions) or 'none'})")
 
 
@@ -177,7 +177,7 @@ def previous_jobs(run_dir: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- dry run / submit
 
 def memory_plans(plan: Plan, args) -> list:
-    """The train phases' memory plans (none with --no-plan); progress on stderr."""
+    """The train stages' memory plans (none with --no-plan); progress on stderr."""
     if getattr(args, "no_plan", False):
         return []
     from launchers.memory import plan_memory, progress_to_stderr
@@ -211,13 +211,13 @@ def dry_run(plan: Plan, out=None, memory: Optional[list] = None) -> None:
         print(f"# partitions not checked: {err}", file=out)
     if partitions is not None:
         check_partitions(plan, partitions)
-    for p in plan.phases:
+    for p in plan.stages:
         dependency = ":".join(f"<{u}>" for u in p.upstream)
         params = sbatch_parameters(plan, p, f"afterok:{dependency}" if dependency else None)
         folder = log_folder(plan, p)
         command = SUBMITIT_COMMAND.format(python=python_of(p), folder=shlex.quote(str(folder)))
         text = _make_sbatch_string(command=command, folder=folder, **params)
-        print(f"\n# ===== phase {p.name} ({p.kind}): sbatch script =====", file=out)
+        print(f"\n# ===== stage {p.name} ({p.kind}): sbatch script =====", file=out)
         print(text.rstrip("\n"), file=out)
         print(f"# runs in each task: {p.entry} {' '.join(shlex.quote(a) for a in p.argv)}", file=out)
 
@@ -232,8 +232,8 @@ def submit(plan: Plan, out=None) -> dict[str, dict[str, Any]]:
     if still:
         raise LaunchError(f"jobs {', '.join(still)} of a previous launch into {plan.run_dir} are still queued or "
                           f"running; wait for them or cancel them (scancel {' '.join(still)})")
-    if not plan.phases:
-        print("nothing to launch: every selected phase is complete", file=out)
+    if not plan.stages:
+        print("nothing to launch: every selected stage is complete", file=out)
         return {}
     save_experiment(plan.experiment, plan.run_dir)
     jobs: dict[str, dict[str, Any]] = {}
@@ -241,7 +241,7 @@ def submit(plan: Plan, out=None) -> dict[str, dict[str, Any]]:
         keep = {k: os.environ[k] for k in ("SLURM_CONF",) if k in os.environ}
         with submitit.helpers.clean_env():  # no SLURM_*/RANK/... of a surrounding job leaks into the new ones
             os.environ.update(keep)          # ... but the client configuration stays
-            for p in plan.phases:
+            for p in plan.stages:
                 ids = [jobs[u]["job_id"] for u in p.upstream]
                 dependency = f"afterok:{':'.join(ids)}" if ids else None
                 executor = submitit.SlurmExecutor(folder=log_folder(plan, p),
@@ -275,14 +275,14 @@ def submit(plan: Plan, out=None) -> dict[str, dict[str, Any]]:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Submit an experiment's phases to SLURM (submitit).",
+    parser = argparse.ArgumentParser(description="Submit an experiment's stages to SLURM (submitit).",
                                      epilog="The experiment format is documented in launchers/experiment.py.")
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch scripts and the dependency graph")
     parser.add_argument("--gpu-memory", default=None, metavar="SIZE",
                         help="memory of one GPU for the memory plan, e.g. 80GB (default: resources.gpu_memory_gb, 80)")
-    parser.add_argument("--no-plan", action="store_true", help="do not plan the train phases' GPU memory")
+    parser.add_argument("--no-plan", action="store_true", help="do not plan the train stages' GPU memory")
     parser.add_argument("--ignore-plan", action="store_true",
-                        help="submit even when the memory plan says a phase does not fit")
+                        help="submit even when the memory plan says a stage does not fit")
     add_launch_arguments(parser)
     return parser.parse_intermixed_args(argv)
 

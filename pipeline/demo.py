@@ -2,9 +2,9 @@
 
     python -m pipeline.demo [--run-dir runs/demo] [--config configs/experiments/demo.yaml] [key=value ...]
 
-Runs the demo experiment's phases with the local launcher (data -> standard and LoopLM
+Runs the demo experiment's stages with the local launcher (data -> standard and LoopLM
 pretraining side by side -> MELT transition and distillation on 2 ranks under DeepSpeed
-ZeRO-3 -> evaluation), skipping phases already complete in the run directory (rerun to
+ZeRO-3 -> evaluation), skipping stages already complete in the run directory (rerun to
 continue), then writes <run_dir>/report.md, report.json and plots, and prints the table.
 TensorBoard: `tensorboard --logdir runs/demo`.
 """
@@ -25,7 +25,7 @@ from pipeline.evaluation import demo_report
 
 def run_then_report(argv, prog: str, doc: str, default_config: Path,
                     write_report: Callable[[Path, object], dict]) -> int:
-    """Run an experiment's missing phases locally, then write and print its report."""
+    """Run an experiment's missing stages locally, then write and print its report."""
     parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(default_config), help="the experiment")
     parser.add_argument("--run-dir", default=None, help="default: the experiment's run_dir")
@@ -43,13 +43,13 @@ def run_then_report(argv, prog: str, doc: str, default_config: Path,
         return 2
     tag = prog.rsplit(".", 1)[-1]
     if not args.report_only:
-        print(f"[{tag}] run directory {plan.run_dir}; phases to run: "
-              f"{', '.join(p.name for p in plan.phases) or 'none (all complete)'}", flush=True)
+        print(f"[{tag}] run directory {plan.run_dir}; stages to run: "
+              f"{', '.join(p.name for p in plan.stages) or 'none (all complete)'}", flush=True)
         try:
             if run(plan) != 0:
                 return 1
         except KeyboardInterrupt:
-            print(f"[{tag}] interrupted: the running phases were stopped; rerun to resume", file=sys.stderr)
+            print(f"[{tag}] interrupted: the running stages were stopped; rerun to resume", file=sys.stderr)
             return 130
     report = write_report(plan.run_dir, experiment)
     print(report["markdown"])

@@ -2,8 +2,8 @@
 
     python -m pipeline.reproduce [--run-dir runs/reproduce] [key=value ...]
 
-Runs configs/experiments/reproduce.yaml with the local launcher (independent phases side by side
-on 2 processes), skipping phases already complete (rerun to continue), then writes
+Runs configs/experiments/reproduce.yaml with the local launcher (independent stages side by side
+on 2 processes), skipping stages already complete (rerun to continue), then writes
 <run_dir>/report.md and report.json (MELT vs zero-shot last-loop KV sharing vs the LoopLM per T,
 and the standard transformer) with plots. The README gives the time it takes.
 """

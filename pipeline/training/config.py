@@ -21,6 +21,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+import config_loader
+
 PHASE_NAMES = ("pretrain", "transition", "distill")
 
 
@@ -296,58 +298,15 @@ class RunConfig(Section):
 
 # ----------------------------------------------------------------------------- loading
 
-def _read_yaml(path: Path) -> Any:
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
-    try:
-        return yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-
-
-def deep_merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for key, value in top.items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
-            else value
-    return out
-
-
 # Sections that may be written as their name alone: `engine: fsdp` (YAML) and `engine=fsdp` (command
 # line) mean `engine.name: fsdp`, merged into the section like any other key (the rest of the
 # section, e.g. engine.precision from a _base_ file, stays).
 NAMED_SECTIONS = ("engine",)
 
 
-def expand_named_sections(node: dict) -> dict:
-    return {k: {"name": v} if k in NAMED_SECTIONS and isinstance(v, str) else v for k, v in node.items()}
-
-
-def resolve_includes(node: Any, base_dir: Path, _stack: tuple = ()) -> Any:
-    """Replace every mapping's `_base_: path` by that file's content, merged under the mapping's own keys."""
-    if isinstance(node, list):
-        return [resolve_includes(v, base_dir, _stack) for v in node]
-    if not isinstance(node, dict):
-        return node
-    node = dict(node)
-    base = node.pop("_base_", None)
-    node = expand_named_sections({k: resolve_includes(v, base_dir, _stack) for k, v in node.items()})
-    if base is None:
-        return node
-    path = (base_dir / str(base)).resolve()
-    if path in _stack:
-        raise ConfigError(f"circular _base_ include of {path}")
-    included = resolve_includes(_read_yaml(path), path.parent, _stack + (path,))
-    if not isinstance(included, dict):
-        raise ConfigError(f"_base_ file {path} must hold a mapping")
-    return deep_merge(included, node)
-
-
 def load_yaml_with_includes(path: str | Path) -> Any:
-    path = Path(path).resolve()
-    return resolve_includes(_read_yaml(path), path.parent, (path,))
+    """A YAML file with its `_base_` includes resolved and named sections expanded (ConfigError if not)."""
+    return config_loader.load_yaml_with_includes(path, named_sections=NAMED_SECTIONS, error=ConfigError)
 
 
 def phase_sections(raw: dict) -> dict[str, dict]:
@@ -377,53 +336,17 @@ def select_phase(raw: Any, phase: Optional[str], source: str) -> dict:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    raw = deep_merge({}, raw)
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like dotted.key=value")
-        try:
-            value = yaml.safe_load(text) if text != "" else ""
-        except yaml.YAMLError:
-            value = text
-        if key in NAMED_SECTIONS and isinstance(value, str):
-            key = f"{key}.name"
-        node, parts = raw, key.split(".")
-        for depth, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: config key {'.'.join(parts[:depth + 1])!r} is not a mapping")
-            node = child
-        node[parts[-1]] = value
-    return raw
-
-
-def _format_errors(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        parts = list(e["loc"])
-        if len(parts) > 1 and parts[0] == "phase" and parts[1] in PHASE_NAMES:
-            del parts[1]  # the discriminated union's tag
-        loc = ".".join(str(p) for p in parts)
-        if e["type"] == "extra_forbidden":
-            lines.append(f"config key {loc!r}: unknown key")
-        elif e["type"] == "missing":
-            lines.append(f"config key {loc!r}: required but missing")
-        else:
-            shown = e.get("input")
-            shown = "" if isinstance(shown, dict) else f" (got {shown!r})"
-            msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"config key {loc or '<top>'!r}: {msg}{shown}")
-    return "invalid run config:\n  " + "\n  ".join(lines)
+    """`raw` with the command line's `dotted.key=value` overrides (ConfigError for a malformed one)."""
+    return config_loader.apply_overrides(raw, overrides, named_sections=NAMED_SECTIONS, error=ConfigError)
 
 
 def validate_run_config(raw: dict) -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err)) from None
+        lines = config_loader.format_validation_errors(err, key_label="config key {!r}", tags={"phase": PHASE_NAMES},
+                                                       hidden_inputs=(dict,), bare_model_errors=False)
+        raise ConfigError("invalid run config:\n  " + "\n  ".join(lines)) from None
 
 
 def load_run_config(path: str | Path, overrides: Optional[list[str]] = None,
@@ -432,8 +355,8 @@ def load_run_config(path: str | Path, overrides: Optional[list[str]] = None,
     return validate_run_config(apply_overrides(raw, list(overrides or [])))
 
 
-def load_experiment(path: str | Path) -> dict[str, RunConfig]:
-    """Every phase section of an experiment file, validated."""
+def load_run_configs_by_phase(path: str | Path) -> dict[str, RunConfig]:
+    """Every phase section of a file holding one run config per phase (configs/ouro/*.yaml), validated."""
     raw = load_yaml_with_includes(path)
     sections = phase_sections(raw) if isinstance(raw, dict) else {}
     if not sections:

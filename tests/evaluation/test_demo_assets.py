@@ -37,10 +37,10 @@ def test_the_shipped_models_are_the_demos_pretrained_looplm_and_standard_transfo
 def test_the_demo_starts_from_the_shipped_models_and_the_full_demo_makes_them():
     demo = yaml.safe_load((REPO / "configs" / "experiments" / "demo.yaml").read_text())
     full = yaml.safe_load((REPO / "configs" / "experiments" / "demo-from-scratch.yaml").read_text())
-    assert "pretrain" not in demo["phases"] and {"pretrain", "pretrain_standard"} <= set(full["phases"])
-    assert demo["phases"]["transition"]["overrides"]["model.init_from"] == "assets/demo/looplm"
-    assert demo["phases"]["distill"]["overrides"]["teacher.init_from"] == "assets/demo/looplm"
-    assert "standard=assets/demo/standard" in demo["phases"]["evaluate"]["args"]
+    assert "pretrain" not in demo["stages"] and {"pretrain", "pretrain_standard"} <= set(full["stages"])
+    assert demo["stages"]["transition"]["overrides"]["model.init_from"] == "assets/demo/looplm"
+    assert demo["stages"]["distill"]["overrides"]["teacher.init_from"] == "assets/demo/looplm"
+    assert "standard=assets/demo/standard" in demo["stages"]["evaluate"]["args"]
     # everything after the pretraining is the same in both
     for phase in ("data", "transition", "distill"):
-        assert demo["phases"][phase].get("config") == full["phases"][phase].get("config"), phase
+        assert demo["stages"][phase].get("config") == full["stages"][phase].get("config"), phase

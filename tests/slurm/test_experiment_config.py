@@ -33,7 +33,7 @@ def gpu_experiment(**top) -> dict:
                       "signal_delay_s": 300, "max_requeues": 5,
                       "setup": ["module load cuda/12.4", "source ~/miniforge3/bin/activate melt"],
                       "env": {"NCCL_DEBUG": "WARN"}, "sbatch": {"exclusive": True}},
-        "phases": {
+        "stages": {
             "data": {"kind": "data_prep", "args": ["synthetic", "--train-samples", 100], "resources": {"cpus_per_task": 32}},
             "transition": {"kind": "train", "config": "configs/smoke/transition.yaml",
                            "overrides": {"schedule": {"total_steps": 100}, "optimizer.lr": 1.0e-4},
@@ -51,19 +51,19 @@ def gpu_experiment(**top) -> dict:
 
 def test_smoke_experiment_loads_and_resolves(tmp_path):
     exp = load_experiment(SMOKE, [f"run_dir={tmp_path}"])
-    assert list(exp.phases) == ["data", "pretrain", "transition", "distill", "evaluate"]
+    assert list(exp.stages) == ["data", "pretrain", "transition", "distill", "evaluate"]
     assert exp.resources_of("pretrain").ntasks_per_node == 2
     assert exp.resources_of("data").ntasks_per_node == 1 and exp.resources_of("evaluate").ntasks_per_node == 1
     assert exp.upstream_of("distill") == ["data", "pretrain", "transition"]
     assert exp.upstream_of("evaluate") == ["data", "pretrain", "distill"]
     plan = build_plan(exp, strict=False)
-    transition = plan.phase("transition")
+    transition = plan.stage("transition")
     assert transition.entry == "pipeline.train"
     assert transition.argv == ["--config", str(REPO / "configs/smoke/transition.yaml"),
                                f"data.path={tmp_path}/data/train", f"model.init_from={tmp_path}/pretrain/export",
                                f"run_dir={tmp_path}/transition"]
-    assert plan.phase("data").argv[-2:] == ["--out", str(tmp_path / "data")]
-    evaluate = plan.phase("evaluate").argv
+    assert plan.stage("data").argv[-2:] == ["--out", str(tmp_path / "data")]
+    evaluate = plan.stage("evaluate").argv
     assert evaluate[:4] == ["--model", f"looplm={tmp_path}/pretrain/export", "--model", f"melt={tmp_path}/distill/export"]
     assert evaluate[-2:] == ["--out", str(tmp_path / "evaluate" / "results.json")]
 
@@ -72,16 +72,29 @@ def test_unknown_keys_are_errors_naming_the_key():
     for raw, key in [
         ({**gpu_experiment(), "partitoin": "x"}, "partitoin"),
         (gpu_experiment(resources={"nodez": 2}), "resources.nodez"),
-        ({**gpu_experiment(), "phases": {"data": {"kind": "data_prep", "argz": []}}}, "phases.data.argz"),
+        ({**gpu_experiment(), "stages": {"data": {"kind": "data_prep", "argz": []}}}, "stages.data.argz"),
     ]:
         with pytest.raises(ExperimentError, match=rf"{key}: unknown key"):
             experiment_from_dict(raw)
     raw = gpu_experiment()
-    raw["phases"]["transition"]["resources"] = {"gpus_per_nod": 4}
-    with pytest.raises(ExperimentError, match=r"phases.transition.resources.gpus_per_nod: unknown key"):
+    raw["stages"]["transition"]["resources"] = {"gpus_per_nod": 4}
+    with pytest.raises(ExperimentError, match=r"stages.transition.resources.gpus_per_nod: unknown key"):
         experiment_from_dict(raw)
-    with pytest.raises(ExperimentError, match=r"phases.transition.kind"):
-        experiment_from_dict({**gpu_experiment(), "phases": {"transition": {"kind": "trian", "config": "x"}}})
+    with pytest.raises(ExperimentError, match=r"stages.transition.kind"):
+        experiment_from_dict({**gpu_experiment(), "stages": {"transition": {"kind": "trian", "config": "x"}}})
+
+
+def test_the_old_phases_key_is_refused_naming_stages(tmp_path):
+    raw = gpu_experiment()
+    raw["phases"] = raw.pop("stages")
+    with pytest.raises(ExperimentError, match="the top-level key `phases` is now `stages`"):
+        experiment_from_dict(raw)
+    with pytest.raises(ExperimentError, match="the top-level key `phases` is now `stages`"):
+        experiment_from_dict(gpu_experiment(), ["phases.distill.resources.nodes=3"])
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ExperimentError, match=f"{path}: the top-level key `phases` is now `stages`"):
+        load_experiment(path)
 
 
 def test_signal_delay_below_120_needs_the_test_override():
@@ -94,25 +107,25 @@ def test_signal_delay_below_120_needs_the_test_override():
         experiment_from_dict(gpu_experiment(), ["resources.time=2"])
 
 
-def test_inputs_must_come_from_earlier_phases():
+def test_inputs_must_come_from_earlier_stages():
     raw = gpu_experiment()
-    raw["phases"]["transition"]["inputs"]["model.init_from"] = "pretrain/export"
-    with pytest.raises(ExperimentError, match=r"phases.transition.inputs.model.init_from: 'pretrain/export' names no "
-                                              r"phase"):
+    raw["stages"]["transition"]["inputs"]["model.init_from"] = "pretrain/export"
+    with pytest.raises(ExperimentError, match=r"stages.transition.inputs.model.init_from: 'pretrain/export' names no "
+                                              r"stage"):
         experiment_from_dict(raw)
     raw = gpu_experiment()
-    raw["phases"]["transition"]["inputs"]["model.init_from"] = "distill/export"
+    raw["stages"]["transition"]["inputs"]["model.init_from"] = "distill/export"
     with pytest.raises(ExperimentError, match="which does not run before 'transition'"):
         experiment_from_dict(raw)
     raw = gpu_experiment()
-    raw["phases"]["evaluate"]["args"] = ["--model", "melt={distil/export}"]
-    with pytest.raises(ExperimentError, match=r"phases.evaluate.args\[1\]: 'distil/export' names no phase"):
+    raw["stages"]["evaluate"]["args"] = ["--model", "melt={distil/export}"]
+    with pytest.raises(ExperimentError, match=r"stages.evaluate.args\[1\]: 'distil/export' names no stage"):
         experiment_from_dict(raw)
 
 
 def test_gpu_resources_one_task_per_gpu_and_overrides():
-    exp = experiment_from_dict(gpu_experiment(), ["phases.distill.resources.nodes=3",
-                                                  "phases.transition.overrides.schedule.warmup_steps=10",
+    exp = experiment_from_dict(gpu_experiment(), ["stages.distill.resources.nodes=3",
+                                                  "stages.transition.overrides.schedule.warmup_steps=10",
                                                   "resources.env.OMP_NUM_THREADS=8"])
     tr, di, ev, data = (exp.resources_of(n) for n in ("transition", "distill", "evaluate", "data"))
     assert (tr.nodes, tr.ntasks_per_node, tr.num_tasks, tr.time) == (4, 8, 32, 2880)
@@ -121,12 +134,12 @@ def test_gpu_resources_one_task_per_gpu_and_overrides():
     assert (data.nodes, data.gpus_per_node, data.ntasks_per_node, data.cpus_per_task) == (1, 0, 1, 32)
     assert tr.env == {"NCCL_DEBUG": "WARN", "OMP_NUM_THREADS": 8}
     plan = build_plan(exp, run_dir=Path("/scratch/run"), strict=False)
-    argv = plan.phase("transition").argv
+    argv = plan.stage("transition").argv
     assert "schedule.total_steps=100" in argv and "schedule.warmup_steps=10" in argv and "optimizer.lr=0.0001" in argv
     with pytest.raises(ExperimentError, match="one task per GPU"):
-        experiment_from_dict(gpu_experiment(), ["phases.transition.resources.tasks_per_node=2"])
+        experiment_from_dict(gpu_experiment(), ["stages.transition.resources.tasks_per_node=2"])
     with pytest.raises(ExperimentError, match="runs one task on one node"):
-        experiment_from_dict(gpu_experiment(), ["phases.data.resources.nodes=2"])
+        experiment_from_dict(gpu_experiment(), ["stages.data.resources.nodes=2"])
 
 
 def test_time_limits():
@@ -141,11 +154,11 @@ def test_time_limits():
 
 
 def test_override_syntax():
-    raw = apply_overrides({"phases": {"a": {"overrides": {"x.y": 1}}}}, ["phases.a.overrides.x.y=2", "run_dir=/r"])
-    assert raw == {"phases": {"a": {"overrides": {"x.y": 1, "x": {"y": 2}}}}, "run_dir": "/r"}
-    exp = experiment_from_dict(gpu_experiment(), ["phases.transition.overrides.optimizer.lr=0.5",
-                                                  "phases.transition.inputs.model.init_from=data/model"])
-    argv = build_plan(exp, run_dir=Path("/r"), strict=False).phase("transition").argv
+    raw = apply_overrides({"stages": {"a": {"overrides": {"x.y": 1}}}}, ["stages.a.overrides.x.y=2", "run_dir=/r"])
+    assert raw == {"stages": {"a": {"overrides": {"x.y": 1, "x": {"y": 2}}}}, "run_dir": "/r"}
+    exp = experiment_from_dict(gpu_experiment(), ["stages.transition.overrides.optimizer.lr=0.5",
+                                                  "stages.transition.inputs.model.init_from=data/model"])
+    argv = build_plan(exp, run_dir=Path("/r"), strict=False).stage("transition").argv
     assert "optimizer.lr=0.5" in argv and "optimizer.lr=0.0001" not in argv
     assert "model.init_from=/r/data/model" in argv
     with pytest.raises(ExperimentError, match="must look like dotted.key=value"):
@@ -157,29 +170,29 @@ def _touch(path: Path, text: str = "{}") -> None:
     path.write_text(text)
 
 
-def test_phase_subset_needs_complete_inputs_on_disk(tmp_path):
+def test_stage_subset_needs_complete_inputs_on_disk(tmp_path):
     exp = experiment_from_dict(gpu_experiment(run_dir=str(tmp_path)))
     with pytest.raises(LaunchError) as err:
         build_plan(exp, select=["distill"], strict=False)
     message = str(err.value)
-    assert "phase 'distill', inputs.model.init_from = transition/export: phase 'transition' is not launched" in message
-    assert "inputs.data.path = data/train: phase 'data'" in message
+    assert "stage 'distill', inputs.model.init_from = transition/export: stage 'transition' is not launched" in message
+    assert "inputs.data.path = data/train: stage 'data'" in message
     _touch(tmp_path / "data/train/manifest.json")
     _touch(tmp_path / "data/train/index.json")
     _touch(tmp_path / "transition/export/config.json")
     _touch(tmp_path / "data/eval/manifest.json")
     plan = build_plan(exp, select=["distill", "evaluate"], strict=False)
-    assert [p.name for p in plan.phases] == ["distill", "evaluate"]
-    assert plan.phase("distill").upstream == [] and plan.phase("evaluate").upstream == ["distill"]
-    assert plan.skipped == {"data": "not selected by --phases", "transition": "not selected by --phases"}
-    # the evaluate phase reads data/eval, which is not there
+    assert [p.name for p in plan.stages] == ["distill", "evaluate"]
+    assert plan.stage("distill").upstream == [] and plan.stage("evaluate").upstream == ["distill"]
+    assert plan.skipped == {"data": "not selected by --stages", "transition": "not selected by --stages"}
+    # the evaluate stage reads data/eval, which is not there
     (tmp_path / "data/eval/manifest.json").unlink()
     (tmp_path / "data/eval").rmdir()
-    with pytest.raises(LaunchError, match=r"phase 'evaluate', args\[3\] = data/eval"):
+    with pytest.raises(LaunchError, match=r"stage 'evaluate', args\[3\] = data/eval"):
         build_plan(exp, select=["evaluate"], strict=False)
 
 
-def test_resume_skips_complete_phases(tmp_path):
+def test_resume_skips_complete_stages(tmp_path):
     exp = experiment_from_dict(gpu_experiment(run_dir=str(tmp_path)))
     _touch(tmp_path / "data/train/index.json")
     assert not is_complete(exp, tmp_path, "data")          # an index without its manifest: interrupted
@@ -189,7 +202,7 @@ def test_resume_skips_complete_phases(tmp_path):
     _touch(tmp_path / "transition/export/config.json")
     assert is_complete(exp, tmp_path, "data") and is_complete(exp, tmp_path, "transition")
     plan = build_plan(exp, resume=True, strict=False)
-    assert [p.name for p in plan.phases] == ["distill", "evaluate"]
+    assert [p.name for p in plan.stages] == ["distill", "evaluate"]
     assert plan.skipped["transition"] == "complete (--resume-from)"
 
 
@@ -216,12 +229,12 @@ def test_dry_run_prints_sbatch_dependencies_and_resources(tmp_path, monkeypatch,
 def test_smoke_dry_run_from_the_command_line(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("SLURM_CONF", raising=False)
     monkeypatch.chdir(REPO)
-    assert slurm.main(["--config", str(SMOKE), "--dry-run", f"run_dir={tmp_path}", "--phases", "data,pretrain"]) == 0
+    assert slurm.main(["--config", str(SMOKE), "--dry-run", f"run_dir={tmp_path}", "--stages", "data,pretrain"]) == 0
     captured = capsys.readouterr()
     assert "#SBATCH --dependency=afterok:<data>" in captured.out.replace("'", "")
     assert "#SBATCH --ntasks-per-node=2" in captured.out and "export DS_ACCELERATOR=cpu" in captured.out
     assert "signal_delay_s < 120" in captured.err
-    assert local.main(["--config", str(SMOKE), "--dry-run", f"run_dir={tmp_path}", "--phases", "data,pretrain"]) == 0
+    assert local.main(["--config", str(SMOKE), "--dry-run", f"run_dir={tmp_path}", "--stages", "data,pretrain"]) == 0
     out = capsys.readouterr().out
     assert "deepspeed.launcher.runner --num_gpus 2" in out and "pipeline/train.py" in out and "-m data_prep synthetic" in out
 
@@ -229,7 +242,7 @@ def test_smoke_dry_run_from_the_command_line(tmp_path, capsys, monkeypatch):
 def test_submit_without_sbatch_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
     monkeypatch.chdir(REPO)
-    assert slurm.main(["--config", str(SMOKE), f"run_dir={tmp_path / 'run'}", "--phases", "data"]) == 2
+    assert slurm.main(["--config", str(SMOKE), f"run_dir={tmp_path / 'run'}", "--stages", "data"]) == 2
     assert "sbatch not found on PATH" in capsys.readouterr().err
 
 
@@ -240,7 +253,7 @@ def test_resume_from_reloads_the_saved_experiment(tmp_path, monkeypatch, capsys)
     exp = load_experiment(SMOKE, [f"run_dir={tmp_path}"])
     save_experiment(exp, tmp_path)
     saved = yaml.safe_load((tmp_path / "experiment.yaml").read_text())
-    assert saved["phases"]["pretrain"]["config"] == str(REPO / "configs/smoke/pretrain.yaml")
+    assert saved["stages"]["pretrain"]["config"] == str(REPO / "configs/smoke/pretrain.yaml")
     monkeypatch.chdir(tmp_path)  # absolute paths: works from anywhere
     assert local.main(["--resume-from", str(tmp_path), "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -255,14 +268,14 @@ def test_resume_from_reloads_the_saved_experiment(tmp_path, monkeypatch, capsys)
 def test_ouro_experiments_plan_the_whole_chain(size, nodes, tmp_path):
     exp = load_experiment(REPO / "configs" / "experiments" / f"ouro-{size}-melt.yaml", [f"run_dir={tmp_path}"])
     plan = build_plan(exp, base=REPO, strict=False)
-    graph = {p.name: p.upstream for p in plan.phases}
+    graph = {p.name: p.upstream for p in plan.stages}
     assert graph == {"data": [], "data_eval": [], "transition": ["data"], "distill": ["data", "transition"],
                      "evaluate": ["data_eval", "distill"]}
-    transition = plan.phase("transition")
+    transition = plan.stage("transition")
     assert transition.resources.gpus_per_node == 8 and transition.resources.nodes == nodes
     assert transition.argv[:4] == ["--config", str(REPO / "configs" / "ouro" / f"{size}.yaml"), "--phase",
                                    "transition"]
-    assert f"model.init_from={tmp_path / 'transition' / 'export'}" in plan.phase("distill").argv
+    assert f"model.init_from={tmp_path / 'transition' / 'export'}" in plan.stage("distill").argv
     assert exp.resources.signal_delay_s >= 120
 
 
@@ -270,7 +283,7 @@ def test_ouro_experiments_plan_the_whole_chain(size, nodes, tmp_path):
 def test_ouro_experiments_evaluate_all_three_contenders(name, tmp_path):
     """Every real run reports MELT, Ouro and Ouro with the last loop's KV only (zero-shot), on the same base."""
     exp = load_experiment(REPO / "configs" / "experiments" / f"{name}.yaml", [f"run_dir={tmp_path}"])
-    argv = build_plan(exp, base=REPO, strict=False).phase("evaluate").argv
+    argv = build_plan(exp, base=REPO, strict=False).stage("evaluate").argv
     models = dict(argv[i + 1].split("=", 1) for i, arg in enumerate(argv) if arg == "--model")
     assert set(models) == {"melt", "looplm", "looplm_lastkv"}, argv
     assert models["looplm"] == models["looplm_lastkv"] and models["looplm"].startswith("ByteDance/Ouro-")
@@ -280,14 +293,14 @@ def test_ouro_experiments_evaluate_all_three_contenders(name, tmp_path):
 @pytest.mark.parametrize("name", ["smoke", "demo", "demo-from-scratch", "reproduce", "ouro-1.4b-melt", "ouro-2.6b-melt",
                                   "ouro-1.4b-thinking-paper"])
 def test_local_experiments_plan_and_their_run_configs_validate(name, tmp_path):
-    """What `make demo` / `make reproduce` would launch: every train phase's run config, with the
+    """What `make demo` / `make reproduce` would launch: every train stage's run config, with the
     experiment's overrides and inputs, is a valid RunConfig (a typo fails here, not 30 minutes in)."""
     from pipeline.train import parse_args
     from pipeline.training.config import load_run_config
 
     exp = load_experiment(REPO / "configs" / "experiments" / f"{name}.yaml", [f"run_dir={tmp_path}"])
     plan = build_plan(exp, base=REPO, strict=False)
-    trains = [p for p in plan.phases if p.kind == "train"]
+    trains = [p for p in plan.stages if p.kind == "train"]
     assert trains
     configs = {}
     for p in trains:
@@ -297,7 +310,7 @@ def test_local_experiments_plan_and_their_run_configs_validate(name, tmp_path):
     if name == "ouro-1.4b-thinking-paper":  # the paper's recipe, as reported
         transition, distill = configs["transition"], configs["distill"]
         assert transition.model.init_from == distill.teacher.init_from == "ByteDance/Ouro-1.4B-Thinking"
-        assert "--seq-len 10240" in " ".join(plan.phase("data").argv)
+        assert "--seq-len 10240" in " ".join(plan.stage("data").argv)
         for cfg, steps in ((transition, 500), (distill, 300)):
             assert cfg.phase.chunk_size == 500 and cfg.schedule.total_steps == steps
             assert cfg.data.global_batch_size * 10240 == 327_680  # ~320k tokens per step
@@ -305,5 +318,5 @@ def test_local_experiments_plan_and_their_run_configs_validate(name, tmp_path):
     if name == "reproduce":
         assert {n: c.model.config["total_ut_steps"] for n, c in configs.items() if n.startswith("pretrain")} == \
             {"pretrain_standard": 1, "pretrain_t2": 2, "pretrain_t4": 4, "pretrain_t8": 8}
-        assert {p.name for p in plan.phases if p.kind == "evaluate"} == \
+        assert {p.name for p in plan.stages if p.kind == "evaluate"} == \
             {"evaluate_standard", "evaluate_t2", "evaluate_t4", "evaluate_t8"}

@@ -1,5 +1,5 @@
-"""launchers/local.py with `local.max_tasks` > 1: independent phases side by side, dependents after
-their inputs, a failure stopping what has not started (real processes: tests/slurm/toy_phase.py)."""
+"""launchers/local.py with `local.max_tasks` > 1: independent stages side by side, dependents after
+their inputs, a failure stopping what has not started (real processes: tests/slurm/toy_stage.py)."""
 
 from __future__ import annotations
 
@@ -14,21 +14,21 @@ import pytest
 from .test_slurm_launcher import REPO, events, launch, toy, toy_experiment, wait_for
 
 
-def _span(run_dir: Path, phase: str) -> tuple[float, float]:
-    rank0 = events(run_dir / phase, 0)
+def _span(run_dir: Path, stage: str) -> tuple[float, float]:
+    rank0 = events(run_dir / stage, 0)
     return rank0[0]["time"], rank0[-1]["time"]
 
 
-def _launch_side_by_side(tmp_path: Path, phases: dict):
-    for phase in phases.values():
-        phase["resources"] = {"tasks_per_node": 1}
-    return launch("--config", toy_experiment(tmp_path, phases), "local.max_tasks=2", launcher="local.py")
+def _launch_side_by_side(tmp_path: Path, stages: dict):
+    for stage in stages.values():
+        stage["resources"] = {"tasks_per_node": 1}
+    return launch("--config", toy_experiment(tmp_path, stages), "local.max_tasks=2", launcher="local.py")
 
 
-def test_independent_phases_run_side_by_side(tmp_path):
-    phases = {"a": toy(steps=6, sleep=0.5), "b": toy(steps=6, sleep=0.5),
+def test_independent_stages_run_side_by_side(tmp_path):
+    stages = {"a": toy(steps=6, sleep=0.5), "b": toy(steps=6, sleep=0.5),
               "c": toy(steps=1, sleep=0, input="{a/export}", other="{b/export}")}
-    out = _launch_side_by_side(tmp_path, phases)
+    out = _launch_side_by_side(tmp_path, stages)
     assert out.returncode == 0, out.stdout + out.stderr
     run = tmp_path / "run"
     (a0, a1), (b0, b1), (c0, _) = (_span(run, n) for n in "abc")
@@ -41,12 +41,12 @@ def test_independent_phases_run_side_by_side(tmp_path):
         assert "exit 0 after" in (run / "local" / f"{n}.log").read_text()
 
 
-def test_a_failure_starts_nothing_more_and_lets_running_phases_finish(tmp_path):
-    phases = {"a": toy(steps=1, sleep=0, fail="true"), "b": toy(steps=6, sleep=0.5),
+def test_a_failure_starts_nothing_more_and_lets_running_stages_finish(tmp_path):
+    stages = {"a": toy(steps=1, sleep=0, fail="true"), "b": toy(steps=6, sleep=0.5),
               "c": toy(steps=1, sleep=0, input="{a/export}"), "d": toy(steps=1, sleep=0, input="{b/export}")}
-    out = _launch_side_by_side(tmp_path, phases)
+    out = _launch_side_by_side(tmp_path, stages)
     assert out.returncode == 1
-    assert "phase a failed (exit " in out.stderr and "not started: c, d" in out.stderr, out.stderr
+    assert "stage a failed (exit " in out.stderr and "not started: c, d" in out.stderr, out.stderr
     run = tmp_path / "run"
     assert json.loads((run / "b" / "export" / "config.json").read_text())["steps"] == 6   # b finished
     assert not (run / "c").exists() and not (run / "d").exists()
@@ -61,21 +61,21 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_an_interrupt_stops_every_running_phase(tmp_path, signum):
-    phases = {"a": toy(steps=200, sleep=0.5), "b": toy(steps=200, sleep=0.5)}
-    for phase in phases.values():
-        phase["resources"] = {"tasks_per_node": 1}
-    cfg = toy_experiment(tmp_path, phases)
+def test_an_interrupt_stops_every_running_stage(tmp_path, signum):
+    stages = {"a": toy(steps=200, sleep=0.5), "b": toy(steps=200, sleep=0.5)}
+    for stage in stages.values():
+        stage["resources"] = {"tasks_per_node": 1}
+    cfg = toy_experiment(tmp_path, stages)
     # SIGINT back to its default: a shell ignores it in background jobs, and Python then keeps it ignored
     launcher = subprocess.Popen([sys.executable, str(REPO / "launchers" / "local.py"), "--config", str(cfg),
                                  "local.max_tasks=2"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     run = tmp_path / "run"
-    starts = [run / n / "events" / "rank0.jsonl" for n in phases]
-    wait_for(lambda: all(p.is_file() for p in starts), 120, "both phases to start")
-    pids = [events(run / n, 0)[0]["pid"] for n in phases]
+    starts = [run / n / "events" / "rank0.jsonl" for n in stages]
+    wait_for(lambda: all(p.is_file() for p in starts), 120, "both stages to start")
+    pids = [events(run / n, 0)[0]["pid"] for n in stages]
     launcher.send_signal(signum)
     _, err = launcher.communicate(timeout=60)
-    assert launcher.returncode == 130 and "interrupted: the running phases were stopped" in err, err
-    wait_for(lambda: not any(_alive(pid) for pid in pids), 30, "the phases' processes to stop")
+    assert launcher.returncode == 130 and "interrupted: the running stages were stopped" in err, err
+    wait_for(lambda: not any(_alive(pid) for pid in pids), 30, "the stages' processes to stop")
     assert not (run / "a" / "export").exists() and not (run / "b" / "export").exists()

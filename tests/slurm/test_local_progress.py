@@ -1,5 +1,5 @@
 """launchers/progress.py: the expected time of a local run and its running ETA (the schedule the
-local launcher follows, train phases' progress), and the launcher printing both for a real run."""
+local launcher follows, train stages' progress), and the launcher printing both for a real run."""
 
 from __future__ import annotations
 
@@ -28,12 +28,12 @@ def demo_tasks(**running) -> list[Task]:
 def test_the_schedule_is_the_launchers():
     # side by side on 2 processes: the standard transformer hides behind the LoopLM
     assert schedule_seconds(demo_tasks(), max_tasks=2) == 10 + 100 + 30 + 35 + 5
-    # one process at a time: every phase in turn
+    # one process at a time: every stage in turn
     assert schedule_seconds(demo_tasks(), max_tasks=1) == sum(SECONDS.values())
     # mid-run: data done, the LoopLM has 20 s left and the standard 60 s (it holds a process until then)
     left = [t for t in demo_tasks(pretrain=20, pretrain_standard=60) if t.name != "data"]
     assert schedule_seconds(left, max_tasks=2, done={"data"}) == 60 + 30 + 35 + 5
-    # an upstream phase neither done nor in the run: nothing after it can be scheduled
+    # an upstream stage neither done nor in the run: nothing after it can be scheduled
     assert schedule_seconds([Task("b", 5, 1, ["a"])], max_tasks=1) == 0
 
 
@@ -45,26 +45,26 @@ def test_train_progress_reads_steps_against_the_schedule(tmp_path):
 
 
 def _plan(tmp_path, reference):
-    phases = [SimpleNamespace(name=n, kind="train", upstream=up, output_dir=tmp_path / n, procs=procs)
+    stages = [SimpleNamespace(name=n, kind="train", upstream=up, output_dir=tmp_path / n, procs=procs)
               for n, procs, up in DEMO]
     local = SimpleNamespace(reference_timing=reference, max_tasks=2)
-    return SimpleNamespace(phases=phases, experiment=SimpleNamespace(local=local))
+    return SimpleNamespace(stages=stages, experiment=SimpleNamespace(local=local))
 
 
 def test_expected_time_scales_the_reference_by_the_speed_probe_then_follows_progress(tmp_path):
-    reference = SimpleNamespace(probe_s=0.5, phases=SECONDS, machine="ref")
+    reference = SimpleNamespace(probe_s=0.5, stages=SECONDS, machine="ref")
     out = StringIO()
     progress = RunProgress(_plan(tmp_path, reference), lambda plan, p: p.procs, out, threading.Lock(),
                            probe=lambda: 1.5)  # this machine: 3x slower than the reference
     assert "expected time: 9m00s (the reference machine took 3m00s" in out.getvalue()
     assert progress.remaining() == pytest.approx(3 * 180, rel=1e-3)
     # data took 20 s (2x its reference): the observed scale replaces the probe's
-    progress.phase_started("data")
+    progress.stage_started("data")
     progress.started["data"] -= 20
-    progress.phase_finished("data")
+    progress.stage_finished("data")
     assert progress.remaining() == pytest.approx(2 * (180 - 10), rel=1e-3)
     # the LoopLM's rate once it runs: 25% -> 50% of its steps in 30 s: 60 s left
-    progress.phase_started("pretrain")
+    progress.stage_started("pretrain")
     run = tmp_path / "pretrain"
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump({"schedule": {"total_steps": 100}}))
@@ -84,12 +84,12 @@ def test_the_speed_probe_measures_seconds():
 
 
 def test_the_local_launcher_prints_the_expected_time_and_an_eta(tmp_path):
-    phases = {"a": toy(steps=12, sleep=0.25)}
-    phases["a"]["resources"] = {"tasks_per_node": 1}
-    cfg = toy_experiment(tmp_path, phases)
+    stages = {"a": toy(steps=12, sleep=0.25)}
+    stages["a"]["resources"] = {"tasks_per_node": 1}
+    cfg = toy_experiment(tmp_path, stages)
     raw = yaml.safe_load(cfg.read_text())
     raw["local"].update(progress_every_s=0.5, reference_timing={"machine": "test", "probe_s": 1.0,
-                                                                "phases": {"a": 9.0}})
+                                                                "stages": {"a": 9.0}})
     cfg.write_text(yaml.safe_dump(raw))
     out = launch("--config", cfg, launcher="local.py")
     assert out.returncode == 0, out.stdout + out.stderr
@@ -98,8 +98,8 @@ def test_the_local_launcher_prints_the_expected_time_and_an_eta(tmp_path):
     assert etas and int(etas[-1]) > 0, out.stdout  # a's progress read from its metrics against its steps
 
 
-def test_reference_timing_must_name_phases(tmp_path):
+def test_reference_timing_must_name_stages(tmp_path):
     cfg = toy_experiment(tmp_path, {"a": toy()})
-    out = launch("--config", cfg, "local.reference_timing={probe_s: 1, phases: {z: 3}}", "--dry-run",
+    out = launch("--config", cfg, "local.reference_timing={probe_s: 1, stages: {z: 3}}", "--dry-run",
                  launcher="local.py")
-    assert out.returncode == 2 and "local.reference_timing.phases: 'z' name no phase" in out.stderr, out.stderr
+    assert out.returncode == 2 and "local.reference_timing.stages: 'z' name no stage" in out.stderr, out.stderr

@@ -35,8 +35,8 @@ def launch(cluster, *args: str, timeout: float = 300, check: bool = True) -> sub
     return out
 
 
-def test_toy_phase_runs_one_rank_per_node(two_node_cluster, tmp_path):
-    """toy_phase.py (2-rank gloo training) with nodes=2, tasks_per_node=1: rank 0 on mn1, rank 1 on mn2."""
+def test_toy_stage_runs_one_rank_per_node(two_node_cluster, tmp_path):
+    """toy_stage.py (2-rank gloo training) with nodes=2, tasks_per_node=1: rank 0 on mn1, rank 1 on mn2."""
     cluster = two_node_cluster
     cfg = toy_experiment(tmp_path, {"a": toy(steps=3, sleep=0)}, name="two-nodes")
     exp = yaml.safe_load(cfg.read_text())
@@ -69,7 +69,7 @@ def test_toy_phase_runs_one_rank_per_node(two_node_cluster, tmp_path):
 
 @pytest.fixture(scope="module")
 def two_node_smoke(two_node_cluster, tmp_path_factory):
-    """The whole smoke experiment, every training phase on both nodes (one rank per node)."""
+    """The whole smoke experiment, every training stage on both nodes (one rank per node)."""
     run_dir = tmp_path_factory.mktemp("smoke2n") / "run"
     launch(two_node_cluster, "--config", SMOKE, f"run_dir={run_dir}", "resources.nodes=2",
            "resources.tasks_per_node=1", "resources.mem_gb=1")
@@ -112,18 +112,18 @@ def test_smoke_experiment_across_two_nodes(two_node_cluster, two_node_smoke):
     assert json.loads((run_dir / "evaluate" / "results.json").read_text())
 
 
-def test_fsdp_phase_across_two_nodes(two_node_cluster, two_node_smoke, tmp_path):
+def test_fsdp_stage_across_two_nodes(two_node_cluster, two_node_smoke, tmp_path):
     """The FSDP2 engine under SLURM across both nodes (srun tasks, no torchrun): the smoke transition
     from the smoke LoopLM, one rank per node, its TensorBoard loss, an export that loads as MELT."""
     from pipeline.models import MeltForCausalLM
 
     smoke_dir, jobs, final = two_node_smoke
     assert final[jobs["pretrain"]["job_id"]]["JobState"] == "COMPLETED"
-    phase = {"kind": "train", "config": str(REPO / "configs/smoke/fsdp/transition.yaml"),
+    stage = {"kind": "train", "config": str(REPO / "configs/smoke/fsdp/transition.yaml"),
              "overrides": {"data.path": str(smoke_dir / "data" / "train"),
                            "model.init_from": str(smoke_dir / "pretrain" / "export")}}
     exp = yaml.safe_load(SMOKE.read_text())
-    exp.update(name="fsdp-two-nodes", run_dir=str(tmp_path / "run"), phases={"transition": phase})
+    exp.update(name="fsdp-two-nodes", run_dir=str(tmp_path / "run"), stages={"transition": stage})
     exp["resources"].update(nodes=2, tasks_per_node=1, mem_gb=1)
     cfg = tmp_path / "exp.yaml"
     cfg.write_text(yaml.safe_dump(exp, sort_keys=False))
@@ -134,22 +134,22 @@ def test_fsdp_phase_across_two_nodes(two_node_cluster, two_node_smoke, tmp_path)
     assert done["NodeList"] == "mn[1-2]", done
     for task, host in ((0, "mn1"), (1, "mn2")):
         assert launcher_line(job, task) == (str(task), "2", "0", "1", "mn1", host), task
-    phase_dir = tmp_path / "run" / "transition"
-    assert tensorboard_scalars(phase_dir / "tensorboard").get("train/loss")
+    stage_dir = tmp_path / "run" / "transition"
+    assert tensorboard_scalars(stage_dir / "tensorboard").get("train/loss")
     log = Path(job["stdout"]).read_text() + Path(job["stderr"]).read_text()
     assert "fsdp" in log.lower(), log[-2000:]
-    melt = MeltForCausalLM.from_pretrained(phase_dir / "export")
+    melt = MeltForCausalLM.from_pretrained(stage_dir / "export")
     assert melt.config.model_type == "melt" and melt.config.alpha == 1.0
 
 
-def rerun_smoke_phase(tmp_path: Path, smoke_dir: Path, name: str, env: dict[str, str],
+def rerun_smoke_stage(tmp_path: Path, smoke_dir: Path, name: str, env: dict[str, str],
                       then: Optional[dict] = None) -> Path:
-    """An experiment of one smoke phase, its inputs from the `two_node_smoke` run, on both nodes (and the
-    phases `then`, after it)."""
+    """An experiment of one smoke stage, its inputs from the `two_node_smoke` run, on both nodes (and the
+    stages `then`, after it)."""
     exp = yaml.safe_load(SMOKE.read_text())
-    inputs = exp["phases"][name].pop("inputs")
-    phase = dict(exp["phases"][name], overrides={key: str(smoke_dir / path) for key, path in inputs.items()})
-    exp.update(name=f"rerun-{name}", run_dir=str(tmp_path / "run"), phases={name: phase, **(then or {})})
+    inputs = exp["stages"][name].pop("inputs")
+    stage = dict(exp["stages"][name], overrides={key: str(smoke_dir / path) for key, path in inputs.items()})
+    exp.update(name=f"rerun-{name}", run_dir=str(tmp_path / "run"), stages={name: stage, **(then or {})})
     exp["resources"].update(nodes=2, tasks_per_node=1, mem_gb=1)
     exp["resources"]["env"].update(env)
     cfg = tmp_path / "exp.yaml"
@@ -165,12 +165,12 @@ def wait_for_file(path: Path, cluster, job: dict, timeout: float = 300) -> None:
         time.sleep(0.2)
 
 
-def train_losses(phase_dir: Path) -> dict[int, float]:
+def train_losses(stage_dir: Path) -> dict[int, float]:
     """Step -> loss from TensorBoard (a rerun's records of a step replace the earlier attempt's)."""
-    return {s.step: s.value for s in tensorboard_scalars(phase_dir / "tensorboard")["train/loss"]}
+    return {s.step: s.value for s in tensorboard_scalars(stage_dir / "tensorboard")["train/loss"]}
 
 
-def assert_resumed_like_the_uninterrupted_run(cluster, job: dict, phase_dir: Path, reference_dir: Path) -> str:
+def assert_resumed_like_the_uninterrupted_run(cluster, job: dict, stage_dir: Path, reference_dir: Path) -> str:
     """The job completed on mn[1-2] after one requeue, its rerun resumed from the step-4 checkpoint, and
     its losses equal the uninterrupted run's at every step. Rank 0's log of both attempts."""
     done = cluster.wait_jobs([job["job_id"]], timeout=300)[job["job_id"]]
@@ -179,7 +179,7 @@ def assert_resumed_like_the_uninterrupted_run(cluster, job: dict, phase_dir: Pat
     rank0 = Path(job["stdout"]).read_text() + Path(job["stderr"]).read_text()  # both attempts (append mode)
     assert "attempt 2 host mn1" in rank0, job_logs(job)
     assert re.search(r"resumed from \S+step_00000004 at step 4", rank0), job_logs(job)
-    resumed, reference = train_losses(phase_dir), train_losses(reference_dir)
+    resumed, reference = train_losses(stage_dir), train_losses(reference_dir)
     assert sorted(resumed) == sorted(reference) == list(range(1, 13)), (sorted(resumed), sorted(reference))
     for step in reference:
         assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), (step, resumed, reference)
@@ -189,12 +189,12 @@ def assert_resumed_like_the_uninterrupted_run(cluster, job: dict, phase_dir: Pat
 def test_preempted_transition_requeues_and_resumes_across_two_nodes(two_node_cluster, two_node_smoke, tmp_path):
     """USR2 (a time limit or a preemption) while rank 0 holds after step 5: submitit requeues the job, the
     rerun on mn[1-2] resumes from the step-4 checkpoint, the loss curve is the uninterrupted one's, and
-    the phase after it waits for the requeued job and runs (its afterok dependency survives the requeue)."""
+    the stage after it waits for the requeued job and runs (its afterok dependency survives the requeue)."""
     cluster = two_node_cluster
     smoke_dir, jobs, final = two_node_smoke
     assert final[jobs["transition"]["job_id"]]["JobState"] == "COMPLETED"
     held = tmp_path / "held"
-    cfg = rerun_smoke_phase(tmp_path, smoke_dir, "transition",
+    cfg = rerun_smoke_stage(tmp_path, smoke_dir, "transition",
                             {"MELT_DEBUG_KILL": "hold@5", "MELT_DEBUG_KILL_ONCE": str(held)},
                             then={"after": toy(steps=1, input="{transition/export}")})
     launch(cluster, "--config", cfg)
@@ -223,7 +223,7 @@ def test_node_failure_mid_distill_requeues_and_resumes(two_node_cluster, two_nod
     assert final[jobs["distill"]["job_id"]]["JobState"] == "COMPLETED"
     fired = tmp_path / "node-failure-fired"
     # rank 1 (on mn2) stops answering after step 5, once: step 4's checkpoint is complete by then
-    cfg = rerun_smoke_phase(tmp_path, smoke_dir, "distill",
+    cfg = rerun_smoke_stage(tmp_path, smoke_dir, "distill",
                             {"MELT_DEBUG_KILL": "lose_rank@5", "MELT_DEBUG_KILL_ONCE": str(fired)})
     launch(cluster, "--config", cfg)
     job = jobs_of(tmp_path / "run")["distill"]

@@ -1,7 +1,7 @@
 """launchers/slurm.py on a real single-node SLURM cluster (started by the `slurm_cluster` fixture).
 
-The mechanics (dependency order, the distributed environment of each task, a failing phase
-cancelling its dependents, preemption -> requeue -> resume) use `toy_phase.py`, a tiny real
+The mechanics (dependency order, the distributed environment of each task, a failing stage
+cancelling its dependents, preemption -> requeue -> resume) use `toy_stage.py`, a tiny real
 2-rank gloo training with checkpoints; the real data prep and trainer run as SLURM jobs here
 (data, a preempted pretrain) and, the whole smoke experiment, across two nodes in test_multinode.py.
 """
@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-TOY = str(REPO / "tests" / "slurm" / "toy_phase.py")
+TOY = str(REPO / "tests" / "slurm" / "toy_stage.py")
 SMOKE = REPO / "configs" / "experiments" / "smoke.yaml"
 
 pytestmark = pytest.mark.slurm
@@ -37,11 +37,11 @@ def toy(**args) -> dict:
     return {"kind": "train", "entry": TOY, "args": [f"{k}={v}" for k, v in args.items()]}
 
 
-def toy_experiment(tmp_path: Path, phases: dict, name: str = "toy") -> Path:
+def toy_experiment(tmp_path: Path, stages: dict, name: str = "toy") -> Path:
     exp = {"name": name, "run_dir": str(tmp_path / "run"), "allow_short_signal_delay": True,
            "resources": {"partition": "debug", "tasks_per_node": 2, "cpus_per_task": 1, "mem_gb": 1, "time": 10,
                          "signal_delay_s": 30, "max_requeues": 2, "env": {"OMP_NUM_THREADS": 1}},
-           "local": {"launcher": "torchrun"}, "phases": phases}
+           "local": {"launcher": "torchrun"}, "stages": stages}
     path = tmp_path / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(exp, sort_keys=False))
@@ -132,7 +132,7 @@ def test_chain_runs_in_dependency_order_with_slurm_ranks(slurm_cluster, tmp_path
     assert len((run_dir / "slurm" / "launches.jsonl").read_text().splitlines()) == 2
 
 
-def test_failing_phase_cancels_its_dependents(slurm_cluster, tmp_path):
+def test_failing_stage_cancels_its_dependents(slurm_cluster, tmp_path):
     cfg = toy_experiment(tmp_path, {"a": toy(fail="true"), "b": toy(input="{a/export}"),
                                     "c": toy(input="{b/export}")}, name="failing")
     out = launch("--config", cfg)
@@ -155,11 +155,11 @@ def test_clear_errors_before_submission(slurm_cluster, tmp_path):
     out = launch("--config", cfg, "resources.partition=nope")
     assert out.returncode == 2
     assert "partition 'nope' does not exist" in out.stderr and "debug" in out.stderr
-    out = launch("--config", cfg, "--phases", "b")
+    out = launch("--config", cfg, "--stages", "b")
     assert out.returncode == 2
-    assert "phase 'b', args[0] = a/export: phase 'a' is not launched" in out.stderr
-    out = launch("--config", cfg, "phases.b.resources.gpus_per_nodes=1")
-    assert out.returncode == 2 and "phases.b.resources.gpus_per_nodes: unknown key" in out.stderr
+    assert "stage 'b', args[0] = a/export: stage 'a' is not launched" in out.stderr
+    out = launch("--config", cfg, "stages.b.resources.gpus_per_nodes=1")
+    assert out.returncode == 2 and "stages.b.resources.gpus_per_nodes: unknown key" in out.stderr
     assert not (tmp_path / "run" / "slurm" / "jobs.json").exists()
 
 

@@ -9,8 +9,8 @@ import pytest
 from pipeline.distributed import DistEnv
 from pipeline.training.config import (
     ConfigError,
-    load_experiment,
     load_run_config,
+    load_run_configs_by_phase,
     load_yaml_with_includes,
     validate_run_config,
 )
@@ -113,7 +113,7 @@ def test_a_wrong_engine_name_names_the_key_and_the_choices(tmp_path, where):
 @pytest.mark.parametrize("name", ["1.4b", "2.6b"])
 def test_experiment_configs_validate(name):
     path = REPO / "configs/ouro" / f"{name}.yaml"
-    runs = load_experiment(path)
+    runs = load_run_configs_by_phase(path)
     assert set(runs) == {"transition", "distill"}  # distill: tests/training/test_distill_phase.py
     cfg = runs["transition"]
     assert cfg.model.init_from.startswith("ByteDance/Ouro-")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.models import LoopLMConfig, LoopLMForCausalLM, MeltForCausalLM
-from pipeline.training.config import ConfigError, load_experiment, load_run_config
+from pipeline.training.config import ConfigError, load_run_config, load_run_configs_by_phase
 from pipeline.training.engines.base import FrozenModel, PartitionStats
 from pipeline.training.losses import TokenCounts
 from pipeline.training.metrics import StepMetrics
@@ -158,7 +158,7 @@ def test_teacher_must_be_a_looplm_and_a_melt_student_keeps_its_gate(teacher_dir,
 
 def test_experiment_configs_have_a_distill_section():
     for size in ("1.4b", "2.6b"):
-        runs = load_experiment(REPO / "configs/ouro" / f"{size}.yaml")
+        runs = load_run_configs_by_phase(REPO / "configs/ouro" / f"{size}.yaml")
         cfg = runs["distill"]
         assert cfg.phase.name == "distill" and cfg.teacher.init_from == f"ByteDance/Ouro-{size.upper()}"
         assert cfg.model.init_from == f"runs/ouro-{size}-melt/transition/export" == runs["transition"].run_dir + \

@@ -209,11 +209,11 @@ def test_local_launcher_uses_torchrun_for_fsdp_phases(tmp_path):
     from launchers.experiment import load_experiment
     from launchers.plan import build_plan
     smoke = REPO / "configs/experiments/smoke.yaml"
-    exp = load_experiment(smoke, [f"run_dir={tmp_path}", "phases.transition.overrides.engine.name=fsdp"])
+    exp = load_experiment(smoke, [f"run_dir={tmp_path}", "stages.transition.overrides.engine.name=fsdp"])
     plan = build_plan(exp, base=REPO, strict=False)
-    launcher = {p.name: local.command(plan, p, port=29500)[2] for p in plan.phases if p.kind == "train"}
+    launcher = {p.name: local.command(plan, p, port=29500)[2] for p in plan.stages if p.kind == "train"}
     assert launcher == {"pretrain": "deepspeed.launcher.runner", "transition": "torch.distributed.run",
                         "distill": "deepspeed.launcher.runner"}
     exp = load_experiment(smoke, [f"run_dir={tmp_path}", "local.launcher=torchrun"])
     plan = build_plan(exp, base=REPO, strict=False)
-    assert {local.command(plan, p)[2] for p in plan.phases if p.kind == "train"} == {"torch.distributed.run"}
+    assert {local.command(plan, p)[2] for p in plan.stages if p.kind == "train"} == {"torch.distributed.run"}

@@ -1,12 +1,12 @@
-"""A tiny real training phase for the launcher tests: the mechanics without the cost of the trainer.
+"""A tiny real training stage for the launcher tests: the mechanics without the cost of the trainer.
 
-    python tests/slurm/toy_phase.py run_dir=DIR [steps=8] [sleep=0.2] [ckpt_every=1] [input=DIR] [fail=true]
+    python tests/slurm/toy_stage.py run_dir=DIR [steps=8] [sleep=0.2] [ckpt_every=1] [input=DIR] [fail=true]
 
 Not a mock: every rank resolves its distributed environment with `pipeline.distributed`
 (as the trainer does), joins a gloo process group, and they train a linear regression
 together (gradients all-reduced), checkpointing every `ckpt_every` steps and resuming from
 the latest checkpoint when rerun with the same run_dir. It writes what the launchers'
-contract expects of a train phase: `<run_dir>/config.yaml` (schedule.total_steps; JSON is YAML),
+contract expects of a train stage: `<run_dir>/config.yaml` (schedule.total_steps; JSON is YAML),
 `<run_dir>/checkpoints/`, `<run_dir>/metrics.jsonl`, `<run_dir>/export/config.json` (with the final
 loss) and, per rank, `<run_dir>/events/rank<r>.jsonl`
 (start / resume / end records with the environment it saw). `input=DIR` must hold an
@@ -30,7 +30,7 @@ def _args(argv: list[str]) -> dict[str, str]:
             continue  # the deepspeed launcher adds it; LOCAL_RANK is in the environment
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"toy_phase: argument {item!r} must look like key=value")
+            raise SystemExit(f"toy_stage: argument {item!r} must look like key=value")
         out[key] = value
     return out
 
@@ -64,12 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(json.dumps({"schedule": {"total_steps": steps}}))
     _event(run_dir, env.rank, event="start", **info)
-    print(f"toy_phase: rank {env.rank} of {env.world_size} starts", flush=True)
+    print(f"toy_stage: rank {env.rank} of {env.world_size} starts", flush=True)
     if "input" in args and not (Path(args["input"]) / "config.json").is_file():
-        print(f"toy_phase: input {args['input']} holds no export (config.json)", file=sys.stderr)
+        print(f"toy_stage: input {args['input']} holds no export (config.json)", file=sys.stderr)
         return 4
     if args.get("fail", "false").lower() in ("1", "true", "yes"):
-        print("toy_phase: failing as asked (fail=true)", file=sys.stderr, flush=True)
+        print("toy_stage: failing as asked (fail=true)", file=sys.stderr, flush=True)
         return 3
 
     import torch
