@@ -29,15 +29,15 @@ test-fast: setup debian-deps
 
 demo: setup
 	bash scripts/install_debian_deps.sh --demo
-	$(PY) -m pipeline.demo --run-dir runs/demo
+	$(PY) -m drivers.demo --run-dir runs/demo
 
 demo-from-scratch: setup
 	bash scripts/install_debian_deps.sh --demo
-	$(PY) -m pipeline.demo --config configs/experiments/demo-from-scratch.yaml
+	$(PY) -m drivers.demo --config configs/experiments/demo-from-scratch.yaml
 
 reproduce: setup
 	bash scripts/install_debian_deps.sh --demo
-	$(PY) -m pipeline.reproduce --run-dir runs/reproduce
+	$(PY) -m drivers.reproduce --run-dir runs/reproduce
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

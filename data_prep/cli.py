@@ -91,7 +91,7 @@ def _run_inspect(cfg: InspectConfig) -> str:
 
 
 def _run_bench(cfg: BenchConfig) -> str:
-    from .bench import run_bench
+    from .throughput import run_bench
 
     return run_bench(cfg)
 

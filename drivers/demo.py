@@ -1,6 +1,6 @@
 """`make demo`: the whole pipeline on the embedded default, then one report.
 
-    python -m pipeline.demo [--run-dir runs/demo] [--config configs/experiments/demo.yaml] [key=value ...]
+    python -m drivers.demo [--run-dir runs/demo] [--config configs/experiments/demo.yaml] [key=value ...]
 
 Runs the demo experiment's stages with the local launcher (data -> standard and LoopLM
 pretraining side by side -> MELT transition and distillation on 2 ranks under DeepSpeed
@@ -59,7 +59,7 @@ def run_then_report(argv, prog: str, doc: str, default_config: Path,
 
 
 def main(argv=None) -> int:
-    return run_then_report(argv, "python -m pipeline.demo", __doc__,
+    return run_then_report(argv, "python -m drivers.demo", __doc__,
                            REPO_ROOT / "configs" / "experiments" / "demo.yaml", demo_report.write_report)
 
 

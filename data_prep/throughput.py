@@ -1,4 +1,4 @@
-"""``python -m data_prep bench --out FILE.json`` (or ``python -m data_prep.bench``).
+"""``python -m data_prep bench --out FILE.json``: the data stage's throughput against the raw tokenizer.
 
 On a generated English-like corpus (Zipf-distributed pseudo-words, >= 20 MB by default):
 tokens/s of the full text stage (read, tokenize, pack, write MDS) with 1..K workers against
@@ -90,7 +90,7 @@ def _rates(tokens: int, seconds: float, cpu_seconds: float) -> dict[str, float]:
 def _raw_in_subprocess(corpus: Path, tokenizer: Path, part_chars: int, threads: int) -> dict[str, float]:
     env = {**os.environ, "RAYON_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "true" if threads > 1 else "false"}
-    code = ("import json,sys; from data_prep.bench import raw_throughput; "
+    code = ("import json,sys; from data_prep.throughput import raw_throughput; "
             "print(json.dumps(raw_throughput(sys.argv[1], sys.argv[2], int(sys.argv[3]))))")
     out = subprocess.run([sys.executable, "-c", code, str(corpus), str(tokenizer), str(part_chars)], env=env,
                          check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
@@ -149,9 +149,3 @@ def run_bench(cfg: BenchConfig) -> str:
              f"stage scaling {result['scaling_vs_first'][w]['stage']:.2f}x; per CPU-second: ratio "
              f"{result['cpu_efficiency_stage_vs_raw'][w]:.2f}" for w in result["stage"]]
     return "\n".join(lines + [f"results -> {cfg.out}"])
-
-
-if __name__ == "__main__":
-    from .cli import main
-
-    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -1,6 +1,6 @@
 """`make reproduce`: the demo at a larger scale, for loop counts T = 2, 4, 8, then one report.
 
-    python -m pipeline.reproduce [--run-dir runs/reproduce] [key=value ...]
+    python -m drivers.reproduce [--run-dir runs/reproduce] [key=value ...]
 
 Runs configs/experiments/reproduce.yaml with the local launcher (independent stages side by side
 on 2 processes), skipping stages already complete (rerun to continue), then writes
@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import sys
 
+from drivers.demo import run_then_report
 from launchers.plan import REPO_ROOT
-from pipeline.demo import run_then_report
 from pipeline.evaluation import reproduce_report
 
 
 def main(argv=None) -> int:
-    return run_then_report(argv, "python -m pipeline.reproduce", __doc__,
+    return run_then_report(argv, "python -m drivers.reproduce", __doc__,
                            REPO_ROOT / "configs" / "experiments" / "reproduce.yaml", reproduce_report.write_report)
 
 
