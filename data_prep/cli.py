@@ -19,6 +19,7 @@ from .config import (
     BenchConfig,
     ChatConfig,
     InspectConfig,
+    PrepConfig,
     SyntheticChatConfig,
     SyntheticConfig,
     TextConfig,
@@ -96,7 +97,7 @@ def _run_bench(cfg: BenchConfig) -> str:
     return run_bench(cfg)
 
 
-COMMANDS: dict[str, tuple[type[BaseModel], Callable[[Any], str], str]] = {
+COMMANDS: dict[str, tuple[type[PrepConfig], Callable[[Any], str], str]] = {
     "text": (TextConfig, _run_text, "tokenize documents into fixed windows (MDS shards)"),
     "chat": (ChatConfig, _run_chat, "render conversations with a chat template; loss on assistant tokens"),
     "synthetic": (SyntheticConfig, _run_synthetic, "generate a reasoning task (train/eval/tokenizer)"),

@@ -18,7 +18,7 @@ INPUT_HELP = "files, directories or globs (.txt = one document, .jsonl, .jsonl.g
 BAD_DOC_HELP = "a bad document (no text field, not UTF-8, bad JSON) stops the run, or is skipped and counted"
 
 
-class _Config(BaseModel):
+class PrepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # Fields that do not change the output bytes: left out of the dataset fingerprint, so a
@@ -29,7 +29,7 @@ class _Config(BaseModel):
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in self.NON_SEMANTIC}
 
 
-class WriteConfig(_Config):
+class WriteConfig(PrepConfig):
     """Options shared by every subcommand that writes MDS shards."""
 
     NON_SEMANTIC: ClassVar[frozenset[str]] = frozenset({"out", "workers", "overwrite"})
@@ -113,7 +113,7 @@ class ChatConfig(RowsConfig):
                             "seq_len tokens (dropped all the same when no assistant token is left)")
 
 
-class TaskConfig(_Config):
+class TaskConfig(PrepConfig):
     """Which problems of a synthetic task, shared by ``synthetic`` and ``synthetic-chat``."""
 
     task: Literal["s3", "pointer", "arith"] = Field("s3", description="s3 (default, calibrated), pointer or arith")
@@ -146,7 +146,7 @@ class SyntheticChatConfig(TaskConfig):
     overwrite: bool = Field(False, description="replace existing output files")
 
 
-class TrainTokenizerConfig(_Config):
+class TrainTokenizerConfig(PrepConfig):
     """``python -m data_prep train-tokenizer``: byte-level BPE for AutoTokenizer."""
 
     input: list[str] = Field(description=INPUT_HELP)
@@ -161,14 +161,14 @@ class TrainTokenizerConfig(_Config):
     overwrite: bool = Field(False, description="replace a non-empty --out")
 
 
-class InspectConfig(_Config):
+class InspectConfig(PrepConfig):
     """``python -m data_prep inspect DIR``."""
 
     path: str = Field(description="a prepared dataset directory (or a synthetic root)")
     samples: int = Field(3, ge=0, description="decoded samples to show")
 
 
-class BenchConfig(_Config):
+class BenchConfig(PrepConfig):
     """``python -m data_prep bench``."""
 
     out: str = Field(description="JSON file for the results")
@@ -180,7 +180,7 @@ class BenchConfig(_Config):
     workdir: str | None = Field(None, description="scratch directory (default: a temporary one)")
 
 
-def load_config(model: type[_Config], config_file: str | None, flags: dict[str, Any]) -> Any:
+def load_config(model: type[PrepConfig], config_file: str | None, flags: dict[str, Any]) -> Any:
     """Validate ``model`` from a YAML file (if any) overridden by the CLI flags actually given."""
     values: dict[str, Any] = {}
     if config_file is not None:

@@ -130,7 +130,7 @@ def run_bench(cfg: BenchConfig) -> str:
                 stage.append(_rates(tokens, time.perf_counter() - started, _cpu_seconds() - cpu))
                 index_hashes.add(run.manifest["index_sha256"])
             for kind, runs in (("raw", raw), ("stage", stage)):
-                result[kind][str(workers)] = {**max(runs, key=lambda r: r["tokens_per_s"]),
+                result[kind][str(workers)] = {**max(runs, key=lambda r: float(r["tokens_per_s"])),  # type: ignore[arg-type]
                                               "all_tokens_per_s": [r["tokens_per_s"] for r in runs]}
         result["corpus"]["tokens"] = tokens
         result["ratio_stage_vs_raw"] = {w: result["stage"][w]["tokens_per_s"] / result["raw"][w]["tokens_per_s"]

@@ -106,11 +106,11 @@ def command(plan: Plan, p: PlannedStage, port: Optional[int] = None) -> list[str
         is_script = p.entry.endswith(".py") or "/" in p.entry
         return [python, *([p.entry] if is_script else ["-m", p.entry]), *p.argv]
     n = str(nproc(plan, p))
-    port = str(port or _free_port())
+    master_port = str(port or _free_port())
     if use_torchrun(plan, p):
         return [python, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", n,
-                "--master_addr", "127.0.0.1", "--master_port", port, *_target(p.entry, "-m"), *p.argv]
-    return [python, "-m", "deepspeed.launcher.runner", "--num_gpus", n, "--master_port", port,
+                "--master_addr", "127.0.0.1", "--master_port", master_port, *_target(p.entry, "-m"), *p.argv]
+    return [python, "-m", "deepspeed.launcher.runner", "--num_gpus", n, "--master_port", master_port,
             *_target(p.entry, "--module"), *p.argv]
 
 
@@ -197,9 +197,12 @@ def run(plan: Plan, out=None) -> int:
     for name, why in plan.skipped.items():
         print(f"[local] {name}: skipped ({why})", file=out)
     max_tasks = plan.experiment.local.max_tasks
-    pending, running, done, failed = list(plan.stages), {}, [], []
+    pending = list(plan.stages)
+    running: dict[str, StageProcess] = {}
+    done: list[str] = []
+    failed: list[str] = []
     finished: queue.Queue = queue.Queue()
-    lock, ports = threading.Lock(), set()
+    lock, ports = threading.Lock(), set[int]()
     progress = RunProgress(plan, nproc, out, lock, interval=plan.experiment.local.progress_every_s)
     on_sigterm = _stop_on_sigterm()
     try:

@@ -18,9 +18,12 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Optional, TextIO
 
 from launchers.plan import Plan, PlannedStage, output_dir, stage_argv
+
+if TYPE_CHECKING:
+    from pipeline.planning.inputs import Architecture
 
 DEFAULT_GPU_MEMORY_GB = 80.0
 
@@ -65,7 +68,8 @@ def run_config_of(argv: list[str]):
 def export_architectures(plan: Plan, base: Path) -> dict:
     """The architecture of every train stage's export (by path), in experiment order."""
     from pipeline.planning.inputs import resolve_architectures
-    exp, known = plan.experiment, {}
+    exp = plan.experiment
+    known: dict[str, Architecture] = {}
     for name, spec in exp.stages.items():
         if spec.kind != "train" or spec.config is None:
             continue

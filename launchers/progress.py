@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, TextIO
+from typing import AbstractSet, Callable, Optional, TextIO
 
 import yaml
 
@@ -64,7 +64,7 @@ class Task:
     running: bool = False
 
 
-def schedule_seconds(tasks: list[Task], max_tasks: int, done: set[str] = frozenset()) -> float:
+def schedule_seconds(tasks: list[Task], max_tasks: int, done: AbstractSet[str] = frozenset()) -> float:
     """When the last task ends if they run as launchers/local.run starts them: running ones go on;
     a pending one starts, in list order, once its upstream tasks ended and its processes fit (a task
     needing more than max_tasks runs alone)."""
@@ -81,7 +81,7 @@ def schedule_seconds(tasks: list[Task], max_tasks: int, done: set[str] = frozens
                 pending.remove(t)
         if not active:  # an upstream task that is not in this run and not done: nothing can start
             break
-        name = min(active, key=active.get)
+        name = min(active, key=lambda n: active[n])
         now = active.pop(name)
         ended.add(name)
     return now

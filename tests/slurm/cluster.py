@@ -68,7 +68,10 @@ def _pid_alive(pid: int) -> bool:
 
 def memory_mb(fraction: float = 0.9) -> int:
     """This machine's memory in MB, times `fraction` (a node's RealMemory)."""
-    return int(int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) / 1024 * fraction)
+    found = re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())
+    if found is None:
+        raise RuntimeError("/proc/meminfo has no MemTotal line")
+    return int(int(found.group(1)) / 1024 * fraction)
 
 
 def common_conf(root: Path, munge_socket: Path, cluster_name: str, ctld_host: str, ctld_addr: str) -> str:

@@ -39,7 +39,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, TextIO
 
 from tests.slurm.cluster import SlurmCluster, _pid_alive, _sbin, common_conf, memory_mb, missing_binaries
 
@@ -179,7 +179,7 @@ class TwoNodeCluster(SlurmCluster):
         self.controller = self.node  # slurmctld checks that it runs on SlurmctldHost: this machine's name
         self.hosts = self.root / "hosts"
         self._slurmd: dict[str, subprocess.Popen] = {}
-        self._lock = None
+        self._lock: Optional[TextIO] = None
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self, timeout: float = 60.0, lock_timeout: float = 1800.0) -> None:
@@ -258,15 +258,15 @@ class TwoNodeCluster(SlurmCluster):
     # -- pieces --------------------------------------------------------------------
     def _take_lock(self, timeout: float) -> None:
         LOCK.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = open(LOCK, "a+")
+        self._lock = lock = open(LOCK, "a+")
         deadline = time.time() + timeout
         while True:
             try:
-                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return
             except BlockingIOError:
                 if time.time() > deadline:
-                    self._lock.close()
+                    lock.close()
                     self._lock = None
                     raise RuntimeError(f"another two-node test cluster holds {LOCK} for over {timeout:.0f}s")
                 time.sleep(1.0)

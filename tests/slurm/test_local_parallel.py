@@ -22,7 +22,7 @@ def _span(run_dir: Path, stage: str) -> tuple[float, float]:
 def _launch_side_by_side(tmp_path: Path, stages: dict):
     for stage in stages.values():
         stage["resources"] = {"tasks_per_node": 1}
-    return launch("--config", toy_experiment(tmp_path, stages), "local.max_tasks=2", launcher="local.py")
+    return launch("--config", str(toy_experiment(tmp_path, stages)), "local.max_tasks=2", launcher="local.py")
 
 
 def test_independent_stages_run_side_by_side(tmp_path):
