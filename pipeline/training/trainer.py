@@ -160,7 +160,8 @@ class Trainer:
         counts = TokenCounts(labelled=summed[0].item(), real=summed[1].item())
         metrics = StepMetrics()
         lrs = engine.learning_rates()  # those this step's update uses
-        compute_s, side_s = 0.0, {}  # forward + backward; the phase's other work (e.g. a teacher's forward)
+        compute_s = 0.0  # forward + backward
+        side_s: dict[str, float] = {}  # the phase's other work (e.g. a teacher's forward)
         for micro, batch in enumerate(batches):
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             began = time.perf_counter()

@@ -204,7 +204,7 @@ class Engine(ABC):
 
     def learning_rates(self) -> dict[str, float]:
         """Current lr per parameter group name (a ParamGroup's no_decay part has the same lr)."""
-        out = {}
+        out: dict[str, float] = {}
         for name, group in zip(self._group_names, self._optimizer_param_groups()):
             out.setdefault(name, float(group["lr"]))
         return out
