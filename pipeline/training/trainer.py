@@ -131,9 +131,13 @@ class Trainer:
         ranks_dir = self.run_dir / "ranks"
         ranks_dir.mkdir(exist_ok=True)
         (ranks_dir / f"rank{self.env.rank}.json").write_text(json.dumps({**stats, **frozen}, indent=1))
+        # all_gather_object gives one entry per rank: summarize_partition's None (no entries) cannot come
         summary = summarize_partition(comm.all_gather_object(stats))
+        assert summary is not None
         for name, part in frozen.items():  # e.g. the distillation teacher
-            summary += f"\n{name}:\n" + summarize_partition(comm.all_gather_object(part))
+            frozen_summary = summarize_partition(comm.all_gather_object(part))
+            assert frozen_summary is not None
+            summary += f"\n{name}:\n" + frozen_summary
         self.logger.text("partition", summary)
         log.info("partitioned storage per rank:\n" + summary)
 
