@@ -31,7 +31,7 @@ def attention_alignment_loss(student: Sequence[Sequence[torch.Tensor]], teacher:
     mask = valid.float()
     count = valid.sum()
     per_token = torch.zeros_like(mask)
-    metrics = {}
+    metrics: dict[str, torch.Tensor] = {}
     loops, layers = len(teacher), len(teacher[0])
     for t in range(loops):
         for layer in range(layers):

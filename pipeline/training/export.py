@@ -91,6 +91,7 @@ def export_model(engine: Engine, out_dir: Path, dtype: torch.dtype, tokenizer: O
     """Collective: gather the full weights, rank 0 writes. out_dir is the trainer's <run_dir>/export."""
     state = engine.full_state_dict()
     if comm.rank() == 0:
+        assert state is not None  # the consolidated state dict is rank 0's
         module = engine.module
         save_hf(type(module), module.config, state, out_dir, dtype, tokenizer, info, run_dir=Path(out_dir).parent)
     comm.barrier()

@@ -33,13 +33,17 @@ from pipeline.training.phases.base import MicroStepOutput
 
 
 class StepHook(Protocol):
-    """What the trainer calls; a hook overrides the points it acts at (the others do nothing)."""
+    """What the trainer calls; a hook overrides the points it acts at (the others do nothing: these
+    defaults, which an explicit `return None` keeps from being abstract protocol members)."""
 
-    def after_micro_step(self, step: int, micro: int, out: MicroStepOutput) -> None: ...
+    def after_micro_step(self, step: int, micro: int, out: MicroStepOutput) -> None:
+        return None
 
-    def after_step(self, step: int) -> None: ...
+    def after_step(self, step: int) -> None:
+        return None
 
-    def before_checkpoint_complete(self, step: int) -> None: ...
+    def before_checkpoint_complete(self, step: int) -> None:
+        return None
 
 
 class InjectNonFinite(StepHook):

@@ -75,12 +75,13 @@ def init_units(root: nn.Module, prefix: str = "") -> list[InitUnit]:
         blocks = [(n, b) for n, b in blocks if id(b) not in inner]  # blocks inside blocks belong to theirs
     block_ids = {id(b) for _, b in blocks}
     roots = blocks + [(prefix, root)]
-    units, owner = [], {}
+    units: list[InitUnit] = []
+    owner: dict[int, int] = {}  # parameter id -> index of the unit that owns it
     for name, top in roots:
         def stop(m, top=top):
             return m is not top and id(m) in block_ids
         modules = list(post_order_named(top, name, stop))
-        params = {}
+        params: dict[str, nn.Parameter] = {}
         for module_name, module in modules:
             for leaf, param in module._parameters.items():
                 if param is None:

@@ -24,7 +24,7 @@ class StepMetrics:
     other statistics carry their own reduction ("mean", "min" or "max").
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.loss = 0.0
         self.tokens = 0
         self.weighted: dict[str, float] = {}  # per metric: sum of mean x its tokens, and the tokens

@@ -131,9 +131,13 @@ class Trainer:
         ranks_dir = self.run_dir / "ranks"
         ranks_dir.mkdir(exist_ok=True)
         (ranks_dir / f"rank{self.env.rank}.json").write_text(json.dumps({**stats, **frozen}, indent=1))
+        # all_gather_object gives one entry per rank: summarize_partition's None (no entries) cannot come
         summary = summarize_partition(comm.all_gather_object(stats))
+        assert summary is not None
         for name, part in frozen.items():  # e.g. the distillation teacher
-            summary += f"\n{name}:\n" + summarize_partition(comm.all_gather_object(part))
+            frozen_summary = summarize_partition(comm.all_gather_object(part))
+            assert frozen_summary is not None
+            summary += f"\n{name}:\n" + frozen_summary
         self.logger.text("partition", summary)
         log.info("partitioned storage per rank:\n" + summary)
 
@@ -160,7 +164,8 @@ class Trainer:
         counts = TokenCounts(labelled=summed[0].item(), real=summed[1].item())
         metrics = StepMetrics()
         lrs = engine.learning_rates()  # those this step's update uses
-        compute_s, side_s = 0.0, {}  # forward + backward; the phase's other work (e.g. a teacher's forward)
+        compute_s = 0.0  # forward + backward
+        side_s: dict[str, float] = {}  # the phase's other work (e.g. a teacher's forward)
         for micro, batch in enumerate(batches):
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             began = time.perf_counter()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
 import torch
 from safetensors import safe_open
@@ -19,6 +19,14 @@ def resolve_checkpoint_dir(name_or_path: str) -> Path:
         return local
     from huggingface_hub import snapshot_download
     return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+
+
+class TensorSource(Protocol):
+    """Tensors by name, read on demand: what Engine.load_weights reads (e.g. a CheckpointTensors)."""
+
+    def __contains__(self, name: str) -> bool: ...
+
+    def __call__(self, name: str) -> torch.Tensor: ...
 
 
 class CheckpointTensors:

@@ -41,12 +41,15 @@ def main(out: str, config_json: str) -> None:
     from pipeline.training import comm
     from pipeline.training.config import validate_run_config
     from pipeline.training.engines import build_engine
+    from pipeline.training.engines.deepspeed import DeepSpeedEngine
     from pipeline.training.losses import TokenCounts
     from pipeline.training.phases.pretrain import PretrainPhase
 
     env = resolve_distributed_env()
     cfg = validate_run_config(json.loads(Path(config_json).read_text()))
     engine = build_engine(cfg, env)
+    assert isinstance(engine, DeepSpeedEngine)  # the config's default engine, whose buffers are read below
+    assert cfg.model.config is not None  # phase pretrain
     engine.init_distributed()
     phase = PretrainPhase(cfg)
     model = phase.build_model(engine)

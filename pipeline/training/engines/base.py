@@ -25,7 +25,7 @@ from torch import nn
 
 from pipeline.distributed import DistEnv
 from pipeline.training.config import RunConfig
-from pipeline.training.weights import persistent_buffers
+from pipeline.training.weights import TensorSource, persistent_buffers
 
 
 @dataclass
@@ -139,7 +139,7 @@ class Engine(ABC):
         are seeded with."""
 
     @abstractmethod
-    def load_weights(self, model: nn.Module, tensors) -> None:
+    def load_weights(self, model: nn.Module, tensors: TensorSource) -> None:
         """Fill each parameter and persistent buffer whose name is `in tensors` with `tensors(name)`
         (read on demand, e.g. a `weights.CheckpointTensors`).
 
@@ -204,7 +204,7 @@ class Engine(ABC):
 
     def learning_rates(self) -> dict[str, float]:
         """Current lr per parameter group name (a ParamGroup's no_decay part has the same lr)."""
-        out = {}
+        out: dict[str, float] = {}
         for name, group in zip(self._group_names, self._optimizer_param_groups()):
             out.setdefault(name, float(group["lr"]))
         return out

@@ -13,10 +13,12 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from pipeline.distributed import DistEnv
+from pipeline.training.config import RunConfig
 from pipeline.training.engines.base import Engine, FrozenModel, ParamGroup, PartitionStats, StepResult
 from pipeline.training.engines.shared import EngineFrozenModel, check_trains, optimizer_groups, share_cpu_cores
 from pipeline.training.initialization import init_units, unit_values
-from pipeline.training.weights import persistent_buffers
+from pipeline.training.weights import TensorSource, persistent_buffers
 
 
 def _on_gpu() -> bool:
@@ -35,9 +37,9 @@ class DeepSpeedEngine(Engine):
     name = "deepspeed"
     on_gpu = staticmethod(_on_gpu)
 
-    def __init__(self, cfg, env):
+    def __init__(self, cfg: RunConfig, env: DistEnv) -> None:
         super().__init__(cfg, env)
-        self._engine = None
+        self._engine: Any = None  # the deepspeed.DeepSpeedEngine prepare() builds (deepspeed ships no types)
         self._model: Optional[nn.Module] = None
         self._last: Optional[StepResult] = None
         self.ds_config = self.build_ds_config()
@@ -123,7 +125,7 @@ class DeepSpeedEngine(Engine):
                         for name, param in unit.params.items():
                             param.data.copy_(values[name])
 
-    def load_weights(self, model: nn.Module, tensors: Callable[[str], torch.Tensor]) -> None:
+    def load_weights(self, model: nn.Module, tensors: TensorSource) -> None:
         # One parameter at a time: rank 0 reads it and fills the gathered tensor, which is then
         # re-partitioned; no rank ever holds more than one full parameter.
         import deepspeed
@@ -162,7 +164,10 @@ class DeepSpeedEngine(Engine):
 
     @property
     def module(self) -> nn.Module:
-        return self._engine.module if self._engine is not None else self._model
+        if self._engine is not None:
+            return self._engine.module
+        assert self._model is not None, "prepare() first"
+        return self._model
 
     def full_shape(self, param: nn.Parameter) -> tuple[int, ...]:
         # a ZeRO-3 partitioned parameter's own shape is its (empty) local storage's
@@ -215,16 +220,19 @@ class DeepSpeedEngine(Engine):
         # The fp32 master weights of trainable parameters (what zero_to_fp32 recovers from a
         # checkpoint, whatever the training precision); frozen ones as they are.
         from deepspeed.utils import safe_get_full_fp32_param
-        state, seen = {}, {}
+        state: dict[str, torch.Tensor] = {}  # kept by rank 0; the gathering is collective
+        seen: dict[int, str] = {}
         for name, param in self.module.named_parameters(remove_duplicate=False):
             if id(param) in seen:  # tied weights: same tensor under both names
-                state[name] = state[seen[id(param)]] if self.rank == 0 else None
+                if self.rank == 0:
+                    state[name] = state[seen[id(param)]]
                 continue
             seen[id(param)] = name
             full = safe_get_full_fp32_param(param) if param.requires_grad else None
             if full is None:
                 full = gathered(param)
-            state[name] = full.cpu() if self.rank == 0 else None
+            if self.rank == 0:
+                state[name] = full.cpu()
         for name, buf in persistent_buffers(self.module):
             state[name] = buf.detach().cpu()
         return state if self.rank == 0 else None

@@ -29,15 +29,21 @@ import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, cast
 
 import torch
 from torch import nn
 
+from pipeline.distributed import DistEnv
+from pipeline.training.config import RunConfig
 from pipeline.training.engines.base import Engine, FrozenModel, ParamGroup, PartitionStats, StepResult
 from pipeline.training.engines.shared import EngineFrozenModel, check_trains, optimizer_groups, share_cpu_cores
 from pipeline.training.initialization import initial_values, initialize
-from pipeline.training.weights import persistent_buffers
+from pipeline.training.weights import TensorSource, persistent_buffers
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.optim.lr_scheduler import LambdaLR
 
 CLIENT_STATE = "client_rank{rank}.pt"
 
@@ -111,13 +117,13 @@ class FSDPEngine(Engine):
     name = "fsdp"
     on_gpu = staticmethod(_on_gpu)  # the sharded parameters stay fp32; `dtype` is the compute dtype
 
-    def __init__(self, cfg, env):
+    def __init__(self, cfg: RunConfig, env: DistEnv) -> None:
         super().__init__(cfg, env)
         self.options = cfg.engine.fsdp
-        self.mesh = None
+        self.mesh: Optional[DeviceMesh] = None
         self._model: Optional[nn.Module] = None
         self._optimizer: Optional[torch.optim.Optimizer] = None
-        self._scheduler = None
+        self._scheduler: Optional[LambdaLR] = None
         self._params: list[nn.Parameter] = []
         self._micro_steps = 0
         self._pending: list[PendingWrite] = []
@@ -163,7 +169,7 @@ class FSDPEngine(Engine):
                 written.add(id(param))
         return written
 
-    def load_weights(self, model: nn.Module, tensors) -> None:
+    def load_weights(self, model: nn.Module, tensors: TensorSource) -> None:
         def load() -> set[int]:
             written = set()
             for name, param in model.named_parameters():
@@ -255,21 +261,33 @@ class FSDPEngine(Engine):
         at its first gradient: a parameter the loss never reaches (the exit gate under a plain CE) then
         still has state in every checkpoint, which resuming requires. One step at lr 0 on zero
         gradients creates it without moving anything."""
-        lrs = [group["lr"] for group in self._optimizer.param_groups]
-        for group in self._optimizer.param_groups:
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
             group["lr"] = 0.0
         for param in self._params:
             param.grad = torch.zeros_like(param)
-        self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
-        for group, lr in zip(self._optimizer.param_groups, lrs):
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for group, lr in zip(self.optimizer.param_groups, lrs):
             group["lr"] = lr
-        for state in self._optimizer.state.values():
+        for state in self.optimizer.state.values():
             state["step"].zero_()
 
+    # -- what prepare() builds: the steps, checkpoints and statistics come after it
     @property
     def module(self) -> nn.Module:
+        assert self._model is not None, "prepare() first"
         return self._model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        assert self._optimizer is not None, "prepare() first"
+        return self._optimizer
+
+    @property
+    def scheduler(self) -> LambdaLR:
+        assert self._scheduler is not None, "prepare() first"
+        return self._scheduler
 
     def local_part(self, tensor: torch.Tensor) -> torch.Tensor:
         return local_part(tensor)
@@ -280,7 +298,7 @@ class FSDPEngine(Engine):
 
     # -- steps
     def forward(self, **inputs) -> Any:
-        return self._model(**inputs)
+        return self.module(**inputs)
 
     def backward(self, loss: torch.Tensor) -> None:
         check_trains(loss)
@@ -293,27 +311,27 @@ class FSDPEngine(Engine):
             raise RuntimeError(f"optimizer_step() after {self._micro_steps} micro-step(s); the step has "
                                f"{self.grad_accum_steps} (gradient_accumulation_steps)")
         self._micro_steps = 0
-        norm = torch.nn.utils.clip_grad_norm_(self._params, self.cfg.engine.grad_clip or float("inf"))
-        norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        total_norm = torch.nn.utils.clip_grad_norm_(self._params, self.cfg.engine.grad_clip or float("inf"))
+        norm = float(total_norm.full_tensor() if isinstance(total_norm, DTensor) else total_norm)
         applied = math.isfinite(norm)
         if applied:
-            self._optimizer.step()
-            self._scheduler.step()
-        self._optimizer.zero_grad(set_to_none=True)
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         return StepResult(applied=applied, grad_norm=norm)
 
     def _optimizer_param_groups(self) -> list[dict]:
-        return self._optimizer.param_groups
+        return self.optimizer.param_groups
 
     # -- checkpoints
     def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
         path = Path(directory) / tag
-        model_state, optim_state = get_state_dict(self._model, self._optimizer)
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path))
         with open(path / CLIENT_STATE.format(rank=self.rank), "wb") as handle:
-            torch.save({"client": client_state, "scheduler": self._scheduler.state_dict(),
+            torch.save({"client": client_state, "scheduler": self.scheduler.state_dict(),
                         "world_size": self.world_size}, handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -325,24 +343,25 @@ class FSDPEngine(Engine):
         client_file = path / CLIENT_STATE.format(rank=self.rank)
         if not client_file.is_file():
             raise RuntimeError(f"{path} is not an FSDP checkpoint of {self.world_size} ranks (no {client_file.name})")
-        model_state, optim_state = get_state_dict(self._model, self._optimizer)
-        state = {"model": model_state, "optimizer": optim_state}
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        state: dict[str, Any] = {"model": model_state, "optimizer": optim_state}
         dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(self._model, self._optimizer, model_state_dict=state["model"],
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
         saved = torch.load(client_file, weights_only=False)
-        self._scheduler.load_state_dict(saved["scheduler"])
+        self.scheduler.load_state_dict(saved["scheduler"])
         return saved["client"]
 
     def full_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        state = get_model_state_dict(self._model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return state if self.rank == 0 else None
+        state = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # torch types the values as any state-dict value; a full state dict's are (CPU) tensors
+        return cast(dict[str, torch.Tensor], state) if self.rank == 0 else None
 
     def partition_stats(self) -> PartitionStats:
-        total, local, param_bytes = self.param_partition(self._model)
+        total, local, param_bytes = self.param_partition(self.module)
         state_bytes = 0
-        for state in self._optimizer.state.values():
+        for state in self.optimizer.state.values():
             for value in state.values():
                 held = self.local_part(value) if torch.is_tensor(value) else None
                 if held is not None and value.dim() > 0:

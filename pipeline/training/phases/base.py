@@ -8,7 +8,7 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar, Optional
+from typing import TYPE_CHECKING, Callable, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ from pipeline.training.config import ConfigError, LossSection, RunConfig
 from pipeline.training.engines.base import Engine, FrozenModel, ParamGroup
 from pipeline.training.losses import LossOutput, TokenCounts, causal_lm_loss, last_loop_lm_loss, ouro_stage1_loss
 from pipeline.training.weights import plain_shape
+
+if TYPE_CHECKING:
+    from pipeline.models import LoopedPreTrainedModel
 
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -59,7 +62,8 @@ class Phase(ABC):
         return None, ""
 
     @abstractmethod
-    def build_model(self, engine: Engine) -> nn.Module: ...
+    def build_model(self, engine: Engine) -> LoopedPreTrainedModel:
+        """The model this phase trains (a LoopLM or MELT), built through `engine`."""
 
     def role(self, param_name: str) -> str:
         return self.group_names[0]

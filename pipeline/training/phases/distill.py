@@ -29,20 +29,23 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import torch
 from torch import nn
 
 from pipeline.training import comm
 from pipeline.training.checkpointing import write_durable
-from pipeline.training.config import ConfigError, LossSection
+from pipeline.training.config import ConfigError, DistillPhaseSection, LossSection, RunConfig, TeacherSection
 from pipeline.training.distill_losses import attention_alignment_loss, logit_distillation_loss
 from pipeline.training.engines.base import Engine, FrozenModel
 from pipeline.training.losses import LossOutput, TokenCounts, labelled_positions, real_positions
 from pipeline.training.phases.base import MicroStepOutput, check_checkpoint_source, gate_stats, lm_loss
 from pipeline.training.phases.melt_student import MeltStudentPhase
 from pipeline.training.weights import CheckpointTensors, full_shapes, resolve_checkpoint_dir
+
+if TYPE_CHECKING:
+    from pipeline.models import LoopLMForCausalLM, MeltForCausalLM
 
 log = logging.getLogger("melt.train")
 
@@ -145,17 +148,31 @@ class DistillPhase(MeltStudentPhase):
     """MELT student (alpha = 1) distilled from a frozen LoopLM teacher."""
     name = "distill"
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
         self.teacher: Optional[FrozenModel] = None
         self.teacher_dir: Optional[Path] = None
         self.recorder: Optional[LayerInputRecorder] = None
 
+    @property
+    def section(self) -> DistillPhaseSection:
+        """cfg.phase, the section of this phase (build_phase picks the class by its name)."""
+        section = self.cfg.phase
+        assert isinstance(section, DistillPhaseSection)
+        return section
+
+    @property
+    def teacher_section(self) -> TeacherSection:
+        """cfg.teacher, which RunConfig requires of phase distill."""
+        teacher = self.cfg.teacher
+        assert teacher is not None  # RunConfig's cross-check
+        return teacher
+
     # -- before any process group
     def check_inputs(self) -> None:
-        check_checkpoint_source(self.cfg.model.init_from, "model.init_from")
-        check_checkpoint_source(self.cfg.teacher.init_from, "teacher.init_from")
-        student_dir, teacher_dir = self.cfg.model.init_from, self.cfg.teacher.init_from
+        check_checkpoint_source(self.init_from, "model.init_from")
+        check_checkpoint_source(self.teacher_section.init_from, "teacher.init_from")
+        student_dir, teacher_dir = self.init_from, self.teacher_section.init_from
         student = load_config(student_dir, "model.init_from") if read_config_json(student_dir) else None
         teacher = load_config(teacher_dir, "teacher.init_from") if read_config_json(teacher_dir) else None
         self.check_pair(student, teacher)
@@ -163,48 +180,49 @@ class DistillPhase(MeltStudentPhase):
     def check_pair(self, student, teacher) -> None:
         from pipeline.models import MeltConfig
         if teacher is not None and isinstance(teacher, MeltConfig):
-            raise ConfigError(f"config key 'teacher.init_from': {self.cfg.teacher.init_from} is a MELT checkpoint; "
+            raise ConfigError(f"config key 'teacher.init_from': {self.teacher_section.init_from} is a MELT checkpoint; "
                               "the teacher must be a LoopLM (model_type 'ouro')")
-        gate = self.cfg.phase.gate
+        gate = self.section.gate
         if isinstance(student, MeltConfig) and gate is not None and gate != student.gate:
-            raise ConfigError(f"config key 'phase.gate': {gate!r}, but the MELT checkpoint {self.cfg.model.init_from} "
+            raise ConfigError(f"config key 'phase.gate': {gate!r}, but the MELT checkpoint {self.init_from} "
                               f"has gate {student.gate!r} (leave phase.gate unset to keep it)")
         if student is not None and teacher is not None:
-            check_architectures(student, teacher, self.cfg.model.init_from, self.cfg.teacher.init_from)
+            check_architectures(student, teacher, self.init_from, self.teacher_section.init_from)
 
     def vocab_size(self) -> tuple[Optional[int], str]:
-        raw = read_config_json(self.cfg.model.init_from)
+        raw = read_config_json(self.init_from)
         return (raw.get("vocab_size"), "model.init_from") if raw else (None, "")
 
     # -- models
     def melt_config(self, source):
         """The student's MeltConfig at alpha = 1 with this phase's chunk size (and melt_options)."""
         from pipeline.models import MeltConfig
-        phase = self.cfg.phase
+        phase = self.section
         options = dict(chunk_size=phase.chunk_size, alpha=1.0, **phase.melt_options)
         if isinstance(source, MeltConfig):
             return MeltConfig.from_looplm_config(source, **options)
         return MeltConfig.from_looplm_config(source, gate=phase.gate or "elementwise", **options)
 
-    def build_model(self, engine: Engine) -> nn.Module:
+    def build_model(self, engine: Engine) -> MeltForCausalLM:
         """The student (returned, for the engine to train) and the frozen teacher (kept here)."""
         from pipeline.models import LoopLMForCausalLM, MeltConfig
-        student_dir = resolve_checkpoint_dir(self.cfg.model.init_from)
-        self.teacher_dir = resolve_checkpoint_dir(self.cfg.teacher.init_from)
+        student_dir = resolve_checkpoint_dir(self.init_from)
+        self.teacher_dir = resolve_checkpoint_dir(self.teacher_section.init_from)
         source = load_config(student_dir, "model.init_from")
         teacher_config = load_config(self.teacher_dir, "teacher.init_from")
         self.check_pair(source, teacher_config)
         from_melt = isinstance(source, MeltConfig)
         student = self.load_melt(engine, student_dir, self.melt_config(source), fresh_gates=not from_melt)
 
-        offload = self.cfg.teacher.offload_params
+        offload = self.teacher_section.offload_params
         with engine.frozen_init_context(offload):
             teacher = LoopLMForCausalLM(teacher_config)
         tensors = CheckpointTensors(self.teacher_dir)
         tensors.check_fits(full_shapes(teacher, engine.full_shape))
         engine.load_weights(teacher, tensors)
-        if self.cfg.phase.teacher_forcing:
-            self.recorder = LayerInputRecorder(teacher.model.layers)
+        if self.section.teacher_forcing:
+            # nn.Module types its submodules Tensor | Module: the backbone's decoder layers, as built
+            self.recorder = LayerInputRecorder(cast(nn.ModuleList, teacher.model.layers))
         self.teacher = engine.build_frozen(teacher, offload_params=offload)
         log.info(f"student: MELT from {'a MELT' if from_melt else 'a LoopLM'} checkpoint ({student_dir}), "
                  f"gate {student.config.gate}, chunk {student.config.chunk_size}; teacher: {self.teacher_dir}"
@@ -216,7 +234,7 @@ class DistillPhase(MeltStudentPhase):
 
     def resume_identity(self) -> dict[str, str]:
         """A resumed run reloads the teacher from teacher.init_from: it must be the same teacher."""
-        return {"teacher.init_from": checkpoint_identity(self.cfg.teacher.init_from)}
+        return {"teacher.init_from": checkpoint_identity(self.teacher_section.init_from)}
 
     # -- training
     def begin_step(self, model, step) -> dict[str, float]:
@@ -225,28 +243,31 @@ class DistillPhase(MeltStudentPhase):
         return {}
 
     def micro_step(self, forward, batch, counts: TokenCounts) -> MicroStepOutput:
-        phase = self.cfg.phase
+        phase = self.section
+        frozen = self.teacher
+        assert frozen is not None  # build_model (or the memory planner) sets it
+        teacher_config = cast("LoopLMForCausalLM", frozen.module).config  # the teacher is a LoopLM
         ids, labels = batch["input_ids"], batch["labels"]
         positions = {"labelled": (labelled_positions(labels), counts.labelled),
                      "real": (real_positions(ids, batch.get("attention_mask")), counts.real)}
         # left-padded rows (synthetic tasks) carry an attention mask; both models see it
-        inputs = dict(input_ids=ids, attention_mask=batch.get("attention_mask"),
-                      output_loop_logits=phase.per_loop_metrics, output_attention_outputs=phase.w_attn > 0,
-                      use_cache=False)
+        inputs: dict[str, Any] = dict(input_ids=ids, attention_mask=batch.get("attention_mask"),
+                                      output_loop_logits=phase.per_loop_metrics,
+                                      output_attention_outputs=phase.w_attn > 0, use_cache=False)
         start = time.perf_counter()
         if self.recorder is not None:
             with self.recorder:
-                teacher = self.teacher(**inputs)
+                teacher = frozen(**inputs)
             inputs["layer_inputs"] = self.recorder.inputs
         else:
-            teacher = self.teacher(**inputs)
+            teacher = frozen(**inputs)
         synchronize(ids.device)
         teacher_s = time.perf_counter() - start
 
         student = forward(**inputs)
         parts: list[tuple[float, LossOutput]] = []
         if phase.w_attn > 0:
-            heads = self.teacher.module.config.num_attention_heads
+            heads = teacher_config.num_attention_heads
             align_positions, align_count = positions[phase.align_tokens]
             parts.append((phase.w_attn, attention_alignment_loss(
                 student.attention_outputs, teacher.attention_outputs, align_positions, heads, align_count)))
@@ -255,16 +276,17 @@ class DistillPhase(MeltStudentPhase):
             student_logits, teacher_logits, loop_numbers = student.loop_logits, teacher.loop_logits, None
         else:  # the last loop's logits only: `logits` is the last loop's
             student_logits, teacher_logits = (student.logits,), (teacher.logits,)
-            loop_numbers = [self.teacher.module.config.total_ut_steps]
+            loop_numbers = [teacher_config.total_ut_steps]
         kd_positions, kd_count = positions[phase.kd_tokens]
         with torch.set_grad_enabled(phase.w_kd > 0 and torch.is_grad_enabled()):
             parts.append((phase.w_kd, logit_distillation_loss(
                 student_logits, teacher_logits, kd_positions, temperature=kd.temperature, kind=kd.kind,
                 top_k=kd.top_k, all_loops=kd.all_loops, normalizer=kd_count, loop_numbers=loop_numbers)))
         with torch.set_grad_enabled(phase.w_ce > 0 and torch.is_grad_enabled()):
-            ce = LossSection(kind="last_loop_ce", per_loop_metrics=phase.per_loop_metrics)
+            ce = LossSection.model_validate({"kind": "last_loop_ce", "per_loop_metrics": phase.per_loop_metrics})
             parts.append((phase.w_ce, lm_loss(ce, student, labels, counts.labelled)))
         total = sum(weight * part.total for weight, part in parts if weight > 0)
+        assert isinstance(total, torch.Tensor)  # some weight is > 0 (DistillPhaseSection's check)
         metrics, metric_tokens = {}, {}
         for _, part in parts:  # each part's means are over its own tokens
             metrics.update(part.metrics)
@@ -277,12 +299,16 @@ class DistillPhase(MeltStudentPhase):
     def after_fit(self, run_dir: Path) -> None:
         """The teacher's weights as held now vs its checkpoint, by sha256 per tensor (in the held
         dtype): <run_dir>/teacher_check.json, written by rank 0."""
-        if self.teacher is None or not self.cfg.teacher.verify_unchanged:
+        if self.teacher is None or not self.teacher_section.verify_unchanged:
             return
+        assert self.teacher_dir is not None  # build_model sets it with the teacher
         tensors = CheckpointTensors(self.teacher_dir) if comm.rank() == 0 else None
         report = {}
         for name, held in self.teacher.full_tensors():
-            if held is None or name not in tensors:
+            if held is None:  # ranks other than 0
+                continue
+            assert tensors is not None  # rank 0, which holds the full tensors, reads the checkpoint
+            if name not in tensors:
                 continue
             report[name] = {"held_sha256": tensor_digest(held),
                             "checkpoint_sha256": tensor_digest(tensors(name).to(held.dtype)),
