@@ -22,6 +22,8 @@ debian-deps:
 
 test: setup debian-deps
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 	$(PY) -m pytest tests
 
 test-fast: setup debian-deps

@@ -22,5 +22,12 @@ from config_loader.loader import (
     resolve_includes,
 )
 
-__all__ = ["ConfigLoadError", "apply_overrides", "deep_merge", "format_validation_errors",
-           "load_yaml_with_includes", "read_yaml", "resolve_includes"]
+__all__ = [
+    "ConfigLoadError",
+    "apply_overrides",
+    "deep_merge",
+    "format_validation_errors",
+    "load_yaml_with_includes",
+    "read_yaml",
+    "resolve_includes",
+]

@@ -36,8 +36,7 @@ def deep_merge(base: dict, top: dict) -> dict:
     """`top` merged onto `base`: mappings key by key (recursively), anything else replaced by top's."""
     out = dict(base)
     for key, value in top.items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
-            else value
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
@@ -46,42 +45,60 @@ def _expand_named_sections(node: dict, named_sections: Collection[str]) -> dict:
     return {k: {"name": v} if k in named_sections and isinstance(v, str) else v for k, v in node.items()}
 
 
-def resolve_includes(node: Any, base_dir: Path, *, named_sections: Collection[str] = (),
-                     error: ErrorType = ConfigLoadError, _stack: tuple = ()) -> Any:
+def resolve_includes(
+    node: Any,
+    base_dir: Path,
+    *,
+    named_sections: Collection[str] = (),
+    error: ErrorType = ConfigLoadError,
+    _stack: tuple = (),
+) -> Any:
     """Replace every mapping's ``_base_: path`` by that file's content, merged under the mapping's own
     keys (paths relative to `base_dir`). In every mapping, a key of `named_sections` whose value is a
     string is read as that section's ``name`` (``engine: fsdp`` -> ``engine: {name: fsdp}``)."""
     if isinstance(node, list):
-        return [resolve_includes(v, base_dir, named_sections=named_sections, error=error, _stack=_stack)
-                for v in node]
+        return [resolve_includes(v, base_dir, named_sections=named_sections, error=error, _stack=_stack) for v in node]
     if not isinstance(node, dict):
         return node
     node = dict(node)
     base = node.pop("_base_", None)
-    node = _expand_named_sections({k: resolve_includes(v, base_dir, named_sections=named_sections, error=error,
-                                                       _stack=_stack) for k, v in node.items()}, named_sections)
+    node = _expand_named_sections(
+        {
+            k: resolve_includes(v, base_dir, named_sections=named_sections, error=error, _stack=_stack)
+            for k, v in node.items()
+        },
+        named_sections,
+    )
     if base is None:
         return node
     path = (base_dir / str(base)).resolve()
     if path in _stack:
         raise error(f"circular _base_ include of {path}")
-    included = resolve_includes(read_yaml(path, error=error) or {}, path.parent, named_sections=named_sections,
-                                error=error, _stack=_stack + (path,))
+    included = resolve_includes(
+        read_yaml(path, error=error) or {},
+        path.parent,
+        named_sections=named_sections,
+        error=error,
+        _stack=_stack + (path,),
+    )
     if not isinstance(included, dict):
         raise error(f"_base_ file {path} must hold a mapping")
     return deep_merge(included, node)
 
 
-def load_yaml_with_includes(path: Union[str, Path], *, named_sections: Collection[str] = (),
-                            error: ErrorType = ConfigLoadError) -> Any:
+def load_yaml_with_includes(
+    path: Union[str, Path], *, named_sections: Collection[str] = (), error: ErrorType = ConfigLoadError
+) -> Any:
     """A YAML file with its ``_base_`` includes resolved (`resolve_includes`); an empty file is ``{}``."""
     path = Path(path).resolve()
-    return resolve_includes(read_yaml(path, error=error) or {}, path.parent, named_sections=named_sections,
-                            error=error, _stack=(path,))
+    return resolve_includes(
+        read_yaml(path, error=error) or {}, path.parent, named_sections=named_sections, error=error, _stack=(path,)
+    )
 
 
-def apply_overrides(raw: dict, overrides: list[str], *, named_sections: Collection[str] = (),
-                    error: ErrorType = ConfigLoadError) -> dict:
+def apply_overrides(
+    raw: dict, overrides: list[str], *, named_sections: Collection[str] = (), error: ErrorType = ConfigLoadError
+) -> dict:
     """A copy of `raw` with each ``dotted.key=value`` item set (the value parsed as YAML; missing
     mappings on the way are created). A key of `named_sections` given a string sets its ``name``."""
     raw = copy.deepcopy(raw)
@@ -101,16 +118,21 @@ def apply_overrides(raw: dict, overrides: list[str], *, named_sections: Collecti
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise error(f"override {item!r}: config key {'.'.join(parts[:depth + 1])!r} is not a mapping")
+                raise error(f"override {item!r}: config key {'.'.join(parts[: depth + 1])!r} is not a mapping")
             node = child
         node[parts[-1]] = value
     return raw
 
 
-def format_validation_errors(err: ValidationError, *, key_label: str = "{}", prefix: str = "",
-                             tags: Optional[Mapping[str, Collection[str]]] = None,
-                             hidden_inputs: tuple[type, ...] = (dict, list),
-                             bare_model_errors: bool = True) -> list[str]:
+def format_validation_errors(
+    err: ValidationError,
+    *,
+    key_label: str = "{}",
+    prefix: str = "",
+    tags: Optional[Mapping[str, Collection[str]]] = None,
+    hidden_inputs: tuple[type, ...] = (dict, list),
+    bare_model_errors: bool = True,
+) -> list[str]:
     """One line per problem of `err`, naming the key: ``<key>: unknown key``, ``<key>: required but
     missing``, else ``<key>: <message> (got <input>)``.
 

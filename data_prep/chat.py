@@ -39,9 +39,16 @@ CHAT = Stage("chat", "conversations", _render, lambda conversation: conversation
 def prepare_chat(cfg: ChatConfig) -> Prepared:
     tok, dtype = load_for(cfg)
     template, template_info = resolve_template(tok, cfg.chat_template, cfg.tokenizer)
-    inputs, items = open_source(cfg, parse_conversation, partial(read_jsonl, parse=parse_conversation),
-                                JSONL_SUFFIXES)
+    inputs, items = open_source(cfg, parse_conversation, partial(read_jsonl, parse=parse_conversation), JSONL_SUFFIXES)
     layout = ChatLayout(cfg.pack, cfg.long, cfg.seq_len, dtype.name, pad_id(tok))
-    return prepare_rows(cfg, CHAT, tok, tokenizer_sha256(tok, template), layout, inputs, items,
-                        {"tok": tok, "dtype": dtype, "template": template},
-                        {"chat_template": template_info, "loss_mask": "assistant tokens and their end of turn"})
+    return prepare_rows(
+        cfg,
+        CHAT,
+        tok,
+        tokenizer_sha256(tok, template),
+        layout,
+        inputs,
+        items,
+        {"tok": tok, "dtype": dtype, "template": template},
+        {"chat_template": template_info, "loss_mask": "assistant tokens and their end of turn"},
+    )

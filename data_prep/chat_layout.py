@@ -38,10 +38,10 @@ class Rows:
 
     def __getitem__(self, rows: slice) -> Rows:
         lo, hi = int(self.bounds[rows.start]), int(self.bounds[rows.stop])
-        return Rows(self.order[lo:hi], self.bounds[rows.start:rows.stop + 1] - lo)
+        return Rows(self.order[lo:hi], self.bounds[rows.start : rows.stop + 1] - lo)
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        return (self.order[self.bounds[r]:self.bounds[r + 1]] for r in range(len(self)))
+        return (self.order[self.bounds[r] : self.bounds[r + 1]] for r in range(len(self)))
 
 
 def greedy_bounds(sizes: np.ndarray, seq_len: int) -> np.ndarray:
@@ -73,9 +73,11 @@ class ChatLayout:
 
     @property
     def columns(self) -> dict[str, str]:
-        return {"input_ids": ndarray_column(self.dtype, self.seq_len),
-                "loss_mask": ndarray_column(np.uint8, self.seq_len),
-                "segment_ids": ndarray_column(self.segment_dtype, self.seq_len)}
+        return {
+            "input_ids": ndarray_column(self.dtype, self.seq_len),
+            "loss_mask": ndarray_column(np.uint8, self.seq_len),
+            "segment_ids": ndarray_column(self.segment_dtype, self.seq_len),
+        }
 
     @property
     def bytes_per_window(self) -> int:
@@ -98,17 +100,22 @@ class ChatLayout:
             dropped[NO_ASSISTANT_LEFT] = int((~keep).sum())
         order = np.flatnonzero(keep)
         if not len(order):
-            raise DataPrepError(f"all {len(lengths)} conversations were dropped (--seq-len {n}, --long {self.long}: "
-                                f"{dropped[TOO_LONG]} {TOO_LONG}, {dropped[NO_ASSISTANT_LEFT]} with "
-                                f"{NO_ASSISTANT_LEFT}); raise --seq-len")
+            raise DataPrepError(
+                f"all {len(lengths)} conversations were dropped (--seq-len {n}, --long {self.long}: "
+                f"{dropped[TOO_LONG]} {TOO_LONG}, {dropped[NO_ASSISTANT_LEFT]} with "
+                f"{NO_ASSISTANT_LEFT}); raise --seq-len"
+            )
         sizes = np.minimum(lengths[order], n)
         bounds = greedy_bounds(sizes, n) if self.mode == "packed" else np.arange(len(order) + 1)
         rows = len(bounds) - 1
-        counts = {"windows": rows, "dropped_tokens": int(lengths.sum() - sizes.sum()),
-                  "padding_tokens": int(rows * n - sizes.sum()),
-                  "assistant_tokens": int(assistant[order].sum()),
-                  "truncated_conversations": int((long & keep).sum()),
-                  "dropped_conversations": {"total": sum(dropped.values()), "by_reason": dropped}}
+        counts = {
+            "windows": rows,
+            "dropped_tokens": int(lengths.sum() - sizes.sum()),
+            "padding_tokens": int(rows * n - sizes.sum()),
+            "assistant_tokens": int(assistant[order].sum()),
+            "truncated_conversations": int((long & keep).sum()),
+            "dropped_conversations": {"total": sum(dropped.values()), "by_reason": dropped},
+        }
         return counts, Rows(order, bounds)
 
     def samples(self, store: TokenStore, rows: Rows) -> Iterator[dict[str, np.ndarray]]:

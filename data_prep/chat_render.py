@@ -26,17 +26,23 @@ from .errors import DataPrepError
 from .tokenizer import encode_batch
 
 
-def _render(tok: Any, template: str, conversations: list[list[dict[str, Any]]], generation_prompt: bool,
-            origin: str) -> list[str]:
+def _render(
+    tok: Any, template: str, conversations: list[list[dict[str, Any]]], generation_prompt: bool, origin: str
+) -> list[str]:
     from transformers.utils.chat_template_utils import render_jinja_template
 
     try:  # what apply_chat_template does, also for the empty prefix of a leading assistant message
         # (rendered texts, generation indices); transformers annotates the function `-> str`
-        texts, _ = cast(tuple[list[str], list], render_jinja_template(
-            conversations, chat_template=template, add_generation_prompt=generation_prompt, **tok.special_tokens_map))
+        texts, _ = cast(
+            tuple[list[str], list],
+            render_jinja_template(
+                conversations, chat_template=template, add_generation_prompt=generation_prompt, **tok.special_tokens_map
+            ),
+        )
     except Exception as err:  # jinja2 errors, raise_exception() in the template, bad keys
-        raise DataPrepError(f"{origin}: the chat template failed on this conversation: "
-                            f"{type(err).__name__}: {err}") from None
+        raise DataPrepError(
+            f"{origin}: the chat template failed on this conversation: {type(err).__name__}: {err}"
+        ) from None
     return texts
 
 
@@ -44,15 +50,15 @@ def _texts(tok: Any, template: str, conversation: Conversation) -> tuple[list[st
     """The whole conversation's text, then (before, after) per assistant message; their indices."""
     messages = conversation.messages
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    whole_and_after = _render(tok, template, [messages] + [messages[:i + 1] for i in assistant], False,
-                              conversation.origin)
+    whole_and_after = _render(
+        tok, template, [messages] + [messages[: i + 1] for i in assistant], False, conversation.origin
+    )
     before = _render(tok, template, [messages[:i] for i in assistant], True, conversation.origin)
     pairs = [text for pair in zip(before, whole_and_after[1:]) for text in pair]
     return [whole_and_after[0], *pairs], assistant
 
 
-def render_masked(tok: Any, template: str, conversations: list[Conversation]
-                  ) -> list[tuple[list[int], np.ndarray]]:
+def render_masked(tok: Any, template: str, conversations: list[Conversation]) -> list[tuple[list[int], np.ndarray]]:
     """Each conversation's ids and loss mask (uint8), all texts tokenized in one batch call."""
     rendered = [_texts(tok, template, c) for c in conversations]
     ids = iter(encode_batch(tok, [text for texts, _ in rendered for text in texts]))
@@ -63,11 +69,12 @@ def render_masked(tok: Any, template: str, conversations: list[Conversation]
         for i in assistant:
             before, after = next(ids), next(ids)
             for name, prefix in (("before", before), ("through", after)):
-                if whole[:len(prefix)] != prefix:
+                if whole[: len(prefix)] != prefix:
                     raise DataPrepError(
                         f"{conversation.origin}: the chat template's rendering of the messages {name} "
                         f"assistant message {i} does not tokenize as a prefix of the whole conversation, "
-                        "so its tokens cannot be located (does the template rewrite earlier turns?)")
-            mask[len(before):len(after)] = 1
+                        "so its tokens cannot be located (does the template rewrite earlier turns?)"
+                    )
+            mask[len(before) : len(after)] = 1
         out.append((whole, mask))
     return out

@@ -50,8 +50,10 @@ def resolve_template(tok: Any, option: str | None, tokenizer_name: str) -> tuple
         try:
             template = tok.get_chat_template()
         except ValueError as err:  # none set, or several without a default
-            raise DataPrepError(f"tokenizer {tokenizer_name!r} has no usable chat template ({err}); give one "
-                                "with --chat-template FILE.jinja (or chatml), or store one in the tokenizer "
-                                "(train-tokenizer --chat-template)") from None
+            raise DataPrepError(
+                f"tokenizer {tokenizer_name!r} has no usable chat template ({err}); give one "
+                "with --chat-template FILE.jinja (or chatml), or store one in the tokenizer "
+                "(train-tokenizer --chat-template)"
+            ) from None
         source = "tokenizer"
     return template, {"source": source, "sha256": hashlib.sha256(template.encode()).hexdigest()}

@@ -32,20 +32,30 @@ from .errors import DataPrepError
 def _run_text(cfg: TextConfig) -> str:
     from .text import prepare_text
 
-    return _rows_summary(cfg.out, prepare_text(cfg), lambda m: (
-        f"{m['documents']:,} documents, {m['tokens']:,} tokens -> {m['windows']:,} windows of "
-        f"{m['seq_len']} ({m['dropped_tokens']:,} tokens dropped, "
-        f"{m['skipped_documents']['total']:,} documents skipped)"))
+    return _rows_summary(
+        cfg.out,
+        prepare_text(cfg),
+        lambda m: (
+            f"{m['documents']:,} documents, {m['tokens']:,} tokens -> {m['windows']:,} windows of "
+            f"{m['seq_len']} ({m['dropped_tokens']:,} tokens dropped, "
+            f"{m['skipped_documents']['total']:,} documents skipped)"
+        ),
+    )
 
 
 def _run_chat(cfg: ChatConfig) -> str:
     from .chat import prepare_chat
 
-    return _rows_summary(cfg.out, prepare_chat(cfg), lambda m: (
-        f"{m['documents']:,} conversations, {m['tokens']:,} tokens ({m['assistant_tokens']:,} assistant) "
-        f"-> {m['windows']:,} rows of {m['seq_len']} ({m['pack']}; {m['padding_tokens']:,} padding tokens, "
-        f"{m['truncated_conversations']:,} conversations truncated, {m['dropped_conversations']['total']:,} "
-        f"dropped, {m['skipped_documents']['total']:,} skipped)"))
+    return _rows_summary(
+        cfg.out,
+        prepare_chat(cfg),
+        lambda m: (
+            f"{m['documents']:,} conversations, {m['tokens']:,} tokens ({m['assistant_tokens']:,} assistant) "
+            f"-> {m['windows']:,} rows of {m['seq_len']} ({m['pack']}; {m['padding_tokens']:,} padding tokens, "
+            f"{m['truncated_conversations']:,} conversations truncated, {m['dropped_conversations']['total']:,} "
+            f"dropped, {m['skipped_documents']['total']:,} skipped)"
+        ),
+    )
 
 
 def _run_synthetic_chat(cfg: SyntheticChatConfig) -> str:
@@ -62,8 +72,9 @@ def _run_synthetic(cfg: SyntheticConfig) -> str:
     r = prepare_synthetic(cfg)
     tokens = sum(m.get("tokens", 0) for m in r.manifests.values())
     counts = ", ".join(f"{split}: {m['windows']:,} samples" for split, m in r.manifests.items()) if r.built else ""
-    return _summary(cfg.out, r.built, f"task {cfg.task}, seq_len {r.manifests['train']['seq_len']}, {counts}",
-                    tokens, r.seconds)
+    return _summary(
+        cfg.out, r.built, f"task {cfg.task}, seq_len {r.manifests['train']['seq_len']}, {counts}", tokens, r.seconds
+    )
 
 
 def _rows_summary(out: str, r: Any, counts: Callable[[dict[str, Any]], str]) -> str:

@@ -77,7 +77,8 @@ class RowsConfig(WriteConfig):
     max_docs: int | None = Field(None, ge=1, description="stop after this many documents (rows of the input)")
     on_bad_doc: Literal["error", "skip"] = Field("error", description=BAD_DOC_HELP)
     dtype: Literal["auto", "uint16", "uint32"] = Field(
-        "auto", description="input_ids dtype; auto = uint16 when the vocabulary fits")
+        "auto", description="input_ids dtype; auto = uint16 when the vocabulary fits"
+    )
     part_chars: int = Field(1_000_000, ge=1, description="characters per tokenization task (load balancing only)")
 
     @model_validator(mode="after")
@@ -94,7 +95,8 @@ class TextConfig(RowsConfig):
 
     text_field: str = Field("text", description="document field in .jsonl/.parquet/datasets rows")
     pack: Literal["concat", "pad"] = Field(
-        "concat", description="concat: documents joined with EOS; pad: one padded window per document")
+        "concat", description="concat: documents joined with EOS; pad: one padded window per document"
+    )
 
 
 class ChatConfig(RowsConfig):
@@ -103,14 +105,19 @@ class ChatConfig(RowsConfig):
 
     input: list[str] | None = Field(None, description="files, directories or globs (.jsonl, .jsonl.gz)")
     on_bad_doc: Literal["error", "skip"] = Field(
-        "error", description="a malformed conversation stops the run, or is skipped and counted")
+        "error", description="a malformed conversation stops the run, or is skipped and counted"
+    )
     chat_template: str | None = Field(
-        None, description="Jinja file replacing the tokenizer's chat template, or 'chatml'")
+        None, description="Jinja file replacing the tokenizer's chat template, or 'chatml'"
+    )
     pack: Literal["packed", "pad"] = Field(
-        "packed", description="packed: whole conversations greedily into rows; pad: one conversation per row")
+        "packed", description="packed: whole conversations greedily into rows; pad: one conversation per row"
+    )
     long: Literal["drop", "truncate"] = Field(
-        "drop", description="a conversation longer than --seq-len: dropped (default), or cut to its first "
-                            "seq_len tokens (dropped all the same when no assistant token is left)")
+        "drop",
+        description="a conversation longer than --seq-len: dropped (default), or cut to its first "
+        "seq_len tokens (dropped all the same when no assistant token is left)",
+    )
 
 
 class TaskConfig(PrepConfig):
@@ -124,14 +131,16 @@ class TaskConfig(PrepConfig):
     eval_per_difficulty: int = Field(500, ge=1, description="eval samples per k")
     params: dict[str, int] = Field({}, description="task parameters KEY=VALUE (pointer: distractors; arith: modulus)")
     samples_per_part: int = Field(
-        50_000, ge=1, description="train samples per generation task (one seed stream; synthetic: one MDS subfolder)")
+        50_000, ge=1, description="train samples per generation task (one seed stream; synthetic: one MDS subfolder)"
+    )
 
 
 class SyntheticConfig(WriteConfig, TaskConfig):
     """``python -m data_prep synthetic``: a reasoning task -> DIR/train, DIR/eval, DIR/tokenizer."""
 
     running_product: bool = Field(
-        True, description="s3: also supervise the running product at prompt positions (train split)")
+        True, description="s3: also supervise the running product at prompt positions (train split)"
+    )
 
 
 class SyntheticChatConfig(TaskConfig):
@@ -141,8 +150,11 @@ class SyntheticChatConfig(TaskConfig):
     out: str = Field(description="JSONL file of the train conversations (.jsonl or .jsonl.gz)")
     eval_out: str | None = Field(None, description="JSONL file of the held-out eval conversations")
     system: str | None = Field(None, description="system prompt added to every conversation")
-    trace: bool = Field(True, description="the assistant writes the task's intermediate steps (s3: running "
-                                          "products) before '#### ' and the answer")
+    trace: bool = Field(
+        True,
+        description="the assistant writes the task's intermediate steps (s3: running "
+        "products) before '#### ' and the answer",
+    )
     overwrite: bool = Field(False, description="replace existing output files")
 
 
@@ -157,7 +169,8 @@ class TrainTokenizerConfig(PrepConfig):
     max_docs: int | None = Field(None, ge=1, description="train on at most this many documents")
     on_bad_doc: Literal["error", "skip"] = Field("error", description=BAD_DOC_HELP)
     chat_template: str | None = Field(
-        None, description="'chatml' (adds <|im_start|> and <|im_end|>) or a Jinja file: stored as the chat template")
+        None, description="'chatml' (adds <|im_start|> and <|im_end|>) or a Jinja file: stored as the chat template"
+    )
     overwrite: bool = Field(False, description="replace a non-empty --out")
 
 

@@ -18,15 +18,23 @@ INDEX = "index.json"
 
 def fingerprint(kind: str, arguments: dict[str, Any], tokenizer_sha256: str, inputs: Any) -> str:
     """Identity of a dataset: same fingerprint = same shards (rerun is a no-op)."""
-    payload = {"format_version": FORMAT_VERSION, "kind": kind, "arguments": arguments,
-               "tokenizer_sha256": tokenizer_sha256, "inputs": inputs}
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "arguments": arguments,
+        "tokenizer_sha256": tokenizer_sha256,
+        "inputs": inputs,
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def differences(old: dict[str, Any], new: dict[str, Any], semantic: list[str]) -> list[str]:
     """What makes manifest ``new`` a different dataset from ``old`` (for the refusal message)."""
-    found = [f"{key}: {old.get('arguments', {}).get(key)!r} -> {new['arguments'].get(key)!r}"
-             for key in semantic if old.get("arguments", {}).get(key) != new["arguments"].get(key)]
+    found = [
+        f"{key}: {old.get('arguments', {}).get(key)!r} -> {new['arguments'].get(key)!r}"
+        for key in semantic
+        if old.get("arguments", {}).get(key) != new["arguments"].get(key)
+    ]
     if old.get("tokenizer", {}).get("sha256") != new["tokenizer"]["sha256"]:
         found.append("tokenizer (content hash)")
     if old.get("inputs") != new.get("inputs"):
@@ -66,15 +74,21 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     directory = Path(directory)
     manifest = load_json(directory / MANIFEST)
     if manifest is None:
-        raise DataPrepError(f"{directory}: no readable {MANIFEST}; not a complete prepared dataset "
-                            "(an interrupted run, or not made by data_prep)")
+        raise DataPrepError(
+            f"{directory}: no readable {MANIFEST}; not a complete prepared dataset "
+            "(an interrupted run, or not made by data_prep)"
+        )
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataPrepError(f"{directory / MANIFEST}: format_version {manifest.get('format_version')!r}, "
-                            f"this code reads {FORMAT_VERSION}")
+        raise DataPrepError(
+            f"{directory / MANIFEST}: format_version {manifest.get('format_version')!r}, "
+            f"this code reads {FORMAT_VERSION}"
+        )
     index = directory / INDEX
     if not index.exists() or file_sha256(index) != manifest.get("index_sha256"):
-        raise DataPrepError(f"{index}: missing or changed since {MANIFEST} was written "
-                            "(index_sha256 differs); prepare the dataset again")
+        raise DataPrepError(
+            f"{index}: missing or changed since {MANIFEST} was written "
+            "(index_sha256 differs); prepare the dataset again"
+        )
     return manifest
 
 

@@ -33,14 +33,21 @@ def ndarray_column(dtype: npt.DTypeLike, length: int) -> str:
     return f"ndarray:{np.dtype(dtype).name}:{length}"
 
 
-def write_part(location: Location, columns: dict[str, str], samples: Iterable[dict[str, Any]],
-               options: ShardOptions) -> int:
+def write_part(
+    location: Location, columns: dict[str, str], samples: Iterable[dict[str, Any]], options: ShardOptions
+) -> int:
     """Write ``samples`` into ``location`` (uploading when it has a remote); returns the count."""
     from streaming import MDSWriter
 
     count = 0
-    with MDSWriter(out=location.mds_out, columns=columns, compression=options.compression,
-                   hashes=list(options.hashes), size_limit=options.size_limit, keep_local=True) as writer:
+    with MDSWriter(
+        out=location.mds_out,
+        columns=columns,
+        compression=options.compression,
+        hashes=list(options.hashes),
+        size_limit=options.size_limit,
+        keep_local=True,
+    ) as writer:
         for sample in samples:
             writer.write(sample)
             count += 1

@@ -121,13 +121,15 @@ class RemoteTarget:
     def _clear(self) -> None:
         """Delete the old dataset, manifests first so that it stops looking complete at once."""
         if not self.out.startswith("s3://"):
-            raise DataPrepError(f"--overwrite of {self.out}: only s3:// outputs can be cleared here; "
-                                "delete the prefix yourself")
+            raise DataPrepError(
+                f"--overwrite of {self.out}: only s3:// outputs can be cleared here; delete the prefix yourself"
+            )
         bucket = urllib.parse.urlparse(self.out).netloc
         keys = sorted(self._keys(), key=lambda k: not k.endswith("manifest.json"))
         for start in range(0, len(keys), 1000):
             self.uploader.s3.delete_objects(
-                Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[start:start + 1000]]})
+                Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[start : start + 1000]]}
+            )
 
     def publish(self, manifests: list[str]) -> None:
         for relpath in manifests:
@@ -145,8 +147,14 @@ def target_for(out: str) -> LocalTarget | RemoteTarget:
     return RemoteTarget(out) if is_remote(out) else LocalTarget(out)
 
 
-def build_once(out: str, manifests: list[str], expected: dict[str, Any], semantic: list[str],
-               overwrite: bool, build: Callable[[Location], None]) -> bool:
+def build_once(
+    out: str,
+    manifests: list[str],
+    expected: dict[str, Any],
+    semantic: list[str],
+    overwrite: bool,
+    build: Callable[[Location], None],
+) -> bool:
     """Run ``build`` into a staging location and publish it, unless ``out`` already holds the
     dataset whose manifests carry ``expected['fingerprint']``. Returns whether it built."""
     target = target_for(out)
@@ -156,8 +164,11 @@ def build_once(out: str, manifests: list[str], expected: dict[str, Any], semanti
             return False
         if not target.is_empty() and not overwrite:
             old = next((m for m in existing if m is not None), None)
-            why = ("it holds no complete dataset (an interrupted run?)" if old is None
-                   else "it holds a different dataset: " + "; ".join(differences(old, expected, semantic)))
+            why = (
+                "it holds no complete dataset (an interrupted run?)"
+                if old is None
+                else "it holds a different dataset: " + "; ".join(differences(old, expected, semantic))
+            )
             raise DataPrepError(f"{target} is not empty and {why}. Pass --overwrite to replace it.")
         location = target.stage(overwrite)
         build(location)

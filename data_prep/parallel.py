@@ -17,8 +17,7 @@ R = TypeVar("R")
 
 
 class WorkerPool:
-    def __init__(self, workers: int, initializer: Callable[..., None] | None = None,
-                 initargs: tuple[Any, ...] = ()):
+    def __init__(self, workers: int, initializer: Callable[..., None] | None = None, initargs: tuple[Any, ...] = ()):
         self.workers = workers
         self._executor: ProcessPoolExecutor | None = None
         if workers == 1:
@@ -27,8 +26,9 @@ class WorkerPool:
         else:
             # fork: workers inherit the already imported streaming/transformers (seconds of
             # import each otherwise) and the initializer's arguments without pickling.
-            self._executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                                                 initializer=initializer, initargs=initargs)
+            self._executor = ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("fork"), initializer=initializer, initargs=initargs
+            )
 
     def map(self, fn: Callable[[T], R], tasks: Iterable[T]) -> Iterator[R]:
         if self._executor is None:

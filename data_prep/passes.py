@@ -90,20 +90,35 @@ def load_for(cfg: RowsConfig) -> tuple[Any, np.dtype]:
     return tok, token_dtype(len(tok), cfg.dtype)
 
 
-def prepare_rows(cfg: TextConfig | ChatConfig, stage: Stage, tok: Any, tok_sha256: str, layout: Layout, inputs: Any,
-                 items: Callable[[], Iterable[Any]], worker_state: dict[str, Any],
-                 extra: dict[str, Any] | None = None) -> Prepared:
+def prepare_rows(
+    cfg: TextConfig | ChatConfig,
+    stage: Stage,
+    tok: Any,
+    tok_sha256: str,
+    layout: Layout,
+    inputs: Any,
+    items: Callable[[], Iterable[Any]],
+    worker_state: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> Prepared:
     """Build ``cfg.out`` (unless it already holds this dataset) and return its manifest."""
     started = time.perf_counter()
     local_tok = Path(cfg.tokenizer)
-    tok_info = {"name_or_path": str(local_tok.resolve()) if local_tok.is_dir() else cfg.tokenizer,
-                "sha256": tok_sha256}
+    tok_info = {"name_or_path": str(local_tok.resolve()) if local_tok.is_dir() else cfg.tokenizer, "sha256": tok_sha256}
     semantic = cfg.semantic_arguments()
     manifest: dict[str, Any] = {
-        "format_version": FORMAT_VERSION, "kind": stage.kind, "seq_len": cfg.seq_len, "pack": cfg.pack,
-        "columns": layout.columns, "tokenizer": tok_info, "vocab_size": len(tok),
-        "eos_token_id": tok.eos_token_id, "pad_token_id": layout.pad_id,
-        "arguments": cfg.model_dump(mode="json"), "inputs": inputs, **(extra or {}),
+        "format_version": FORMAT_VERSION,
+        "kind": stage.kind,
+        "seq_len": cfg.seq_len,
+        "pack": cfg.pack,
+        "columns": layout.columns,
+        "tokenizer": tok_info,
+        "vocab_size": len(tok),
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": layout.pad_id,
+        "arguments": cfg.model_dump(mode="json"),
+        "inputs": inputs,
+        **(extra or {}),
         "fingerprint": fingerprint(stage.kind, semantic, tok_sha256, inputs),
     }
 
@@ -115,8 +130,9 @@ def prepare_rows(cfg: TextConfig | ChatConfig, stage: Stage, tok: Any, tok_sha25
     return Prepared(manifest, built, time.perf_counter() - started)
 
 
-def _tasks(items: Iterable[Any], size: Callable[[Any], int], part_chars: int,
-           scratch: str) -> Iterator[tuple[int, list[Any], str]]:
+def _tasks(
+    items: Iterable[Any], size: Callable[[Any], int], part_chars: int, scratch: str
+) -> Iterator[tuple[int, list[Any], str]]:
     batch: list[Any] = []
     chars = 0
     index = 0
@@ -143,8 +159,14 @@ def _write(task: _WriteTask) -> int:
     return write_part(task.location, task.layout.columns, task.layout.samples(task.store, task.rows), task.options)
 
 
-def _build(cfg: RowsConfig, stage: Stage, layout: Layout, items: Iterable[Any], worker_state: dict[str, Any],
-           location: Location) -> dict[str, Any]:
+def _build(
+    cfg: RowsConfig,
+    stage: Stage,
+    layout: Layout,
+    items: Iterable[Any],
+    worker_state: dict[str, Any],
+    location: Location,
+) -> dict[str, Any]:
     scratch = location.local / ".scratch"
     scratch.mkdir()
     skipped = SkipCounter()
@@ -164,13 +186,20 @@ def _build(cfg: RowsConfig, stage: Stage, layout: Layout, items: Iterable[Any], 
             options = ShardOptions(cfg.compression, tuple(cfg.hashes), cfg.shard_size)
             starts = range(0, len(rows), per_part)
             names = [part_name(i) for i in range(len(starts))]
-            tasks = (_WriteTask(location.sub(name), layout, store, rows[start:min(start + per_part, len(rows))],
-                                options) for name, start in zip(names, starts))
+            tasks = (
+                _WriteTask(location.sub(name), layout, store, rows[start : min(start + per_part, len(rows))], options)
+                for name, start in zip(names, starts)
+            )
             with tqdm(total=len(rows), desc="write", unit="row") as bar:
                 for written in pool.map(_write, tasks):
                     bar.update(written)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return {"documents": store.total_documents, "tokens": store.total_tokens, **counts,
-            "skipped_documents": skipped.as_dict(), "parts": len(names),
-            "index_sha256": merge_parts(location, names)}
+    return {
+        "documents": store.total_documents,
+        "tokens": store.total_tokens,
+        **counts,
+        "skipped_documents": skipped.as_dict(),
+        "parts": len(names),
+        "index_sha256": merge_parts(location, names),
+    }

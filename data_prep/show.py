@@ -35,8 +35,10 @@ def _marked(tok: Any, ids: np.ndarray, mask: np.ndarray) -> str:
     """The tokens decoded run by run, the runs with mask 1 marked."""
     cuts = np.flatnonzero(np.diff(mask)) + 1
     runs = zip(np.split(ids, cuts), np.split(mask, cuts))
-    return "".join(TRAINED.format(tok.decode([int(i) for i in run])) if m[0] else tok.decode([int(i) for i in run])
-                   for run, m in runs)
+    return "".join(
+        TRAINED.format(tok.decode([int(i) for i in run])) if m[0] else tok.decode([int(i) for i in run])
+        for run, m in runs
+    )
 
 
 def _chat_lines(tok: Any, sample: dict[str, Any]) -> list[str]:
@@ -46,8 +48,10 @@ def _chat_lines(tok: Any, sample: dict[str, Any]) -> list[str]:
         at = segments == number
         ids, mask = sample["input_ids"][at], sample["loss_mask"][at]
         text = _marked(tok, ids, mask) if tok is not None else f"ids {ids.tolist()}, mask {mask.tolist()}"
-        lines.append(f"conversation {number} ({len(ids)} tokens, {int(mask.sum())} trained): {text[:600]!r}"
-                     + ("..." if len(text) > 600 else ""))
+        lines.append(
+            f"conversation {number} ({len(ids)} tokens, {int(mask.sum())} trained): {text[:600]!r}"
+            + ("..." if len(text) > 600 else "")
+        )
     return lines + [f"padding: {int((segments == 0).sum())} tokens"]
 
 
@@ -58,9 +62,11 @@ def _sample_lines(tok: Any, sample: dict[str, Any]) -> list[str]:
     if "prompt_length" in sample:  # synthetic: prompt | answer, and every trained target
         cut = int(sample["prompt_length"])
         labels = sample["labels"]
-        targets = ", ".join(f"{i - 1}->{_render(tok, labels[i:i + 1])}" for i in np.flatnonzero(labels != IGNORE))
-        return [f"k={int(sample['difficulty'])}: {_render(tok, ids[:cut])} | {_render(tok, ids[cut:])}",
-                f"    targets (position->token): {targets}"]
+        targets = ", ".join(f"{i - 1}->{_render(tok, labels[i : i + 1])}" for i in np.flatnonzero(labels != IGNORE))
+        return [
+            f"k={int(sample['difficulty'])}: {_render(tok, ids[:cut])} | {_render(tok, ids[cut:])}",
+            f"    targets (position->token): {targets}",
+        ]
     if "loss_mask" in sample:
         ids = ids[sample["loss_mask"].astype(bool)]
     text = _render(tok, ids)
@@ -73,17 +79,21 @@ def _one(directory: Path, samples: int) -> list[str]:
     manifest = read_manifest(directory)
     index = json.loads((directory / INDEX).read_text())
     nbytes = sum((s.get("zip_data") or s["raw_data"])["bytes"] for s in index["shards"])
-    lines = [f"== {directory} ({manifest['kind']}{', ' + manifest['split'] if 'split' in manifest else ''})",
-             f"samples {sum(s['samples'] for s in index['shards']):,} in {len(index['shards'])} shards "
-             f"({nbytes / 1e6:.1f} MB); documents {manifest['documents']:,}, tokens {manifest['tokens']:,}, "
-             f"windows {manifest['windows']:,} of {manifest['seq_len']}, dropped tokens "
-             f"{manifest['dropped_tokens']:,}; index sha256 {manifest['index_sha256'][:12]} (verified)"]
+    lines = [
+        f"== {directory} ({manifest['kind']}{', ' + manifest['split'] if 'split' in manifest else ''})",
+        f"samples {sum(s['samples'] for s in index['shards']):,} in {len(index['shards'])} shards "
+        f"({nbytes / 1e6:.1f} MB); documents {manifest['documents']:,}, tokens {manifest['tokens']:,}, "
+        f"windows {manifest['windows']:,} of {manifest['seq_len']}, dropped tokens "
+        f"{manifest['dropped_tokens']:,}; index sha256 {manifest['index_sha256'][:12]} (verified)",
+    ]
     if manifest["kind"] == "chat":
         dropped = manifest["dropped_conversations"]
-        lines.append(f"conversations {manifest['documents']:,} ({manifest['pack']}): assistant tokens "
-                     f"{manifest['assistant_tokens']:,}, padding {manifest['padding_tokens']:,}, truncated "
-                     f"{manifest['truncated_conversations']:,}, dropped {dropped['total']:,} {dropped['by_reason']}; "
-                     f"template: {manifest['chat_template']['source']}")
+        lines.append(
+            f"conversations {manifest['documents']:,} ({manifest['pack']}): assistant tokens "
+            f"{manifest['assistant_tokens']:,}, padding {manifest['padding_tokens']:,}, truncated "
+            f"{manifest['truncated_conversations']:,}, dropped {dropped['total']:,} {dropped['by_reason']}; "
+            f"template: {manifest['chat_template']['source']}"
+        )
     dataset = LocalDataset(str(directory))
     tok = _decoder(directory, manifest)
     for i in range(min(samples, len(dataset))):
@@ -96,6 +106,7 @@ def inspect_dataset(path: str, samples: int) -> str:
     root = Path(path)
     splits = sorted(p.parent for p in root.glob(f"*/{MANIFEST}")) if not (root / MANIFEST).exists() else []
     if not (root / MANIFEST).exists() and not splits:
-        raise DataPrepError(f"{root}: no {MANIFEST} here or in its subfolders; not a prepared "
-                            "dataset (or an interrupted run)")
+        raise DataPrepError(
+            f"{root}: no {MANIFEST} here or in its subfolders; not a prepared dataset (or an interrupted run)"
+        )
     return "\n".join(line for d in (splits or [root]) for line in _one(d, samples))

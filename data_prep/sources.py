@@ -56,8 +56,11 @@ class SkipCounter:
             log.warning("skipped %s: %s", bad.origin, bad.reason)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"total": sum(self.reasons.values()), "by_reason": dict(sorted(self.reasons.items())),
-                "examples": self.examples}
+        return {
+            "total": sum(self.reasons.values()),
+            "by_reason": dict(sorted(self.reasons.items())),
+            "examples": self.examples,
+        }
 
 
 def expand_inputs(patterns: Iterable[str], suffixes: tuple[str, ...] = SUFFIXES) -> list[Path]:
@@ -206,20 +209,27 @@ def describe_dataset(name: str, subset: str | None, split: str) -> dict[str, Any
     return identity
 
 
-def open_source(cfg: RowsConfig, parse: Callable[[Any, str], Any], read: Callable[[list[Path]], Iterator[Any]],
-                suffixes: tuple[str, ...] = SUFFIXES) -> tuple[Any, Callable[[], Iterator[Any]]]:
+def open_source(
+    cfg: RowsConfig,
+    parse: Callable[[Any, str], Any],
+    read: Callable[[list[Path]], Iterator[Any]],
+    suffixes: tuple[str, ...] = SUFFIXES,
+) -> tuple[Any, Callable[[], Iterator[Any]]]:
     """The identity of ``cfg``'s input (files or dataset; for the fingerprint) and a reader of
     its items: ``read`` over the files (of these suffixes), or ``parse`` over the dataset's rows."""
     if cfg.input is not None:
         files = expand_inputs(cfg.input, suffixes)
         return describe_files(files), partial(read, files)
     assert cfg.dataset is not None  # RowsConfig: exactly one of input and dataset
-    return (describe_dataset(cfg.dataset, cfg.subset, cfg.split),
-            partial(read_dataset, cfg.dataset, cfg.subset, cfg.split, parse))
+    return (
+        describe_dataset(cfg.dataset, cfg.subset, cfg.split),
+        partial(read_dataset, cfg.dataset, cfg.subset, cfg.split, parse),
+    )
 
 
-def good_documents(items: Iterable[Any], on_bad: str, skipped: SkipCounter,
-                   max_docs: int | None = None) -> Iterator[Any]:
+def good_documents(
+    items: Iterable[Any], on_bad: str, skipped: SkipCounter, max_docs: int | None = None
+) -> Iterator[Any]:
     """Apply the bad-document policy; empty documents are always skipped (and counted). Items
     other than Document/BadDocument (conversations) pass as they are."""
     count = 0

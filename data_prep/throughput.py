@@ -83,17 +83,33 @@ def _cpu_seconds() -> float:
 
 def _rates(tokens: int, seconds: float, cpu_seconds: float) -> dict[str, float]:
     # tokens per CPU-second hardly depends on other load on the machine; wall time does.
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "cpu_seconds": cpu_seconds, "tokens_per_cpu_s": tokens / cpu_seconds}
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "cpu_seconds": cpu_seconds,
+        "tokens_per_cpu_s": tokens / cpu_seconds,
+    }
 
 
 def _raw_in_subprocess(corpus: Path, tokenizer: Path, part_chars: int, threads: int) -> dict[str, float]:
-    env = {**os.environ, "RAYON_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "true" if threads > 1 else "false"}
-    code = ("import json,sys; from data_prep.throughput import raw_throughput; "
-            "print(json.dumps(raw_throughput(sys.argv[1], sys.argv[2], int(sys.argv[3]))))")
-    out = subprocess.run([sys.executable, "-c", code, str(corpus), str(tokenizer), str(part_chars)], env=env,
-                         check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "RAYON_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "true" if threads > 1 else "false",
+    }
+    code = (
+        "import json,sys; from data_prep.throughput import raw_throughput; "
+        "print(json.dumps(raw_throughput(sys.argv[1], sys.argv[2], int(sys.argv[3]))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(corpus), str(tokenizer), str(part_chars)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -113,8 +129,12 @@ def run_bench(cfg: BenchConfig) -> str:
         part_chars = TextConfig.model_fields["part_chars"].default
         result: dict[str, Any] = {
             "corpus": {"bytes": corpus.stat().st_size, "documents": documents},
-            "tokenizer": {"kind": "byte-level BPE", "vocab_size": cfg.vocab_size}, "seq_len": cfg.seq_len,
-            "cpu_count": os.cpu_count(), "loadavg_before": list(os.getloadavg()), "raw": {}, "stage": {},
+            "tokenizer": {"kind": "byte-level BPE", "vocab_size": cfg.vocab_size},
+            "seq_len": cfg.seq_len,
+            "cpu_count": os.cpu_count(),
+            "loadavg_before": list(os.getloadavg()),
+            "raw": {},
+            "stage": {},
         }
         index_hashes = set()
         for workers in cfg.workers:
@@ -124,28 +144,46 @@ def run_bench(cfg: BenchConfig) -> str:
                 out = work / f"out-{workers}"
                 shutil.rmtree(out, ignore_errors=True)
                 started, cpu = time.perf_counter(), _cpu_seconds()
-                run = prepare_text(TextConfig(input=[str(corpus)], tokenizer=str(work / "tokenizer"),
-                                              seq_len=cfg.seq_len, out=str(out), workers=workers))
+                run = prepare_text(
+                    TextConfig(
+                        input=[str(corpus)],
+                        tokenizer=str(work / "tokenizer"),
+                        seq_len=cfg.seq_len,
+                        out=str(out),
+                        workers=workers,
+                    )
+                )
                 tokens = run.manifest["tokens"]
                 stage.append(_rates(tokens, time.perf_counter() - started, _cpu_seconds() - cpu))
                 index_hashes.add(run.manifest["index_sha256"])
             for kind, runs in (("raw", raw), ("stage", stage)):
-                result[kind][str(workers)] = {**max(runs, key=lambda r: float(r["tokens_per_s"])),  # type: ignore[arg-type]
-                                              "all_tokens_per_s": [r["tokens_per_s"] for r in runs]}
+                result[kind][str(workers)] = {
+                    **max(runs, key=lambda r: float(r["tokens_per_s"])),  # type: ignore[arg-type]
+                    "all_tokens_per_s": [r["tokens_per_s"] for r in runs],
+                }
         result["corpus"]["tokens"] = tokens
-        result["ratio_stage_vs_raw"] = {w: result["stage"][w]["tokens_per_s"] / result["raw"][w]["tokens_per_s"]
-                                        for w in result["stage"]}
+        result["ratio_stage_vs_raw"] = {
+            w: result["stage"][w]["tokens_per_s"] / result["raw"][w]["tokens_per_s"] for w in result["stage"]
+        }
         result["cpu_efficiency_stage_vs_raw"] = {
-            w: result["stage"][w]["tokens_per_cpu_s"] / result["raw"][w]["tokens_per_cpu_s"] for w in result["stage"]}
+            w: result["stage"][w]["tokens_per_cpu_s"] / result["raw"][w]["tokens_per_cpu_s"] for w in result["stage"]
+        }
         first = str(cfg.workers[0])
-        result["scaling_vs_first"] = {w: {kind: result[kind][w]["tokens_per_s"] / result[kind][first]["tokens_per_s"]
-                                          for kind in ("stage", "raw")} for w in result["stage"]}
+        result["scaling_vs_first"] = {
+            w: {
+                kind: result[kind][w]["tokens_per_s"] / result[kind][first]["tokens_per_s"] for kind in ("stage", "raw")
+            }
+            for w in result["stage"]
+        }
         result["identical_output_across_workers"] = len(index_hashes) == 1
         result["loadavg_after"] = list(os.getloadavg())
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.out).write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"workers {w}: stage {result['stage'][w]['tokens_per_s']:,.0f} tok/s, raw tokenizer "
-             f"{result['raw'][w]['tokens_per_s']:,.0f} tok/s, ratio {result['ratio_stage_vs_raw'][w]:.2f}, "
-             f"stage scaling {result['scaling_vs_first'][w]['stage']:.2f}x; per CPU-second: ratio "
-             f"{result['cpu_efficiency_stage_vs_raw'][w]:.2f}" for w in result["stage"]]
+    lines = [
+        f"workers {w}: stage {result['stage'][w]['tokens_per_s']:,.0f} tok/s, raw tokenizer "
+        f"{result['raw'][w]['tokens_per_s']:,.0f} tok/s, ratio {result['ratio_stage_vs_raw'][w]:.2f}, "
+        f"stage scaling {result['scaling_vs_first'][w]['stage']:.2f}x; per CPU-second: ratio "
+        f"{result['cpu_efficiency_stage_vs_raw'][w]:.2f}"
+        for w in result["stage"]
+    ]
     return "\n".join(lines + [f"results -> {cfg.out}"])

@@ -26,8 +26,14 @@ def train_tokenizer(cfg: TrainTokenizerConfig) -> Any:
         first = next(docs, None)
         if first is None:
             raise DataPrepError(f"no documents in {', '.join(cfg.input)} to train the tokenizer on")
-        tok = train_bpe((d.text for d in chain([first], docs)), cfg.vocab_size, cfg.min_frequency,
-                        location.local, template, specials)
+        tok = train_bpe(
+            (d.text for d in chain([first], docs)),
+            cfg.vocab_size,
+            cfg.min_frequency,
+            location.local,
+            template,
+            specials,
+        )
         target.publish([])
         return tok
     finally:

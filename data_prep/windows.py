@@ -36,15 +36,15 @@ class TokenPart:
     mask_path: str | None = None
 
 
-def save_part(scratch: str, index: int, flat: np.ndarray, ends: np.ndarray,
-              mask: np.ndarray | None = None) -> TokenPart:
+def save_part(
+    scratch: str, index: int, flat: np.ndarray, ends: np.ndarray, mask: np.ndarray | None = None
+) -> TokenPart:
     paths = {kind: os.path.join(scratch, f"{index:06d}.{kind}.npy") for kind in ("ids", "ends", "mask")}
     np.save(paths["ids"], flat)
     np.save(paths["ends"], ends)
     if mask is not None:
         np.save(paths["mask"], mask)
-    return TokenPart(paths["ids"], paths["ends"], len(ends), len(flat),
-                     paths["mask"] if mask is not None else None)
+    return TokenPart(paths["ids"], paths["ends"], len(ends), len(flat), paths["mask"] if mask is not None else None)
 
 
 class TokenStore:
@@ -80,7 +80,7 @@ class TokenStore:
         while start < stop:
             base = int(self.token_starts[i])
             end = min(stop, int(self.token_starts[i + 1]))
-            chunks.append(self._arrays(i)[0][start - base:end - base])
+            chunks.append(self._arrays(i)[0][start - base : end - base])
             start = end
             i += 1
         return np.concatenate(chunks) if len(chunks) != 1 else np.asarray(chunks[0])
@@ -143,13 +143,26 @@ class Packing:
         if self.mode == "concat":
             windows = store.total_tokens // self.seq_len
             if windows == 0:
-                raise DataPrepError(f"the input has {store.total_tokens} tokens, fewer than one "
-                                    f"window of --seq-len {self.seq_len}")
-            return ({"windows": windows, "dropped_tokens": store.total_tokens - windows * self.seq_len,
-                     "truncated_documents": 0}, range(windows))
+                raise DataPrepError(
+                    f"the input has {store.total_tokens} tokens, fewer than one window of --seq-len {self.seq_len}"
+                )
+            return (
+                {
+                    "windows": windows,
+                    "dropped_tokens": store.total_tokens - windows * self.seq_len,
+                    "truncated_documents": 0,
+                },
+                range(windows),
+            )
         over = np.maximum(store.document_lengths() - self.seq_len, 0)
-        return ({"windows": store.total_documents, "dropped_tokens": int(over.sum()),
-                 "truncated_documents": int((over > 0).sum())}, range(store.total_documents))
+        return (
+            {
+                "windows": store.total_documents,
+                "dropped_tokens": int(over.sum()),
+                "truncated_documents": int((over > 0).sum()),
+            },
+            range(store.total_documents),
+        )
 
     def samples(self, store: TokenStore, rows: range) -> Iterator[dict[str, np.ndarray]]:
         """The planned rows ``rows`` (a slice of plan()'s) as MDS samples."""
@@ -160,7 +173,7 @@ class Packing:
         for d in rows:
             doc = store.document(d)[:n]
             ids = np.full(n, self.pad_id, dtype=self.dtype)
-            ids[:len(doc)] = doc
+            ids[: len(doc)] = doc
             mask = np.zeros(n, dtype=np.uint8)
-            mask[:len(doc)] = 1
+            mask[: len(doc)] = 1
             yield {"input_ids": ids, "loss_mask": mask}

@@ -23,8 +23,9 @@ from launchers.plan import REPO_ROOT, LaunchError, build_plan
 from pipeline.evaluation import demo_report
 
 
-def run_then_report(argv, prog: str, doc: str, default_config: Path,
-                    write_report: Callable[[Path, object], dict]) -> int:
+def run_then_report(
+    argv, prog: str, doc: str, default_config: Path, write_report: Callable[[Path, object], dict]
+) -> int:
     """Run an experiment's missing stages locally, then write and print its report."""
     parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(default_config), help="the experiment")
@@ -43,8 +44,11 @@ def run_then_report(argv, prog: str, doc: str, default_config: Path,
         return 2
     tag = prog.rsplit(".", 1)[-1]
     if not args.report_only:
-        print(f"[{tag}] run directory {plan.run_dir}; stages to run: "
-              f"{', '.join(p.name for p in plan.stages) or 'none (all complete)'}", flush=True)
+        print(
+            f"[{tag}] run directory {plan.run_dir}; stages to run: "
+            f"{', '.join(p.name for p in plan.stages) or 'none (all complete)'}",
+            flush=True,
+        )
         try:
             if run(plan) != 0:
                 return 1
@@ -53,14 +57,21 @@ def run_then_report(argv, prog: str, doc: str, default_config: Path,
             return 130
     report = write_report(plan.run_dir, experiment)
     print(report["markdown"])
-    print(f"[{tag}] report: {plan.run_dir / 'report.md'} ({time.time() - start:.0f}s); "
-          f"TensorBoard: tensorboard --logdir {plan.run_dir}")
+    print(
+        f"[{tag}] report: {plan.run_dir / 'report.md'} ({time.time() - start:.0f}s); "
+        f"TensorBoard: tensorboard --logdir {plan.run_dir}"
+    )
     return 0
 
 
 def main(argv=None) -> int:
-    return run_then_report(argv, "python -m drivers.demo", __doc__,
-                           REPO_ROOT / "configs" / "experiments" / "demo.yaml", demo_report.write_report)
+    return run_then_report(
+        argv,
+        "python -m drivers.demo",
+        __doc__,
+        REPO_ROOT / "configs" / "experiments" / "demo.yaml",
+        demo_report.write_report,
+    )
 
 
 if __name__ == "__main__":

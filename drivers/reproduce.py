@@ -18,8 +18,13 @@ from pipeline.evaluation import reproduce_report
 
 
 def main(argv=None) -> int:
-    return run_then_report(argv, "python -m drivers.reproduce", __doc__,
-                           REPO_ROOT / "configs" / "experiments" / "reproduce.yaml", reproduce_report.write_report)
+    return run_then_report(
+        argv,
+        "python -m drivers.reproduce",
+        __doc__,
+        REPO_ROOT / "configs" / "experiments" / "reproduce.yaml",
+        reproduce_report.write_report,
+    )
 
 
 if __name__ == "__main__":

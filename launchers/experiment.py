@@ -138,7 +138,7 @@ DEFAULT_ENTRY = {"train": "pipeline.train", "evaluate": "pipeline.evaluate", "da
 DEFAULT_ARG_STYLE = {"train": "dotted", "evaluate": "flags", "data_prep": "flags"}
 DEFAULT_OUTPUT_ARG = {"train": "run_dir=", "evaluate": "--out", "data_prep": "--out"}
 DEFAULT_OUTPUT_FILE = {"train": None, "evaluate": "results.json", "data_prep": None}
-SINGLE_TASK_KINDS = ("data_prep", "evaluate")   # one task on one node, whatever the GPUs
+SINGLE_TASK_KINDS = ("data_prep", "evaluate")  # one task on one node, whatever the GPUs
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _SPECIAL_PLACEHOLDERS = ("run_dir", "output")
 
@@ -167,13 +167,13 @@ def parse_time_minutes(value: Union[int, str]) -> int:
             raise ValueError(f"time must be minutes or [D-]HH:MM:SS, got {value!r}")
         days, a, b, c = match.groups()
         days = int(days or 0)
-        if days and b is None:            # "D-HH"
+        if days and b is None:  # "D-HH"
             hours, mins, secs = int(a), 0, 0
-        elif c is not None:               # "HH:MM:SS"
+        elif c is not None:  # "HH:MM:SS"
             hours, mins, secs = int(a), int(b), int(c)
-        elif b is not None:               # "MM:SS" (SLURM's reading of two fields without days)
+        elif b is not None:  # "MM:SS" (SLURM's reading of two fields without days)
             hours, mins, secs = (int(a), int(b), 0) if days else (0, int(a), int(b))
-        else:                             # "MM"
+        else:  # "MM"
             hours, mins, secs = 0, int(a), 0
         minutes = days * 1440 + hours * 60 + mins + (1 if secs else 0)
     if minutes <= 0:
@@ -232,10 +232,20 @@ class Resources(_Strict):
 
 
 _MANAGED_SBATCH = {
-    "partition": "partition", "account": "account", "qos": "qos", "constraint": "constraint",
-    "nodes": "nodes", "gpus-per-node": "gpus_per_node", "ntasks-per-node": "tasks_per_node",
-    "cpus-per-task": "cpus_per_task", "mem": "mem_gb", "time": "time", "signal": "signal_delay_s",
-    "dependency": "stages.<name>.after / inputs", "output": "(the run layout)", "error": "(the run layout)",
+    "partition": "partition",
+    "account": "account",
+    "qos": "qos",
+    "constraint": "constraint",
+    "nodes": "nodes",
+    "gpus-per-node": "gpus_per_node",
+    "ntasks-per-node": "tasks_per_node",
+    "cpus-per-task": "cpus_per_task",
+    "mem": "mem_gb",
+    "time": "time",
+    "signal": "signal_delay_s",
+    "dependency": "stages.<name>.after / inputs",
+    "output": "(the run layout)",
+    "error": "(the run layout)",
     "job-name": "name",
 }
 _NOT_INHERITED_BY_SINGLE_TASK = ("nodes", "gpus_per_node", "tasks_per_node")
@@ -244,9 +254,10 @@ _NOT_INHERITED_BY_SINGLE_TASK = ("nodes", "gpus_per_node", "tasks_per_node")
 class ReferenceTiming(_Strict):
     """Each stage's wall seconds on a reference machine and launchers.progress.speed_probe()'s time
     there: the local launcher scales them to this machine for the expected time and the ETA."""
-    machine: str = ""                          # where they were measured (printed, for the reader)
+
+    machine: str = ""  # where they were measured (printed, for the reader)
     probe_s: float = Field(gt=0)
-    stages: dict[str, float]                   # stage name -> wall seconds
+    stages: dict[str, float]  # stage name -> wall seconds
 
 
 class LocalSettings(_Strict):
@@ -373,20 +384,26 @@ class Experiment(_Strict):
             for at, ref in stage.references():
                 source = ref_stage(ref)
                 if source not in self.stages:
-                    raise ValueError(f"{where}.{at}: {ref!r} names no stage of this experiment "
-                                     f"(stages: {', '.join(order)}); an input must be produced by an earlier "
-                                     "stage (put existing paths or hub names in `overrides` or `args`)")
+                    raise ValueError(
+                        f"{where}.{at}: {ref!r} names no stage of this experiment "
+                        f"(stages: {', '.join(order)}); an input must be produced by an earlier "
+                        "stage (put existing paths or hub names in `overrides` or `args`)"
+                    )
                 if source not in earlier:
-                    raise ValueError(f"{where}.{at}: {ref!r} comes from stage {source!r}, which does not "
-                                     f"run before {name!r} (order: {', '.join(order)})")
+                    raise ValueError(
+                        f"{where}.{at}: {ref!r} comes from stage {source!r}, which does not "
+                        f"run before {name!r} (order: {', '.join(order)})"
+                    )
             for dep in stage.after:
                 if dep not in earlier:
                     raise ValueError(f"{where}.after: {dep!r} is not an earlier stage (order: {', '.join(order)})")
             out = stage.output if stage.output is not None else ("data" if stage.kind == "data_prep" else name)
             out = out.strip("/")
             if not out or out.startswith("..") or out.split("/")[0] in ("slurm", "local"):
-                raise ValueError(f"{where}.output: {stage.output!r} must be a directory inside run_dir "
-                                 "(not slurm/ or local/, used for logs)")
+                raise ValueError(
+                    f"{where}.output: {stage.output!r} must be a directory inside run_dir "
+                    "(not slurm/ or local/, used for logs)"
+                )
             if out in outputs.values():
                 other = next(k for k, v in outputs.items() if v == out)
                 raise ValueError(f"{where}: output directory {out!r} is also stage {other!r}'s; set `output`")
@@ -397,11 +414,15 @@ class Experiment(_Strict):
         timing = self.local.reference_timing
         unknown = sorted(set(timing.stages) - set(self.stages)) if timing else []
         if unknown:
-            raise ValueError(f"local.reference_timing.stages: {', '.join(map(repr, unknown))} name no stage "
-                             f"(stages: {', '.join(order)})")
+            raise ValueError(
+                f"local.reference_timing.stages: {', '.join(map(repr, unknown))} name no stage "
+                f"(stages: {', '.join(order)})"
+            )
         if self._short_delay:
-            self._notes.append(f"signal_delay_s < {MIN_SIGNAL_DELAY_S} s for stage(s) {', '.join(self._short_delay)} "
-                               "(allow_short_signal_delay is set: for tests on tiny models only)")
+            self._notes.append(
+                f"signal_delay_s < {MIN_SIGNAL_DELAY_S} s for stage(s) {', '.join(self._short_delay)} "
+                "(allow_short_signal_delay is set: for tests on tiny models only)"
+            )
             warnings.warn(self._notes[-1], stacklevel=2)
         return self
 
@@ -421,20 +442,27 @@ class Experiment(_Strict):
             raise ValueError("\n  ".join(config_loader.format_validation_errors(err, prefix=where))) from None
         if stage.kind in SINGLE_TASK_KINDS:
             if res.nodes != 1 or (res.tasks_per_node or 1) != 1:
-                raise ValueError(f"{where}: a {stage.kind} stage runs one task on one node (got nodes={res.nodes}, "
-                                 f"tasks_per_node={res.tasks_per_node}); give it cpus_per_task / gpus_per_node")
+                raise ValueError(
+                    f"{where}: a {stage.kind} stage runs one task on one node (got nodes={res.nodes}, "
+                    f"tasks_per_node={res.tasks_per_node}); give it cpus_per_task / gpus_per_node"
+                )
             res = res.model_copy(update={"tasks_per_node": 1})
         elif res.gpus_per_node and res.tasks_per_node is not None and res.tasks_per_node != res.gpus_per_node:
-            raise ValueError(f"{where}: tasks_per_node={res.tasks_per_node} but gpus_per_node="
-                             f"{res.gpus_per_node}: the launcher runs one task per GPU (leave tasks_per_node unset)")
+            raise ValueError(
+                f"{where}: tasks_per_node={res.tasks_per_node} but gpus_per_node="
+                f"{res.gpus_per_node}: the launcher runs one task per GPU (leave tasks_per_node unset)"
+            )
         if res.signal_delay_s >= res.time * 60:
-            raise ValueError(f"{where}: signal_delay_s={res.signal_delay_s} is not shorter than the time limit "
-                             f"({res.time} min)")
+            raise ValueError(
+                f"{where}: signal_delay_s={res.signal_delay_s} is not shorter than the time limit ({res.time} min)"
+            )
         if res.signal_delay_s < MIN_SIGNAL_DELAY_S:
             if not self.allow_short_signal_delay:
-                raise ValueError(f"{where}.signal_delay_s={res.signal_delay_s}: below {MIN_SIGNAL_DELAY_S} s the "
-                                 "job may be killed before it requeues; set allow_short_signal_delay: true only for "
-                                 "tests on tiny models")
+                raise ValueError(
+                    f"{where}.signal_delay_s={res.signal_delay_s}: below {MIN_SIGNAL_DELAY_S} s the "
+                    "job may be killed before it requeues; set allow_short_signal_delay: true only for "
+                    "tests on tiny models"
+                )
             self._short_delay.append(name)
         return res
 
@@ -459,6 +487,7 @@ class Experiment(_Strict):
 
 # ----------------------------------------------------------------------------- loading
 
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply ``dotted.key=value`` (value parsed as YAML) to the raw experiment mapping.
 
@@ -482,8 +511,9 @@ def load_experiment(path: Union[str, Path], overrides: Optional[list[str]] = Non
 def experiment_from_dict(raw: dict, overrides: Optional[list[str]] = None, source: str = "<experiment>") -> Experiment:
     raw = apply_overrides(raw, list(overrides or []))
     if "phases" in raw:
-        raise ExperimentError(f"{source}: the top-level key `phases` is now `stages`: rename it (in overrides too: "
-                              "stages.<name>.*)")
+        raise ExperimentError(
+            f"{source}: the top-level key `phases` is now `stages`: rename it (in overrides too: stages.<name>.*)"
+        )
     if "stages" in raw and not isinstance(raw["stages"], dict):
         raise ExperimentError(f"{source}: `stages` must be a mapping of stage name -> stage")
     try:

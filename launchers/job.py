@@ -108,8 +108,17 @@ def export_distributed_env() -> Any:
 class StageJob(submitit.helpers.Checkpointable):
     """One stage of an experiment, run by every task of its SLURM job."""
 
-    def __init__(self, experiment: str, stage: str, kind: str, entry: str, argv: list[str],
-                 workdir: str, repo_root: str, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        experiment: str,
+        stage: str,
+        kind: str,
+        entry: str,
+        argv: list[str],
+        workdir: str,
+        repo_root: str,
+        env: dict[str, str],
+    ) -> None:
         self.experiment = experiment
         self.stage = stage
         self.kind = kind
@@ -127,9 +136,12 @@ class StageJob(submitit.helpers.Checkpointable):
         dist = export_distributed_env()
         attempt = int(os.environ.get("SLURM_RESTART_COUNT", "0")) + 1
         tag = f"[launcher] {self.experiment}.{self.stage}"
-        print(f"{tag}: rank {dist.rank}/{dist.world_size} local {dist.local_rank}/{dist.local_world_size} "
-              f"master {dist.master_addr}:{dist.master_port} job {os.environ.get('SLURM_JOB_ID')} "
-              f"attempt {attempt} host {os.uname().nodename}", flush=True)
+        print(
+            f"{tag}: rank {dist.rank}/{dist.world_size} local {dist.local_rank}/{dist.local_world_size} "
+            f"master {dist.master_addr}:{dist.master_port} job {os.environ.get('SLURM_JOB_ID')} "
+            f"attempt {attempt} host {os.uname().nodename}",
+            flush=True,
+        )
         if dist.rank == 0:
             print(f"{tag}: {self.entry} {' '.join(self.argv)}", flush=True)
         start = time.time()
@@ -156,8 +168,11 @@ class StageJob(submitit.helpers.Checkpointable):
         global _requeue_requested
         _requeue_requested = True
         _mark(PREEMPTED, "USR2: submitit requeues the job")
-        print(f"[launcher] {self.experiment}.{self.stage}: preempted or timed out, requeueing "
-              "(the rerun resumes from the latest checkpoint)", flush=True)
+        print(
+            f"[launcher] {self.experiment}.{self.stage}: preempted or timed out, requeueing "
+            "(the rerun resumes from the latest checkpoint)",
+            flush=True,
+        )
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 

@@ -87,8 +87,9 @@ def train_engine(p: PlannedStage) -> Optional[str]:
 
     try:
         args = parse_args(p.argv)
-        raw = apply_overrides(select_phase(load_yaml_with_includes(args.config), args.phase, args.config),
-                              args.overrides)
+        raw = apply_overrides(
+            select_phase(load_yaml_with_includes(args.config), args.phase, args.config), args.overrides
+        )
     except (ConfigError, SystemExit):
         return None
     engine = raw.get("engine")
@@ -108,10 +109,32 @@ def command(plan: Plan, p: PlannedStage, port: Optional[int] = None) -> list[str
     n = str(nproc(plan, p))
     master_port = str(port or _free_port())
     if use_torchrun(plan, p):
-        return [python, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", n,
-                "--master_addr", "127.0.0.1", "--master_port", master_port, *_target(p.entry, "-m"), *p.argv]
-    return [python, "-m", "deepspeed.launcher.runner", "--num_gpus", n, "--master_port", master_port,
-            *_target(p.entry, "--module"), *p.argv]
+        return [
+            python,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            n,
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            master_port,
+            *_target(p.entry, "-m"),
+            *p.argv,
+        ]
+    return [
+        python,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        n,
+        "--master_port",
+        master_port,
+        *_target(p.entry, "--module"),
+        *p.argv,
+    ]
 
 
 def stage_env(p: PlannedStage) -> dict[str, str]:
@@ -139,8 +162,15 @@ class StageProcess:
         self.start = time.time()
         self.sink = open(self.log, "a")
         self.sink.write(f"$ {shlex.join(self.cmd)}\n")
-        self.proc = subprocess.Popen(self.cmd, env=stage_env(p), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, bufsize=1, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.cmd,
+            env=stage_env(p),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+        )
 
     def pump(self, lock: threading.Lock) -> int:
         """Copy the output until the process ends; return its exit code."""
@@ -151,8 +181,10 @@ class StageProcess:
                 self.out.flush()
             self.sink.write(line)
         code = self.proc.wait()
-        ending = (f"[local] {self.stage.name}: exit {code} after {time.time() - self.start:.0f}s, "
-                  f"at {time.strftime('%Y-%m-%dT%H:%M:%S')}")
+        ending = (
+            f"[local] {self.stage.name}: exit {code} after {time.time() - self.start:.0f}s, "
+            f"at {time.strftime('%Y-%m-%dT%H:%M:%S')}"
+        )
         self.sink.write(ending + "\n")  # the log keeps each run's outcome and wall time (the demo report reads it)
         self.sink.close()
         with lock:
@@ -219,8 +251,9 @@ def run(plan: Plan, out=None) -> int:
                     with lock:
                         running[p.name] = proc = StageProcess(plan, p, out, port, prefix=max_tasks > 1)
                     progress.stage_started(p.name)
-                    threading.Thread(target=lambda proc=proc: finished.put((proc.stage.name, proc.pump(lock))),
-                                     daemon=True).start()
+                    threading.Thread(
+                        target=lambda proc=proc: finished.put((proc.stage.name, proc.pump(lock))), daemon=True
+                    ).start()
                     pending.remove(p)
                     busy += need
                 if not running:
@@ -250,8 +283,10 @@ def run(plan: Plan, out=None) -> int:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Run an experiment's stages on this machine (no SLURM).",
-                                     epilog="The experiment format is documented in launchers/experiment.py.")
+    parser = argparse.ArgumentParser(
+        description="Run an experiment's stages on this machine (no SLURM).",
+        epilog="The experiment format is documented in launchers/experiment.py.",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     add_launch_arguments(parser, verb="run")
     return parser.parse_intermixed_args(argv)

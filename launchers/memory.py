@@ -31,7 +31,7 @@ DEFAULT_GPU_MEMORY_GB = 80.0
 @dataclass
 class StageMemory:
     name: str
-    plan: Any = None             # pipeline.planning.planner.MemoryPlan when planned
+    plan: Any = None  # pipeline.planning.planner.MemoryPlan when planned
     skipped: Optional[str] = None  # why it was not planned
 
     @property
@@ -61,6 +61,7 @@ def data_prep_seq_len(plan: Plan, stage: PlannedStage) -> tuple[Optional[int], s
 def run_config_of(argv: list[str]):
     from pipeline.train import parse_args
     from pipeline.training.config import load_run_config
+
     args = parse_args(argv)
     return load_run_config(args.config, args.overrides, args.phase)
 
@@ -68,6 +69,7 @@ def run_config_of(argv: list[str]):
 def export_architectures(plan: Plan, base: Path) -> dict:
     """The architecture of every train stage's export (by path), in experiment order."""
     from pipeline.planning.inputs import resolve_architectures
+
     exp = plan.experiment
     known: dict[str, Architecture] = {}
     for name, spec in exp.stages.items():
@@ -80,8 +82,9 @@ def export_architectures(plan: Plan, base: Path) -> dict:
             continue
         if cfg.phase.name != "pretrain":  # the export is a MELT model with its training phase's gate
             gate = getattr(cfg.phase, "gate", None) or model.config.get("gate", "elementwise")
-            model = type(model)({**model.config, "model_type": "melt", "gate": gate},
-                                f"stage {name}'s export ({model.source})")
+            model = type(model)(
+                {**model.config, "model_type": "melt", "gate": gate}, f"stage {name}'s export ({model.source})"
+            )
         else:
             model = type(model)(model.config, f"stage {name}'s export (its model.config)")
         export = output_dir(exp, plan.run_dir, name) / "export"
@@ -90,14 +93,19 @@ def export_architectures(plan: Plan, base: Path) -> dict:
     return known
 
 
-def plan_memory(plan: Plan, gpu_memory: Optional[int] = None, base: Optional[Path] = None,
-                progress: Optional[Callable[[str], None]] = None) -> list[StageMemory]:
+def plan_memory(
+    plan: Plan,
+    gpu_memory: Optional[int] = None,
+    base: Optional[Path] = None,
+    progress: Optional[Callable[[str], None]] = None,
+) -> list[StageMemory]:
     """Plan every launched GPU train stage (gpu_memory: bytes of one GPU for every stage, else each
     stage's resources.gpu_memory_gb)."""
     trains = [p for p in plan.stages if p.kind == "train" and p.resources.gpus_per_node > 0]
     if not trains:
         return []
     from pipeline.planning.planner import plan_run
+
     base = Path(base or Path.cwd())
     known = export_architectures(plan, base)
     results = []
@@ -106,12 +114,22 @@ def plan_memory(plan: Plan, gpu_memory: Optional[int] = None, base: Optional[Pat
         try:
             memory = gpu_memory or int((res.gpu_memory_gb or DEFAULT_GPU_MEMORY_GB) * 10**9)
             if progress:
-                progress(f"planning the memory of stage {p.name} ({res.nodes} x {res.gpus_per_node} GPUs, "
-                         f"{memory / 1e9:g} GB each)")
+                progress(
+                    f"planning the memory of stage {p.name} ({res.nodes} x {res.gpus_per_node} GPUs, "
+                    f"{memory / 1e9:g} GB each)"
+                )
             cfg = run_config_of(p.argv)
             seq_len, seq_len_source = data_prep_seq_len(plan, p)
-            result = plan_run(cfg, res.nodes, res.gpus_per_node, memory, seq_len=seq_len, known=known,
-                              progress=progress, seq_len_source=seq_len_source or "--seq-len")
+            result = plan_run(
+                cfg,
+                res.nodes,
+                res.gpus_per_node,
+                memory,
+                seq_len=seq_len,
+                known=known,
+                progress=progress,
+                seq_len_source=seq_len_source or "--seq-len",
+            )
             results.append(StageMemory(p.name, plan=result))
         except Exception as err:  # noqa: BLE001 - reported, the launch decides
             why = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"  # ConfigError too
@@ -121,6 +139,7 @@ def plan_memory(plan: Plan, gpu_memory: Optional[int] = None, base: Optional[Pat
 
 def print_memory(results: list[StageMemory], out: TextIO, prefix: str = "# ") -> None:
     from pipeline.planning.report import format_plan
+
     for r in results:
         print(f"{prefix}===== stage {r.name}: memory plan =====", file=out)
         if r.plan is None:
@@ -136,14 +155,24 @@ def not_fitting(results: list[StageMemory]) -> list[StageMemory]:
 
 def summary_line(r: StageMemory) -> str:
     from pipeline.planning.report import human
+
     p = r.plan
-    return (f"stage {r.name} does not fit: {human(p.peak)} per GPU planned, {p.gpu_memory / 1e9:g} GB "
-            f"available ({p.world_size} GPUs)")
+    return (
+        f"stage {r.name} does not fit: {human(p.peak)} per GPU planned, {p.gpu_memory / 1e9:g} GB "
+        f"available ({p.world_size} GPUs)"
+    )
 
 
 def progress_to_stderr(line: str) -> None:
     print(f"[plan] {line}", file=sys.stderr, flush=True)
 
 
-__all__ = ["DEFAULT_GPU_MEMORY_GB", "StageMemory", "plan_memory", "print_memory", "not_fitting", "summary_line",
-           "progress_to_stderr"]
+__all__ = [
+    "DEFAULT_GPU_MEMORY_GB",
+    "StageMemory",
+    "plan_memory",
+    "print_memory",
+    "not_fitting",
+    "summary_line",
+    "progress_to_stderr",
+]

@@ -32,9 +32,9 @@ class PlannedStage:
     spec: Stage
     resources: Resources
     output_dir: Path
-    entry: str                  # module name, or absolute script path
+    entry: str  # module name, or absolute script path
     argv: list[str]
-    inputs: dict[str, Path]     # where (inputs.<key> / args[i]) -> resolved path
+    inputs: dict[str, Path]  # where (inputs.<key> / args[i]) -> resolved path
     upstream: list[str] = field(default_factory=list)  # stages of this launch that must succeed first
 
     @property
@@ -47,7 +47,7 @@ class Plan:
     experiment: Experiment
     run_dir: Path
     stages: list[PlannedStage]
-    skipped: dict[str, str]     # stage -> why it is not launched
+    skipped: dict[str, str]  # stage -> why it is not launched
     notes: list[str] = field(default_factory=list)  # warnings (a dry run's missing files)
 
     def stage(self, name: str) -> PlannedStage:
@@ -57,8 +57,10 @@ class Plan:
         lines = []
         for p in self.stages:
             after = ", ".join(p.upstream) if p.upstream else "-"
-            lines.append(f"{p.name}: afterok [{after}]  ({p.kind}, {p.resources.nodes} node(s) x "
-                         f"{p.resources.ntasks_per_node} task(s), {p.resources.gpus_per_node} GPU(s)/node)")
+            lines.append(
+                f"{p.name}: afterok [{after}]  ({p.kind}, {p.resources.nodes} node(s) x "
+                f"{p.resources.ntasks_per_node} task(s), {p.resources.gpus_per_node} GPU(s)/node)"
+            )
         for name, why in self.skipped.items():
             lines.append(f"{name}: skipped ({why})")
         return lines
@@ -151,10 +153,10 @@ def stage_argv(exp: Experiment, name: str, run_dir: Path, base: Path) -> list[st
     argv += [substitute(render_value(a), exp, run_dir, name) for a in spec.args]
     pairs = list(flatten_overrides(spec.overrides).items())
     pairs += [(key, str(input_path(exp, run_dir, ref)[1])) for key, ref in spec.inputs.items()]
-    if spec.style == "flags":   # a CLI with flags: --key value
+    if spec.style == "flags":  # a CLI with flags: --key value
         for key, value in pairs:
             argv += [key if key.startswith("-") else "--" + key.replace("_", "-"), render_value(value)]
-    else:                        # the trainer's dotted.key=value overrides
+    else:  # the trainer's dotted.key=value overrides
         argv += [f"{key}={render_value(value)}" for key, value in pairs]
     flag, out = spec.output_flag, stage_output_path(exp, run_dir, name)
     if flag:
@@ -168,13 +170,18 @@ def parse_stage_list(text: Optional[str], exp: Experiment) -> Optional[list[str]
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in exp.stages]
     if unknown or not names:
-        raise LaunchError(f"--stages {text!r}: unknown stage(s) {unknown}; this experiment has "
-                          f"{', '.join(exp.stages)}")
+        raise LaunchError(f"--stages {text!r}: unknown stage(s) {unknown}; this experiment has {', '.join(exp.stages)}")
     return names
 
 
-def build_plan(exp: Experiment, run_dir: Optional[Path] = None, select: Optional[list[str]] = None,
-               resume: bool = False, base: Optional[Path] = None, strict: bool = True) -> Plan:
+def build_plan(
+    exp: Experiment,
+    run_dir: Optional[Path] = None,
+    select: Optional[list[str]] = None,
+    resume: bool = False,
+    base: Optional[Path] = None,
+    strict: bool = True,
+) -> Plan:
     """The stages to launch, in experiment order, with their inputs resolved and checked.
 
     `select`: launch only these stages (the outputs of the others they read must be complete on
@@ -214,22 +221,36 @@ def build_plan(exp: Experiment, run_dir: Optional[Path] = None, select: Optional
                 problems.append(
                     f"stage {name!r}, {at} = {ref}: stage {source!r} is not launched "
                     f"({skipped.get(source, 'not selected')}) and its output is not complete on disk ({what}); "
-                    f"launch it too (--stages {source},{name}) or run it first")
+                    f"launch it too (--stages {source},{name}) or run it first"
+                )
         if spec.config is not None and not _abs(spec.config, base).is_file():
             missing_files.append(f"stage {name!r}: run config {spec.config} not found (relative to {base})")
         entry = resolve_entry(spec.entry_point, base)
         if not entry_exists(entry):
             missing_files.append(f"stage {name!r} ({spec.kind}): entry point {entry!r} not found")
-        planned.append(PlannedStage(
-            name=name, spec=spec, resources=exp.resources_of(name), output_dir=output_dir(exp, run_dir, name),
-            entry=resolve_entry(spec.entry_point, base), argv=stage_argv(exp, name, run_dir, base),
-            inputs=inputs, upstream=[u for u in exp.upstream_of(name) if u in launch]))
+        planned.append(
+            PlannedStage(
+                name=name,
+                spec=spec,
+                resources=exp.resources_of(name),
+                output_dir=output_dir(exp, run_dir, name),
+                entry=resolve_entry(spec.entry_point, base),
+                argv=stage_argv(exp, name, run_dir, base),
+                inputs=inputs,
+                upstream=[u for u in exp.upstream_of(name) if u in launch],
+            )
+        )
     if strict:
         problems += missing_files
     if problems:
         raise LaunchError("cannot launch:\n  " + "\n  ".join(problems))
-    return Plan(experiment=exp, run_dir=run_dir, stages=planned, skipped=skipped,
-                notes=exp.notes + ([] if strict else missing_files))
+    return Plan(
+        experiment=exp,
+        run_dir=run_dir,
+        stages=planned,
+        skipped=skipped,
+        notes=exp.notes + ([] if strict else missing_files),
+    )
 
 
 def resolved_experiment(exp: Experiment, run_dir: Path, base: Optional[Path] = None) -> dict[str, Any]:
@@ -282,8 +303,12 @@ def add_launch_arguments(parser, verb: str = "launch") -> None:
     parser.add_argument("--config", help="experiment YAML (configs/experiments/*.yaml)")
     parser.add_argument("--stages", help=f"comma-separated subset of the stages to {verb}")
     parser.add_argument("--resume-from", metavar="RUN_DIR", help="continue this run: skip complete stages")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="experiment overrides, e.g. run_dir=DIR resources.partition=gpu")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="experiment overrides, e.g. run_dir=DIR resources.partition=gpu",
+    )
 
 
 def plan_from_args(args, strict: bool) -> Plan:
@@ -293,12 +318,22 @@ def plan_from_args(args, strict: bool) -> Plan:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exp.notes are printed below
         exp = experiment_for_launch(args.config, args.overrides, args.resume_from)
-    plan = build_plan(exp, select=parse_stage_list(args.stages, exp), resume=args.resume_from is not None,
-                      strict=strict)
+    plan = build_plan(
+        exp, select=parse_stage_list(args.stages, exp), resume=args.resume_from is not None, strict=strict
+    )
     for note in plan.notes:
         print(f"warning: {note}", file=sys.stderr, flush=True)
     return plan
 
 
-__all__ = ["ExperimentError", "LaunchError", "Plan", "PlannedStage", "build_plan", "experiment_for_launch",
-           "is_complete", "save_experiment", "REPO_ROOT"]
+__all__ = [
+    "ExperimentError",
+    "LaunchError",
+    "Plan",
+    "PlannedStage",
+    "build_plan",
+    "experiment_for_launch",
+    "is_complete",
+    "save_experiment",
+    "REPO_ROOT",
+]

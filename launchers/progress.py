@@ -42,9 +42,12 @@ def speed_probe(repeats: int = 3, iterations: int = 40) -> float:
                 h = x
                 for layer in range(0, len(weights), 4):
                     q, k, v = (h @ weights[layer + i] for i in range(3))
-                    att = F.scaled_dot_product_attention(q.unflatten(-1, (4, 16)).transpose(1, 2),
-                                                         k.unflatten(-1, (4, 16)).transpose(1, 2),
-                                                         v.unflatten(-1, (4, 16)).transpose(1, 2), is_causal=True)
+                    att = F.scaled_dot_product_attention(
+                        q.unflatten(-1, (4, 16)).transpose(1, 2),
+                        k.unflatten(-1, (4, 16)).transpose(1, 2),
+                        v.unflatten(-1, (4, 16)).transpose(1, 2),
+                        is_causal=True,
+                    )
                     h = h + F.gelu(att.transpose(1, 2).flatten(-2) @ weights[layer + 3])
                 h.square().mean().backward()
                 optimizer.step()
@@ -58,7 +61,7 @@ def speed_probe(repeats: int = 3, iterations: int = 40) -> float:
 @dataclass
 class Task:
     name: str
-    seconds: float          # what is left of it
+    seconds: float  # what is left of it
     procs: int
     upstream: list[str]
     running: bool = False
@@ -112,8 +115,15 @@ def format_seconds(seconds: float) -> str:
 class RunProgress:
     """The expected time of a local run and, every `interval` seconds while it runs, one ETA line."""
 
-    def __init__(self, plan, nproc: Callable, out: TextIO, lock: threading.Lock, interval: float = 30.0,
-                 probe: Callable = speed_probe):
+    def __init__(
+        self,
+        plan,
+        nproc: Callable,
+        out: TextIO,
+        lock: threading.Lock,
+        interval: float = 30.0,
+        probe: Callable = speed_probe,
+    ):
         self.plan, self.nproc, self.out, self.lock, self.interval = plan, nproc, out, lock, interval
         self.reference = plan.experiment.local.reference_timing
         self.started: dict[str, float] = {}
@@ -127,18 +137,26 @@ class RunProgress:
             probe_s = probe()
             self.scale = probe_s / self.reference.probe_s
             expected = self.remaining()
-            reference = schedule_seconds(self._tasks(lambda p: self._reference_s(p.name), running=set()),
-                                         plan.experiment.local.max_tasks)
-            print(f"[local] expected time: {format_seconds(expected)} (the reference machine took "
-                  f"{format_seconds(reference)}; this machine's speed probe: {probe_s:.2f}s against "
-                  f"{self.reference.probe_s:.2f}s, x{self.scale:.2f})", file=out, flush=True)
+            reference = schedule_seconds(
+                self._tasks(lambda p: self._reference_s(p.name), running=set()), plan.experiment.local.max_tasks
+            )
+            print(
+                f"[local] expected time: {format_seconds(expected)} (the reference machine took "
+                f"{format_seconds(reference)}; this machine's speed probe: {probe_s:.2f}s against "
+                f"{self.reference.probe_s:.2f}s, x{self.scale:.2f})",
+                file=out,
+                flush=True,
+            )
 
     def _reference_s(self, name: str) -> float:
         return self.reference.stages.get(name, 0.0) if self.reference else 0.0
 
     def _tasks(self, seconds: Callable, running: set[str]) -> list[Task]:
-        return [Task(p.name, seconds(p), self.nproc(self.plan, p), [u for u in p.upstream], p.name in running)
-                for p in self.plan.stages if p.name not in self.finished]
+        return [
+            Task(p.name, seconds(p), self.nproc(self.plan, p), [u for u in p.upstream], p.name in running)
+            for p in self.plan.stages
+            if p.name not in self.finished
+        ]
 
     def _observed_scale(self) -> float:
         """Real time over reference time of the finished stages (the probe's scale until one finished)."""
@@ -175,8 +193,10 @@ class RunProgress:
             if p.name in self.started:
                 fraction = train_progress(p.output_dir) if p.kind == "train" else None
                 parts.append(f"{p.name} {fraction:.0%}" if fraction is not None else f"{p.name} running")
-        text = (f"[local] {format_seconds(time.time() - self.begin)} elapsed, {len(self.finished)}/"
-                f"{len(self.plan.stages)} stages done; running: {', '.join(parts) or 'none'}")
+        text = (
+            f"[local] {format_seconds(time.time() - self.begin)} elapsed, {len(self.finished)}/"
+            f"{len(self.plan.stages)} stages done; running: {', '.join(parts) or 'none'}"
+        )
         if self.reference is not None:
             left = self.remaining()
             text += f"; ETA {format_seconds(left)} (done at {time.strftime('%H:%M:%S', time.localtime(time.time() + left))})"
@@ -188,6 +208,7 @@ class RunProgress:
                 text = self.line()
                 with self.lock:  # whole lines between the stages' output
                     print(text, file=self.out, flush=True)
+
         self._thread = threading.Thread(target=report, daemon=True)
         self._thread.start()
         return self
@@ -206,18 +227,35 @@ def calibrate(run_dir: Path) -> dict:
     seconds, _ = phase_times(run_dir)
     if not seconds:
         raise SystemExit(f"{run_dir}/local/ holds no finished stage's log")
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").is_file() else "unknown CPU"
-    return {"machine": f"{cpu}, {os.cpu_count()} cores",
-            "probe_s": round(speed_probe(), 3), "stages": {name: float(s) for name, s in sorted(seconds.items())}}
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            "unknown CPU",
+        )
+        if Path("/proc/cpuinfo").is_file()
+        else "unknown CPU"
+    )
+    return {
+        "machine": f"{cpu}, {os.cpu_count()} cores",
+        "probe_s": round(speed_probe(), 3),
+        "stages": {name: float(s) for name, s in sorted(seconds.items())},
+    }
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m launchers.progress", description=(
-        "Print the local.reference_timing block (YAML) measured by a finished local run on this machine; "
-        "run it on an idle machine."))
+    parser = argparse.ArgumentParser(
+        prog="python -m launchers.progress",
+        description=(
+            "Print the local.reference_timing block (YAML) measured by a finished local run on this machine; "
+            "run it on an idle machine."
+        ),
+    )
     parser.add_argument("--calibrate", type=Path, required=True, metavar="RUN_DIR")
     args = parser.parse_args(argv)
     print(yaml.safe_dump({"reference_timing": calibrate(args.calibrate)}, sort_keys=False), end="")

@@ -75,11 +75,15 @@ def decide(folder: Path, srun_status: int, max_failure_requeues: int, state: str
         return False, f"rank(s) {ranks} failed with their own error (see their logs); rerunning would not help"
     earlier = sorted(folder.glob(marker(folder, REQUEUED, attempt="*").name))
     if len(earlier) >= max_failure_requeues:
-        return False, (f"it was already requeued {len(earlier)} time(s) after a lost node or rank "
-                       f"(resources.max_failure_requeues={max_failure_requeues})")
-    return True, (f"the step ended with status {srun_status} and no rank reported an error of its own (a node or "
-                  f"a rank was lost): requeue {len(earlier) + 1} of at most {max_failure_requeues}; the rerun resumes "
-                  "from the latest complete checkpoint")
+        return False, (
+            f"it was already requeued {len(earlier)} time(s) after a lost node or rank "
+            f"(resources.max_failure_requeues={max_failure_requeues})"
+        )
+    return True, (
+        f"the step ended with status {srun_status} and no rank reported an error of its own (a node or "
+        f"a rank was lost): requeue {len(earlier) + 1} of at most {max_failure_requeues}; the rerun resumes "
+        "from the latest complete checkpoint"
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -104,8 +108,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
         marker(args.folder, REQUEUED).unlink(missing_ok=True)
-        print(f"{tag}: `scontrol requeue {job_id}` failed: {(done.stderr or done.stdout).strip()}",
-              file=sys.stderr, flush=True)
+        print(
+            f"{tag}: `scontrol requeue {job_id}` failed: {(done.stderr or done.stdout).strip()}",
+            file=sys.stderr,
+            flush=True,
+        )
         return args.srun_status
     print(f"{tag}: requeued: {why}", file=sys.stderr, flush=True)
     return 0

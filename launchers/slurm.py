@@ -90,10 +90,15 @@ def sbatch_parameters(plan: Plan, p: PlannedStage, dependency: Optional[str]) ->
         "signal_delay_s": res.signal_delay_s,
         "wckey": None,  # submitit writes --wckey=submitit by default; clusters enforcing wckeys reject it
     }
-    optional = {"partition": res.partition, "account": res.account, "qos": res.qos,
-                "constraint": res.constraint, "cpus_per_task": res.cpus_per_task,
-                "gpus_per_node": res.gpus_per_node or None,
-                "mem": None if res.mem_gb is None else ("0" if res.mem_gb == 0 else _convert_mem(res.mem_gb))}
+    optional = {
+        "partition": res.partition,
+        "account": res.account,
+        "qos": res.qos,
+        "constraint": res.constraint,
+        "cpus_per_task": res.cpus_per_task,
+        "gpus_per_node": res.gpus_per_node or None,
+        "mem": None if res.mem_gb is None else ("0" if res.mem_gb == 0 else _convert_mem(res.mem_gb)),
+    }
     params.update({k: v for k, v in optional.items() if v is not None})
     # the job unpickles launchers.job.StageJob before anything else: the repository must be importable
     setup = [f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"]
@@ -102,8 +107,10 @@ def sbatch_parameters(plan: Plan, p: PlannedStage, dependency: Optional[str]) ->
     if res.srun_args:
         params["srun_args"] = list(res.srun_args)
     # right after srun (its status in $?): requeue the job if a node or rank was lost (launchers/requeue.py)
-    params["teardown"] = [f"{python_of(p)} -m launchers.requeue --srun-status $? "
-                          f"--max-failure-requeues {res.max_failure_requeues} {shlex.quote(str(log_folder(plan, p)))}"]
+    params["teardown"] = [
+        f"{python_of(p)} -m launchers.requeue --srun-status $? "
+        f"--max-failure-requeues {res.max_failure_requeues} {shlex.quote(str(log_folder(plan, p)))}"
+    ]
     extra: dict[str, Any] = {"requeue": True}
     if dependency:
         extra.update({"dependency": dependency, "kill-on-invalid-dep": "yes"})
@@ -123,16 +130,27 @@ def python_of(p: PlannedStage) -> str:
 def make_job(plan: Plan, p: PlannedStage):
     from launchers.job import StageJob
 
-    return StageJob(experiment=plan.experiment.name, stage=p.name, kind=p.kind, entry=p.entry, argv=p.argv,
-                    workdir=os.getcwd(), repo_root=str(REPO_ROOT), env=job_env(p))
+    return StageJob(
+        experiment=plan.experiment.name,
+        stage=p.name,
+        kind=p.kind,
+        entry=p.entry,
+        argv=p.argv,
+        workdir=os.getcwd(),
+        repo_root=str(REPO_ROOT),
+        env=job_env(p),
+    )
 
 
 # ----------------------------------------------------------------------------- checks
 
+
 def check_sbatch() -> None:
     if shutil.which("sbatch") is None:
-        raise LaunchError("sbatch not found on PATH: run launchers/slurm.py on a SLURM login node "
-                          "(or use --dry-run to only print the scripts, or launchers/local.py to run here)")
+        raise LaunchError(
+            "sbatch not found on PATH: run launchers/slurm.py on a SLURM login node "
+            "(or use --dry-run to only print the scripts, or launchers/local.py to run here)"
+        )
 
 
 def cluster_partitions() -> list[str]:
@@ -150,8 +168,14 @@ def cluster_partitions() -> list[str]:
 
 
 def check_partitions(plan: Plan, partitions: list[str]) -> None:
-    bad = sorted({(p.name, part) for p in plan.stages for part in (p.resources.partition or "").split(",")
-                  if part and part not in partitions})
+    bad = sorted(
+        {
+            (p.name, part)
+            for p in plan.stages
+            for part in (p.resources.partition or "").split(",")
+            if part and part not in partitions
+        }
+    )
     if bad:
         lines = [f"stage {name!r}: partition {part!r} does not exist" for name, part in bad]
         raise LaunchError("; ".join(lines) + f" (partitions of this cluster: {', '.join(partitions) or 'none'})")
@@ -176,14 +200,17 @@ def previous_jobs(run_dir: Path) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- dry run / submit
 
+
 def memory_plans(plan: Plan, args) -> list:
     """The train stages' memory plans (none with --no-plan); progress on stderr."""
     if getattr(args, "no_plan", False):
         return []
     from launchers.memory import plan_memory, progress_to_stderr
+
     gpu_memory = getattr(args, "gpu_memory", None)
     if gpu_memory is not None:
         from pipeline.planning.report import parse_memory
+
         try:
             gpu_memory = parse_memory(gpu_memory)
         except ValueError as err:
@@ -201,6 +228,7 @@ def dry_run(plan: Plan, out=None, memory: Optional[list] = None) -> None:
         print(f"#   {line}", file=out)
     if memory:
         from launchers.memory import not_fitting, print_memory, summary_line
+
         print_memory(memory, out)
         for r in not_fitting(memory):
             print(f"warning: {summary_line(r)}", file=sys.stderr, flush=True)
@@ -230,8 +258,10 @@ def submit(plan: Plan, out=None) -> dict[str, dict[str, Any]]:
     check_partitions(plan, cluster_partitions())
     still = active_jobs([str(j["job_id"]) for j in previous_jobs(plan.run_dir).values()])
     if still:
-        raise LaunchError(f"jobs {', '.join(still)} of a previous launch into {plan.run_dir} are still queued or "
-                          f"running; wait for them or cancel them (scancel {' '.join(still)})")
+        raise LaunchError(
+            f"jobs {', '.join(still)} of a previous launch into {plan.run_dir} are still queued or "
+            f"running; wait for them or cancel them (scancel {' '.join(still)})"
+        )
     if not plan.stages:
         print("nothing to launch: every selected stage is complete", file=out)
         return {}
@@ -240,30 +270,46 @@ def submit(plan: Plan, out=None) -> dict[str, dict[str, Any]]:
     try:
         keep = {k: os.environ[k] for k in ("SLURM_CONF",) if k in os.environ}
         with submitit.helpers.clean_env():  # no SLURM_*/RANK/... of a surrounding job leaks into the new ones
-            os.environ.update(keep)          # ... but the client configuration stays
+            os.environ.update(keep)  # ... but the client configuration stays
             for p in plan.stages:
                 ids = [jobs[u]["job_id"] for u in p.upstream]
                 dependency = f"afterok:{':'.join(ids)}" if ids else None
-                executor = submitit.SlurmExecutor(folder=log_folder(plan, p),
-                                                  max_num_timeout=p.resources.max_requeues,
-                                                  python=p.resources.python)
+                executor = submitit.SlurmExecutor(
+                    folder=log_folder(plan, p), max_num_timeout=p.resources.max_requeues, python=p.resources.python
+                )
                 executor.update_parameters(**sbatch_parameters(plan, p, dependency))
                 job = executor.submit(make_job(plan, p))
-                jobs[p.name] = {"job_id": job.job_id, "dependency": dependency, "kind": p.kind,
-                                "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr),
-                                "output_dir": str(p.output_dir), "num_tasks": p.resources.num_tasks}
-                print(f"{p.name}: job {job.job_id} ({dependency or 'no dependency'}, "
-                      f"{p.resources.num_tasks} task(s)) log {job.paths.stdout}", file=out, flush=True)
+                jobs[p.name] = {
+                    "job_id": job.job_id,
+                    "dependency": dependency,
+                    "kind": p.kind,
+                    "stdout": str(job.paths.stdout),
+                    "stderr": str(job.paths.stderr),
+                    "output_dir": str(p.output_dir),
+                    "num_tasks": p.resources.num_tasks,
+                }
+                print(
+                    f"{p.name}: job {job.job_id} ({dependency or 'no dependency'}, "
+                    f"{p.resources.num_tasks} task(s)) log {job.paths.stdout}",
+                    file=out,
+                    flush=True,
+                )
     except Exception as err:
         submitted = [j["job_id"] for j in jobs.values()]
         if submitted:
             subprocess.run(["scancel", *submitted], capture_output=True)
-        raise LaunchError(f"submission failed ({type(err).__name__}: {err})"
-                          + (f"; cancelled the jobs already submitted: {', '.join(submitted)}" if submitted else "")
-                          ) from err
-    record = {"experiment": plan.experiment.name, "run_dir": str(plan.run_dir),
-              "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "skipped": plan.skipped, "jobs": jobs}
-    path = plan.run_dir / "slurm" / "jobs.json"   # the latest launch (also appended to launches.jsonl)
+        raise LaunchError(
+            f"submission failed ({type(err).__name__}: {err})"
+            + (f"; cancelled the jobs already submitted: {', '.join(submitted)}" if submitted else "")
+        ) from err
+    record = {
+        "experiment": plan.experiment.name,
+        "run_dir": str(plan.run_dir),
+        "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "skipped": plan.skipped,
+        "jobs": jobs,
+    }
+    path = plan.run_dir / "slurm" / "jobs.json"  # the latest launch (also appended to launches.jsonl)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2))
     with open(path.with_name("launches.jsonl"), "a") as history:
@@ -275,14 +321,21 @@ def submit(plan: Plan, out=None) -> dict[str, dict[str, Any]]:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Submit an experiment's stages to SLURM (submitit).",
-                                     epilog="The experiment format is documented in launchers/experiment.py.")
+    parser = argparse.ArgumentParser(
+        description="Submit an experiment's stages to SLURM (submitit).",
+        epilog="The experiment format is documented in launchers/experiment.py.",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch scripts and the dependency graph")
-    parser.add_argument("--gpu-memory", default=None, metavar="SIZE",
-                        help="memory of one GPU for the memory plan, e.g. 80GB (default: resources.gpu_memory_gb, 80)")
+    parser.add_argument(
+        "--gpu-memory",
+        default=None,
+        metavar="SIZE",
+        help="memory of one GPU for the memory plan, e.g. 80GB (default: resources.gpu_memory_gb, 80)",
+    )
     parser.add_argument("--no-plan", action="store_true", help="do not plan the train stages' GPU memory")
-    parser.add_argument("--ignore-plan", action="store_true",
-                        help="submit even when the memory plan says a stage does not fit")
+    parser.add_argument(
+        "--ignore-plan", action="store_true", help="submit even when the memory plan says a stage does not fit"
+    )
     add_launch_arguments(parser)
     return parser.parse_intermixed_args(argv)
 
@@ -296,12 +349,16 @@ def main(argv: Optional[list[str]] = None) -> int:
             dry_run(plan, memory=memory)
         else:
             from launchers.memory import not_fitting, print_memory, summary_line
+
             print_memory(memory, sys.stdout)
             bad = not_fitting(memory)
             if bad and not args.ignore_plan:
-                raise LaunchError("memory plan: " + "; ".join(summary_line(r) for r in bad)
-                                  + ". Nothing submitted: lower data.micro_batch_size, raise phase.chunk_size or the "
-                                  "GPU count, or pass --ignore-plan to submit anyway")
+                raise LaunchError(
+                    "memory plan: "
+                    + "; ".join(summary_line(r) for r in bad)
+                    + ". Nothing submitted: lower data.micro_batch_size, raise phase.chunk_size or the "
+                    "GPU count, or pass --ignore-plan to submit anyway"
+                )
             submit(plan)
     except (ExperimentError, LaunchError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

@@ -48,9 +48,12 @@ class DistEnv:
 
     def as_environ(self) -> dict[str, str]:
         return {
-            "RANK": str(self.rank), "WORLD_SIZE": str(self.world_size),
-            "LOCAL_RANK": str(self.local_rank), "LOCAL_WORLD_SIZE": str(self.local_world_size),
-            "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port),
+            "RANK": str(self.rank),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_RANK": str(self.local_rank),
+            "LOCAL_WORLD_SIZE": str(self.local_world_size),
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(self.master_port),
         }
 
     def export(self, environ: Optional[dict] = None) -> None:
@@ -91,8 +94,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def resolve_distributed_env(environ: Optional[Mapping[str, str]] = None,
-                            first_host: Callable[[str], str] = scontrol_first_host) -> DistEnv:
+def resolve_distributed_env(
+    environ: Optional[Mapping[str, str]] = None, first_host: Callable[[str], str] = scontrol_first_host
+) -> DistEnv:
     """Rank, world size, local rank/world size and master address of this process.
 
     `environ` defaults to os.environ; `first_host` maps a SLURM nodelist to its first

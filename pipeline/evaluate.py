@@ -52,8 +52,9 @@ def parse_models(values: list[str], default_contender: str | None) -> list[tuple
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", action="append", required=True, help="NAME=DIR, or DIR with --contender")
     parser.add_argument("--contender", choices=CONTENDERS, help="contender of a bare --model DIR")
     parser.add_argument("--data", help="prepared eval split (directory with manifest.json); needed unless --math")
@@ -62,12 +63,20 @@ def main(argv=None) -> int:
     parser.add_argument("--max-samples", type=int, default=None, help="first rows of --data and of each --math file")
     parser.add_argument("--chunk-size", type=int, default=None, help="MELT / chunked-baseline prefill chunk")
     parser.add_argument("--exit-threshold", type=float, default=0.9, help="q of the Q-exit histogram")
-    parser.add_argument("--scoring-chunking", choices=SCORING_CHUNKINGS, default=None,
-                        help="MELT's teacher-forced scoring: decode (prefill + one chunk per token, as generation "
-                             "runs; the default where rows have prompts) or forward (the model's own chunking)")
+    parser.add_argument(
+        "--scoring-chunking",
+        choices=SCORING_CHUNKINGS,
+        default=None,
+        help="MELT's teacher-forced scoring: decode (prefill + one chunk per token, as generation "
+        "runs; the default where rows have prompts) or forward (the model's own chunking)",
+    )
     parser.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:1 ...")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="auto: bfloat16 on a GPU, float32 on the CPU")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: bfloat16 on a GPU, float32 on the CPU",
+    )
     add_math_arguments(parser)
     args = parser.parse_args(argv)
     if not args.data and not args.math:
@@ -83,8 +92,9 @@ def main(argv=None) -> int:
         contender = load_contender(name, path, args.chunk_size, device, dtype)
         results[name] = {"model_path": str(path), "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
         if split is not None:
-            results[name].update(evaluate(contender, split, args.batch_size, args.exit_threshold,
-                                          scoring_chunking=args.scoring_chunking))
+            results[name].update(
+                evaluate(contender, split, args.batch_size, args.exit_threshold, scoring_chunking=args.scoring_chunking)
+            )
         if math is not None:
             results[name]["math"], rows = math.evaluate(contender, path)
             records += [{"contender": name, **row} for row in rows]

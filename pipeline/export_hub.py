@@ -40,8 +40,10 @@ def locate(run_dir: Path) -> tuple[Path, Optional[Path]]:
         return run_dir, run_dir_of(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir} does not exist")
-    raise FileNotFoundError(f"neither {run_dir / 'export' / 'config.json'} (a phase's run dir) nor "
-                            f"{run_dir / 'config.json'} (an export dir) exists")
+    raise FileNotFoundError(
+        f"neither {run_dir / 'export' / 'config.json'} (a phase's run dir) nor "
+        f"{run_dir / 'config.json'} (an export dir) exists"
+    )
 
 
 def check_export(export_dir: Path):
@@ -52,8 +54,10 @@ def check_export(export_dir: Path):
         raise FileNotFoundError(f"{export_dir / 'model.safetensors'} (or {INDEX_FILE}) is missing")
     check_checkpoint_fits(getattr(pipeline.models, spec.model_class), config, export_dir)
     if not (export_dir / TOKENIZER_CONFIG).is_file():
-        raise FileNotFoundError(f"{export_dir / TOKENIZER_CONFIG} is missing: transformers and lm_eval users need "
-                                "the tokenizer beside the weights")
+        raise FileNotFoundError(
+            f"{export_dir / TOKENIZER_CONFIG} is missing: transformers and lm_eval users need "
+            "the tokenizer beside the weights"
+        )
     return config
 
 
@@ -90,14 +94,22 @@ def export_hub(run_dir: Path, out: Path, eval_files: list[Path], force: bool = F
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.export_hub", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR",
-                        help="a phase's run dir (with export/) or an export dir")
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.export_hub", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "run_dir", type=Path, metavar="RUN_DIR", help="a phase's run dir (with export/) or an export dir"
+    )
     parser.add_argument("--out", required=True, type=Path, metavar="DIR")
-    parser.add_argument("--eval", action="append", default=[], type=Path, metavar="FILE",
-                        help="evaluation JSON for the card (pipeline.evaluate's or pipeline.evaluation.harness's); "
-                             "repeatable. Default: eval.json / results.json beside the run naming this export")
+    parser.add_argument(
+        "--eval",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="evaluation JSON for the card (pipeline.evaluate's or pipeline.evaluation.harness's); "
+        "repeatable. Default: eval.json / results.json beside the run naming this export",
+    )
     parser.add_argument("--force", action="store_true", help="replace a non-empty DIR")
     args = parser.parse_args(argv)
     try:

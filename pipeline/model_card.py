@@ -47,13 +47,17 @@ def _short(path: Optional[str]) -> Optional[str]:
 def model_section(config, parameters: int) -> tuple[str, str]:
     """(title, markdown) of what the model is and its shape."""
     loops = config.total_ut_steps
-    rows = [("architecture", f"{standalone_for(config.model_type).model_class} (model_type `{config.model_type}`)"),
-            ("loops (total_ut_steps)", loops)]
+    rows = [
+        ("architecture", f"{standalone_for(config.model_type).model_class} (model_type `{config.model_type}`)"),
+        ("loops (total_ut_steps)", loops),
+    ]
     if config.model_type == "melt":
         title = "MELT"
-        text = ("A looped language model whose KV cache stays the size of a standard transformer's: each layer keeps "
-                f"one gated key/value slot per token, updated at each of its {loops} loops (`g * slot + (1 - g) * "
-                "new`), where the LoopLM it comes from keeps one per loop.")
+        text = (
+            "A looped language model whose KV cache stays the size of a standard transformer's: each layer keeps "
+            f"one gated key/value slot per token, updated at each of its {loops} loops (`g * slot + (1 - g) * "
+            "new`), where the LoopLM it comes from keeps one per loop."
+        )
         prompt = f" (prompt: {config.prompt_chunk_size})" if config.prompt_chunk_size else ""
         rows += [("gate", config.gate), ("chunk size", f"{config.chunk_size}{prompt}")]
         if config.chunk_sizes:
@@ -61,14 +65,24 @@ def model_section(config, parameters: int) -> tuple[str, str]:
         rows.append(("alpha (1 = pure MELT)", config.alpha))
     else:
         title = "LoopLM" if loops > 1 else "standard transformer (LoopLM, one loop)"
-        text = (f"An Ouro-compatible looped language model: the same {config.num_hidden_layers} layers run "
-                f"{loops} times per token, with an early-exit gate after each loop; its KV cache holds every loop's "
-                "keys and values." if loops > 1 else "A standard transformer in the LoopLM's code (one loop).")
-    rows += [("layers / hidden / heads / KV heads / head dim",
-              f"{config.num_hidden_layers} / {config.hidden_size} / {config.num_attention_heads} / "
-              f"{config.num_key_value_heads} / {config.head_dim}"),
-             ("vocabulary", config.vocab_size), ("max positions", config.max_position_embeddings),
-             ("parameters", parameters), ("weights dtype", _dtype(config)[1])]
+        text = (
+            f"An Ouro-compatible looped language model: the same {config.num_hidden_layers} layers run "
+            f"{loops} times per token, with an early-exit gate after each loop; its KV cache holds every loop's "
+            "keys and values."
+            if loops > 1
+            else "A standard transformer in the LoopLM's code (one loop)."
+        )
+    rows += [
+        (
+            "layers / hidden / heads / KV heads / head dim",
+            f"{config.num_hidden_layers} / {config.hidden_size} / {config.num_attention_heads} / "
+            f"{config.num_key_value_heads} / {config.head_dim}",
+        ),
+        ("vocabulary", config.vocab_size),
+        ("max positions", config.max_position_embeddings),
+        ("parameters", parameters),
+        ("weights dtype", _dtype(config)[1]),
+    ]
     return title, text + "\n\n" + _table(("", ""), rows)
 
 
@@ -78,31 +92,74 @@ def kv_section(config) -> str:
     size = torch.empty((), dtype=dtype).element_size()
     one = config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2 * size
     loops = config.total_ut_steps
-    formula = (f"{config.num_hidden_layers} layers x {config.num_key_value_heads} KV heads x {config.head_dim} x 2 "
-               f"x {size} B")
+    formula = (
+        f"{config.num_hidden_layers} layers x {config.num_key_value_heads} KV heads x {config.head_dim} x 2 x {size} B"
+    )
     melt = config.model_type == "melt"
-    rows = [("standard transformer of this shape", f"{one:,}", "1", formula),
-            ("this MELT" if melt else "MELT made from this LoopLM", f"{one:,}", "1",
-             "one gated slot per token per layer, whatever the loops")]
+    rows = [
+        ("standard transformer of this shape", f"{one:,}", "1", formula),
+        (
+            "this MELT" if melt else "MELT made from this LoopLM",
+            f"{one:,}",
+            "1",
+            "one gated slot per token per layer, whatever the loops",
+        ),
+    ]
     if melt and config.alpha < 1:
-        rows.append((f"this MELT at alpha = {config.alpha}", f"{one * (1 + loops):,}", f"{1 + loops}",
-                     "while alpha < 1 the cache also keeps each loop's keys/values"))
-    rows.append((f"{'the' if melt else 'this'} LoopLM, {loops} loops", f"{one * loops:,}", f"{loops}",
-                 f"x {loops} loops (one K/V set per loop)"))
-    return (f"Bytes of keys and values cached per token in {name} (the activations' dtype):\n\n"
-            + _table(("model", "bytes / token", "x standard", "why"), rows))
+        rows.append(
+            (
+                f"this MELT at alpha = {config.alpha}",
+                f"{one * (1 + loops):,}",
+                f"{1 + loops}",
+                "while alpha < 1 the cache also keeps each loop's keys/values",
+            )
+        )
+    rows.append(
+        (
+            f"{'the' if melt else 'this'} LoopLM, {loops} loops",
+            f"{one * loops:,}",
+            f"{loops}",
+            f"x {loops} loops (one K/V set per loop)",
+        )
+    )
+    return f"Bytes of keys and values cached per token in {name} (the activations' dtype):\n\n" + _table(
+        ("model", "bytes / token", "x standard", "why"), rows
+    )
 
 
 def training_section(history: list[PhaseRecord]) -> str:
     if not history:
         return "No training run was found beside this export (no `<run_dir>/config.yaml`)."
-    rows = [(r.phase, f"{_fmt(r.step)} / {_fmt(r.total_steps)}", _short(r.init_from), _short(r.teacher),
-             _short(r.data), f"`{r.index_sha256}`" if r.index_sha256 else "-", r.global_batch_size, r.lr)
-            for r in history]
+    rows = [
+        (
+            r.phase,
+            f"{_fmt(r.step)} / {_fmt(r.total_steps)}",
+            _short(r.init_from),
+            _short(r.teacher),
+            _short(r.data),
+            f"`{r.index_sha256}`" if r.index_sha256 else "-",
+            r.global_batch_size,
+            r.lr,
+        )
+        for r in history
+    ]
     sources = "; ".join(f"{r.phase}: {r.index_source}" for r in history)
-    return (_table(("phase", "steps (done / scheduled)", "initialised from", "teacher", "data", "data index_sha256",
-                    "global batch", "lr"), rows)
-            + f"\n\n`index_sha256` is the sha256 of the dataset's MDS index.json (read from {sources}).")
+    return (
+        _table(
+            (
+                "phase",
+                "steps (done / scheduled)",
+                "initialised from",
+                "teacher",
+                "data",
+                "data index_sha256",
+                "global batch",
+                "lr",
+            ),
+            rows,
+        )
+        + f"\n\n`index_sha256` is the sha256 of the dataset's MDS index.json (read from {sources})."
+    )
 
 
 def eval_section(path: Path, export_dir: Path) -> str:
@@ -110,15 +167,18 @@ def eval_section(path: Path, export_dir: Path) -> str:
     data = read_json(path)
     if isinstance(data, dict) and isinstance(data.get("results"), dict):
         from pipeline.evaluation.report import markdown_table
+
         ours = rows_of(data, export_dir)
         note = f" This model is the row `{', '.join(ours)}`." if ours else ""
         return f"From `{path.name}` (`python -m pipeline.evaluate`).{note}\n\n" + markdown_table(data["results"])
     if isinstance(data, dict) and {"task", "exact_match"} <= set(data):
-        return (f"From `{path.name}` (lm-evaluation-harness):\n\n"
-                + _table(("task", "samples", "exact_match"),
-                         [(data["task"], data.get("samples"), data["exact_match"])]))
-    raise ValueError(f"{path}: not an evaluation result this card can read (expected pipeline.evaluate's JSON with "
-                     "a 'results' mapping, or pipeline.evaluation.harness's with 'task' and 'exact_match')")
+        return f"From `{path.name}` (lm-evaluation-harness):\n\n" + _table(
+            ("task", "samples", "exact_match"), [(data["task"], data.get("samples"), data["exact_match"])]
+        )
+    raise ValueError(
+        f"{path}: not an evaluation result this card can read (expected pipeline.evaluate's JSON with "
+        "a 'results' mapping, or pipeline.evaluation.harness's with 'task' and 'exact_match')"
+    )
 
 
 def usage_section() -> str:
@@ -138,8 +198,9 @@ lm_eval --model hf --model_args pretrained=path/to/this/folder,trust_remote_code
 ```"""
 
 
-def render_card(export_dir: Path, run_dir: Optional[Path] = None, eval_files: Sequence[Path] = (),
-                source: Optional[Path] = None) -> str:
+def render_card(
+    export_dir: Path, run_dir: Optional[Path] = None, eval_files: Sequence[Path] = (), source: Optional[Path] = None
+) -> str:
     """export_dir: the files to describe (possibly a temp dir being filled); source: the export they come
     from, which names the model and its rows in evaluation results (default export_dir)."""
     export_dir = Path(export_dir)
@@ -154,7 +215,8 @@ def render_card(export_dir: Path, run_dir: Optional[Path] = None, eval_files: Se
     tags = ["melt", "looped-language-model"] if config.model_type == "melt" else ["looplm", "looped-language-model"]
     sections = [
         "---\nlibrary_name: transformers\npipeline_tag: text-generation\ntags:\n"
-        + "".join(f"- {t}\n" for t in tags + ["custom_code"]) + "---",
+        + "".join(f"- {t}\n" for t in tags + ["custom_code"])
+        + "---",
         f"# {title}: {(Path(run_dir) if run_dir is not None else source).resolve().name}",
         model,
         "## KV cache\n\n" + kv_section(config),
@@ -172,8 +234,9 @@ def render_card(export_dir: Path, run_dir: Optional[Path] = None, eval_files: Se
     return "\n\n".join(sections) + "\n"
 
 
-def write_model_card(export_dir: Path, run_dir: Optional[Path] = None, eval_files: Sequence[Path] = (),
-                     source: Optional[Path] = None) -> Path:
+def write_model_card(
+    export_dir: Path, run_dir: Optional[Path] = None, eval_files: Sequence[Path] = (), source: Optional[Path] = None
+) -> Path:
     path = Path(export_dir) / CARD
     path.write_text(render_card(export_dir, run_dir, eval_files, source))
     return path

@@ -27,10 +27,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, required=True)
     parser.add_argument("--gpu-memory", required=True, help="memory of one GPU: 80GB, 80GiB, or bytes")
-    parser.add_argument("--seq-len", type=int, default=None,
-                        help="tokens per sequence (default: the dataset manifest at data.path)")
-    parser.add_argument("--model-config", default=None,
-                        help="LoopLM config YAML for a checkpoint whose config.json is not on disk")
+    parser.add_argument(
+        "--seq-len", type=int, default=None, help="tokens per sequence (default: the dataset manifest at data.path)"
+    )
+    parser.add_argument(
+        "--model-config", default=None, help="LoopLM config YAML for a checkpoint whose config.json is not on disk"
+    )
     parser.add_argument("--layers", default="1,2", help="the two depths measured and extrapolated from")
     parser.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the plan as JSON")
     parser.add_argument("--require-fit", action="store_true", help="exit 3 when the phase does not fit")
@@ -58,8 +60,16 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ValueError("--nodes and --gpus-per-node must be at least 1")
         cfg = load_run_config(args.config, args.overrides, args.phase)
         progress(f"phase {cfg.phase.name}: measuring one micro-step with fake tensors")
-        plan = plan_run(cfg, args.nodes, args.gpus_per_node, gpu_memory, seq_len=args.seq_len,
-                        model_config=args.model_config, layers=layers, progress=progress)
+        plan = plan_run(
+            cfg,
+            args.nodes,
+            args.gpus_per_node,
+            gpu_memory,
+            seq_len=args.seq_len,
+            model_config=args.model_config,
+            layers=layers,
+            progress=progress,
+        )
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

@@ -29,7 +29,7 @@ class PhaseRecord:
     teacher: Optional[str]
     data: Optional[str]
     index_sha256: Optional[str]
-    index_source: str              # where index_sha256 was read
+    index_source: str  # where index_sha256 was read
     global_batch_size: Optional[int]
     lr: Optional[float]
 
@@ -60,11 +60,18 @@ def phase_record(run_dir: Path, export_dir: Optional[Path] = None) -> PhaseRecor
     data_path = section("data").get("path")
     index, source = recorded_index(Path(run_dir), info.get("checkpoint"), data_path)
     return PhaseRecord(
-        phase=section("phase").get("name") or info.get("phase") or "?", run_dir=Path(run_dir),
-        step=info.get("step"), total_steps=section("schedule").get("total_steps"),
-        init_from=section("model").get("init_from"), teacher=section("teacher").get("init_from"),
-        data=data_path, index_sha256=index, index_source=source,
-        global_batch_size=section("data").get("global_batch_size"), lr=section("optimizer").get("lr"))
+        phase=section("phase").get("name") or info.get("phase") or "?",
+        run_dir=Path(run_dir),
+        step=info.get("step"),
+        total_steps=section("schedule").get("total_steps"),
+        init_from=section("model").get("init_from"),
+        teacher=section("teacher").get("init_from"),
+        data=data_path,
+        index_sha256=index,
+        index_source=source,
+        global_batch_size=section("data").get("global_batch_size"),
+        lr=section("optimizer").get("lr"),
+    )
 
 
 def recorded_index(run_dir: Path, checkpoint: Optional[str], data_path: Optional[str]) -> tuple[Optional[str], str]:
@@ -98,8 +105,11 @@ def rows_of(results, export_dir: Path) -> list[str]:
     """The contenders of pipeline.evaluate's results JSON (loaded) that evaluated export_dir."""
     rows = (results.get("results") or {}) if isinstance(results, dict) else {}
     target = Path(export_dir).resolve()
-    return [name for name, r in rows.items()
-            if isinstance(r, dict) and r.get("model_path") and Path(r["model_path"]).resolve() == target]
+    return [
+        name
+        for name, r in rows.items()
+        if isinstance(r, dict) and r.get("model_path") and Path(r["model_path"]).resolve() == target
+    ]
 
 
 def find_eval_results(export_dir: Path, run_dir: Optional[Path]) -> Optional[Path]:

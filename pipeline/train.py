@@ -24,11 +24,17 @@ if __package__ in (None, ""):  # run as a script: import the package, not siblin
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Train one phase of the MELT pipeline (DeepSpeed ZeRO-3, or FSDP2 with engine.name=fsdp).")
+        description="Train one phase of the MELT pipeline (DeepSpeed ZeRO-3, or FSDP2 with engine.name=fsdp)."
+    )
     parser.add_argument("--config", required=True, help="run config YAML, or an experiment YAML with --phase")
     parser.add_argument("--phase", default=None, help="which section of an experiment file to run")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help="set by the deepspeed launcher (LOCAL_RANK is read from the environment)")
+    parser.add_argument(
+        "--local_rank",
+        "--local-rank",
+        type=int,
+        default=None,
+        help="set by the deepspeed launcher (LOCAL_RANK is read from the environment)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return parser.parse_intermixed_args(argv)
 
@@ -36,12 +42,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 EXIT_LOST_PEER = 4  # launchers/job.py requeues the SLURM job on it
 
 # what gloo and NCCL say when a peer is gone or does not answer within the process group's timeout
-LOST_PEER = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
-             "Watchdog caught collective operation timeout", "NCCL communicator was aborted")
+LOST_PEER = (
+    "Timed out waiting",
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Watchdog caught collective operation timeout",
+    "NCCL communicator was aborted",
+)
 
 
 def lost_peer(err: BaseException) -> bool:
     import torch.distributed
+
     return isinstance(err, torch.distributed.DistBackendError) or any(m in str(err) for m in LOST_PEER)
 
 
@@ -66,9 +79,13 @@ def main(argv=None) -> int:
         if not lost_peer(err):
             raise
         first = str(err).strip().splitlines()[0]
-        print(f"error: rank {env.rank}: lost contact with another rank (its process or node is gone, or it did not "
-              f"answer within engine.collective_timeout_s={cfg.engine.collective_timeout_s} s): {first}. "
-              "Rerun (or let SLURM requeue) to resume from the latest checkpoint.", file=sys.stderr, flush=True)
+        print(
+            f"error: rank {env.rank}: lost contact with another rank (its process or node is gone, or it did not "
+            f"answer within engine.collective_timeout_s={cfg.engine.collective_timeout_s} s): {first}. "
+            "Rerun (or let SLURM requeue) to resume from the latest checkpoint.",
+            file=sys.stderr,
+            flush=True,
+        )
         return EXIT_LOST_PEER
     return 0
 

@@ -16,6 +16,7 @@ def one_torch_thread():
     """Tiny matrices: one thread is as fast as two, and much faster when the cores are busy
     (use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`)."""
     import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -45,7 +46,14 @@ def write_token_dataset(out_dir, num_samples=256, seq_len=32, vocab_size=64, see
             ids = (rng.integers(0, vocab_size) + np.arange(seq_len)) % vocab_size
             writer.write({"input_ids": ids.astype(np.uint16)})
     index_sha = hashlib.sha256((out_dir / "index.json").read_bytes()).hexdigest()
-    manifest = {"format_version": 1, "seq_len": seq_len, "vocab_size": vocab_size, "index_sha256": index_sha,
-                "columns": {"input_ids": "ndarray:uint16"}, "num_samples": num_samples, "tokenizer": None}
+    manifest = {
+        "format_version": 1,
+        "seq_len": seq_len,
+        "vocab_size": vocab_size,
+        "index_sha256": index_sha,
+        "columns": {"input_ids": "ndarray:uint16"},
+        "num_samples": num_samples,
+        "tokenizer": None,
+    }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return out_dir

@@ -39,10 +39,14 @@ def conversation(problem: Problem, k: int, cfg: SyntheticChatConfig) -> dict[str
     words = list(problem.answer)
     final = "".join(words) if all(w.isdigit() for w in words) else " ".join(words)
     question, solution = " ".join(problem.prompt), " ".join([*steps, ANSWER_MARK, final])
-    row: dict[str, Any] = {"messages": [{"role": "user", "content": question},
-                                        {"role": "assistant", "content": solution}],
-                           "question": question, "answer": solution, "final": final, "task": cfg.task,
-                           "difficulty": k}
+    row: dict[str, Any] = {
+        "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": solution}],
+        "question": question,
+        "answer": solution,
+        "final": final,
+        "task": cfg.task,
+        "difficulty": k,
+    }
     if cfg.system:
         row["system"] = cfg.system
     return row

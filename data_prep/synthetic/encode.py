@@ -36,9 +36,15 @@ def build_tokenizer(words: list[str], seq_len: int) -> PreTrainedTokenizerFast:
 
     backend = Tokenizer(models.WordLevel(vocabulary(words), unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>",
-                                   eos_token="<eos>", unk_token="<unk>", model_max_length=seq_len,
-                                   padding_side="left")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        model_max_length=seq_len,
+        padding_side="left",
+    )
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,7 @@ class RowLayout:
             raise ValueError(f"problem does not fit the layout: {problem}")
         ids[start:] = [self.vocab[w] for w in problem.prompt + problem.answer]
         labels = np.full(self.seq_len, IGNORE, dtype=self.labels_dtype)
-        labels[self.prompt_length:] = ids[self.prompt_length:]
+        labels[self.prompt_length :] = ids[self.prompt_length :]
         if intermediate and problem.intermediate:
             for j, target in enumerate(problem.intermediate):
                 if target is not None:

@@ -33,8 +33,9 @@ def resolve_task(cfg: TaskConfig) -> tuple[Task, tuple[int, int]]:
     lo = cfg.min_difficulty or cls.default_difficulty[0]
     hi = cfg.max_difficulty or cls.default_difficulty[1]
     if not 1 <= lo <= hi <= cls.max_supported:
-        raise DataPrepError(f"task {cfg.task}: difficulty range {lo}..{hi} must satisfy "
-                            f"1 <= min <= max <= {cls.max_supported}")
+        raise DataPrepError(
+            f"task {cfg.task}: difficulty range {lo}..{hi} must satisfy 1 <= min <= max <= {cls.max_supported}"
+        )
     try:
         task.check(hi)
     except ValueError as err:
@@ -44,12 +45,15 @@ def resolve_task(cfg: TaskConfig) -> tuple[Task, tuple[int, int]]:
 
 def part_counts(cfg: TaskConfig) -> list[int]:
     """How many train problems each part (seed stream) holds."""
-    return [min(cfg.samples_per_part, cfg.train_samples - start)
-            for start in range(0, cfg.train_samples, cfg.samples_per_part)]
+    return [
+        min(cfg.samples_per_part, cfg.train_samples - start)
+        for start in range(0, cfg.train_samples, cfg.samples_per_part)
+    ]
 
 
-def train_problems(task: Task, difficulty: tuple[int, int], seed: int, part: int,
-                   count: int) -> Iterator[tuple[int, Problem]]:
+def train_problems(
+    task: Task, difficulty: tuple[int, int], seed: int, part: int, count: int
+) -> Iterator[tuple[int, Problem]]:
     lo, hi = difficulty
     rng = np.random.default_rng([seed, TRAIN_STREAM, part])
     for _ in range(count):
@@ -61,9 +65,14 @@ def prompt_key(problem: Problem) -> str:
     return " ".join(problem.prompt)
 
 
-def eval_problems(task: Task, difficulty: tuple[int, int], seed: int, per_k: int,
-                  train_prompts: dict[int, set[str]], report: dict[str, dict[str, int]]
-                  ) -> Iterator[tuple[int, Problem]]:
+def eval_problems(
+    task: Task,
+    difficulty: tuple[int, int],
+    seed: int,
+    per_k: int,
+    train_prompts: dict[int, set[str]],
+    report: dict[str, dict[str, int]],
+) -> Iterator[tuple[int, Problem]]:
     """The eval problems, k by k; ``report`` gets, per k, how many are distinct and in train."""
     lo, hi = difficulty
     for k in range(lo, hi + 1):
@@ -84,6 +93,8 @@ def eval_problems(task: Task, difficulty: tuple[int, int], seed: int, per_k: int
                 rejected = 0
                 keys.add(key)
                 chosen.append(problem)
-        report[str(k)] = {"distinct_prompts": len(keys),
-                          "in_train": sum(prompt_key(p) in seen_in_train for p in chosen)}
+        report[str(k)] = {
+            "distinct_prompts": len(keys),
+            "in_train": sum(prompt_key(p) in seen_in_train for p in chosen),
+        }
         yield from ((k, p) for p in chosen)

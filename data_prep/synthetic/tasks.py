@@ -62,8 +62,7 @@ class Task(ABC):
         """Prompt width (problems are left-padded to it) for difficulties up to ``max_difficulty``."""
 
     @abstractmethod
-    def sample(self, rng: np.random.Generator, k: int, max_difficulty: int) -> Problem:
-        ...
+    def sample(self, rng: np.random.Generator, k: int, max_difficulty: int) -> Problem: ...
 
     def check(self, max_difficulty: int) -> None:
         """Raise ValueError if the parameters cannot make problems up to ``max_difficulty``."""
@@ -130,8 +129,10 @@ class Pointer(Task):
 
     def check(self, max_difficulty: int) -> None:
         if self._assignments(max_difficulty) > len(self.VARIABLES):
-            raise ValueError(f"max difficulty {max_difficulty} + {self.params.distractors} distractors "
-                             f"need more than the {len(self.VARIABLES)} variables")
+            raise ValueError(
+                f"max difficulty {max_difficulty} + {self.params.distractors} distractors "
+                f"need more than the {len(self.VARIABLES)} variables"
+            )
 
     def sample(self, rng: np.random.Generator, k: int, max_difficulty: int) -> Problem:
         total = self._assignments(max_difficulty)

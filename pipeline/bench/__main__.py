@@ -21,8 +21,12 @@ def main(argv=None) -> int:
                 raise
             continue  # not written yet
         doc = (modules[name].__doc__ or "").strip().splitlines()
-        p = sub.add_parser(name, help=doc[0] if doc else name, description=modules[name].__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=doc[0] if doc else name,
+            description=modules[name].__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.add_argument("--out", type=Path, required=True, help="JSON file to write (a PNG plot goes next to it)")
         modules[name].add_arguments(p)
     args = parser.parse_args(argv)

@@ -20,13 +20,21 @@ PRESETS = {
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small",
-                        help="model shape (explicit --hidden etc. override it)")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="cpu-small",
+        help="model shape (explicit --hidden etc. override it)",
+    )
     for name in ("hidden", "layers", "heads", "kv-heads", "intermediate", "vocab"):
         parser.add_argument(f"--{name}", type=int, default=None)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                        help="auto: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="auto: bfloat16 on CUDA, float32 on CPU",
+    )
     parser.add_argument("--prefill-chunk", type=int, default=256, help="MELT prefill chunk size")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -41,8 +49,11 @@ def model_shape(args) -> dict:
 
 
 def device_and_dtype(args) -> tuple[torch.device, torch.dtype]:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     if args.dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
@@ -51,18 +62,25 @@ def device_and_dtype(args) -> tuple[torch.device, torch.dtype]:
 
 
 def build_looplm(shape: dict, loops: int, max_positions: int, seed: int, device, dtype) -> LoopLMForCausalLM:
-    config = LoopLMConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"],
-                          intermediate_size=shape["intermediate"], num_hidden_layers=shape["layers"],
-                          num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
-                          total_ut_steps=loops, max_position_embeddings=max_positions)
+    config = LoopLMConfig(
+        vocab_size=shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        total_ut_steps=loops,
+        max_position_embeddings=max_positions,
+    )
     torch.manual_seed(seed)
     with torch.device(device):
         model = LoopLMForCausalLM(config)
     return model.to(dtype).eval()
 
 
-def build_contender(kind: str, shape: dict, loops: int, max_positions: int, seed: int, device, dtype,
-                    prefill_chunk: int):
+def build_contender(
+    kind: str, shape: dict, loops: int, max_positions: int, seed: int, device, dtype, prefill_chunk: int
+):
     """kind: standard (LoopLM, T = 1), looplm (T loops, per-loop cache) or melt (T loops, one slot)."""
     if kind == "standard":
         return build_looplm(shape, 1, max_positions, seed, device, dtype)
@@ -77,9 +95,16 @@ def build_contender(kind: str, shape: dict, loops: int, max_positions: int, seed
 def generate(model, prompt: torch.Tensor, new_tokens: int):
     """Greedy generation of exactly new_tokens tokens; returns the output with its cache."""
     with torch.no_grad():
-        return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None,
-                              return_dict_in_generate=True)
+        return model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+            return_dict_in_generate=True,
+        )
 
 
 def current_rss_bytes() -> int:
@@ -91,12 +116,15 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def plot_lines(path: Path, title: str, xlabel: str, ylabel: str, series: dict, log2x: bool = True,
-               hlines: dict | None = None) -> None:
+def plot_lines(
+    path: Path, title: str, xlabel: str, ylabel: str, series: dict, log2x: bool = True, hlines: dict | None = None
+) -> None:
     """series: label -> (xs, ys)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", label=label)

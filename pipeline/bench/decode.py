@@ -22,13 +22,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--loops", type=int, default=4)
     parser.add_argument("--context", type=int, default=512, help="prompt length")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--budget-batch", type=int, default=2,
-                        help="the memory budget is the LoopLM's KV cache at this batch size")
+    parser.add_argument(
+        "--budget-batch", type=int, default=2, help="the memory budget is the LoopLM's KV cache at this batch size"
+    )
     parser.add_argument("--repeats", type=int, default=3)
 
 
 def timed_decode(model, prompt, new_tokens, device) -> tuple[float, int]:
     """Seconds spent on the new tokens only (a prefill-only run is subtracted) and the cache bytes."""
+
     def clock(n):
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -37,6 +39,7 @@ def timed_decode(model, prompt, new_tokens, device) -> tuple[float, int]:
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start, out
+
     prefill_s, _ = clock(1)
     total_s, out = clock(new_tokens + 1)
     return max(total_s - prefill_s, 1e-9), out.past_key_values.nbytes
@@ -47,12 +50,16 @@ def run(args) -> dict:
     shape = model_shape(args)
     T = args.loops
     max_positions = args.context + args.new_tokens + 8
-    models = {kind: build_contender(kind, shape, T, max_positions, args.seed, device, dtype, args.prefill_chunk)
-              for kind in ("looplm", "melt")}
+    models = {
+        kind: build_contender(kind, shape, T, max_positions, args.seed, device, dtype, args.prefill_chunk)
+        for kind in ("looplm", "melt")
+    }
     settings = [("looplm", 1), ("melt", 1), ("looplm", args.budget_batch), ("melt", args.budget_batch * T)]
     generator = torch.Generator().manual_seed(args.seed)
-    prompts = {b: torch.randint(3, shape["vocab"], (b, args.context), generator=generator).to(device)
-               for b in {b for _, b in settings}}
+    prompts = {
+        b: torch.randint(3, shape["vocab"], (b, args.context), generator=generator).to(device)
+        for b in {b for _, b in settings}
+    }
     for kind, batch in settings:  # warm-up
         generate(models[kind], prompts[batch][:, :16], 2)
     times: dict[tuple[str, int], list[float]] = {s: [] for s in settings}
@@ -65,9 +72,18 @@ def run(args) -> dict:
     rows = []
     for kind, batch in settings:
         seconds = statistics.median(times[(kind, batch)])
-        rows.append({"model": kind, "loops": T, "batch": batch, "context": args.context,
-                     "new_tokens": args.new_tokens, "tokens_per_s": batch * args.new_tokens / seconds,
-                     "kv_cache_bytes": cache_bytes[(kind, batch)], "seconds": seconds})
+        rows.append(
+            {
+                "model": kind,
+                "loops": T,
+                "batch": batch,
+                "context": args.context,
+                "new_tokens": args.new_tokens,
+                "tokens_per_s": batch * args.new_tokens / seconds,
+                "kv_cache_bytes": cache_bytes[(kind, batch)],
+                "seconds": seconds,
+            }
+        )
     by = {(r["model"], r["batch"]): r for r in rows}
     budget = by[("looplm", args.budget_batch)]["kv_cache_bytes"]
     summary = {
@@ -83,14 +99,22 @@ def run(args) -> dict:
         "melt_fits_budget": summary["melt_bytes_at_budget"] <= budget,
     }
     plot_bars(Path(args.out).with_suffix(".png"), rows, T)
-    return {"benchmark": "decode", "shape": shape, "device": device.type, "dtype": str(dtype).replace("torch.", ""),
-            "rows": rows, "summary": summary}
+    return {
+        "benchmark": "decode",
+        "shape": shape,
+        "device": device.type,
+        "dtype": str(dtype).replace("torch.", ""),
+        "rows": rows,
+        "summary": summary,
+    }
 
 
 def plot_bars(path: Path, rows: list, loops: int) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = [f"{r['model']}\nbatch {r['batch']}" for r in rows]
     ax.bar(labels, [r["tokens_per_s"] for r in rows], color=["C0" if r["model"] == "looplm" else "C1" for r in rows])

@@ -27,11 +27,21 @@ def add_arguments(parser) -> None:
 
 
 def run_one(args, kind: str, loops: int) -> dict:
-    spec = dict(kind=kind, loops=loops, shape=model_shape(args), context=args.context, new_tokens=args.new_tokens,
-                batch=args.batch, device=args.device, dtype=args.dtype, prefill_chunk=args.prefill_chunk,
-                seed=args.seed)
-    proc = subprocess.run([sys.executable, "-m", "pipeline.bench.memory_worker", json.dumps(spec)],
-                          capture_output=True, text=True)
+    spec = dict(
+        kind=kind,
+        loops=loops,
+        shape=model_shape(args),
+        context=args.context,
+        new_tokens=args.new_tokens,
+        batch=args.batch,
+        device=args.device,
+        dtype=args.dtype,
+        prefill_chunk=args.prefill_chunk,
+        seed=args.seed,
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.bench.memory_worker", json.dumps(spec)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"memory worker for {kind} T={loops} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -45,26 +55,45 @@ def run(args) -> dict:
     standard = by[("standard", 1)]
     summary = {
         "melt_kv_over_standard": {t: by[("melt", t)]["kv_cache_bytes"] / standard["kv_cache_bytes"] for t in loops},
-        "melt_kv_over_looplm": {t: by[("melt", t)]["kv_cache_bytes"] / by[("looplm", t)]["kv_cache_bytes"]
-                                for t in loops},
+        "melt_kv_over_looplm": {
+            t: by[("melt", t)]["kv_cache_bytes"] / by[("looplm", t)]["kv_cache_bytes"] for t in loops
+        },
         "melt_peak_tmax_over_t1": by[("melt", max(loops))]["peak_bytes"] / by[("melt", min(loops))]["peak_bytes"],
         "melt_rise_tmax_over_t1": by[("melt", max(loops))]["peak_rise_bytes"]
         / max(by[("melt", min(loops))]["peak_rise_bytes"], 1),
-        "looplm_peak_tmax_over_t1": by[("looplm", max(loops))]["peak_bytes"]
-        / by[("looplm", min(loops))]["peak_bytes"],
+        "looplm_peak_tmax_over_t1": by[("looplm", max(loops))]["peak_bytes"] / by[("looplm", min(loops))]["peak_bytes"],
     }
     summary["targets"] = {
         "melt_kv_equals_standard": all(abs(v - 1.0) < 1e-9 for v in summary["melt_kv_over_standard"].values()),
-        "melt_kv_is_1_over_T_of_looplm": all(abs(v * t - 1.0) < 1e-9
-                                             for t, v in summary["melt_kv_over_looplm"].items()),
+        "melt_kv_is_1_over_T_of_looplm": all(
+            abs(v * t - 1.0) < 1e-9 for t, v in summary["melt_kv_over_looplm"].items()
+        ),
         "melt_peak_tmax_within_5pct_of_t1": summary["melt_peak_tmax_over_t1"] <= 1.05,
     }
     out = Path(args.out)
     series = {m: ([t for t in loops], [by[(m, t)]["kv_cache_bytes"] for t in loops]) for m in ("looplm", "melt")}
-    plot_lines(out.with_suffix(".png"), f"KV cache after {args.context}+{args.new_tokens} tokens", "loops T",
-               "KV cache bytes", series, hlines={"standard (T=1)": standard["kv_cache_bytes"]})
+    plot_lines(
+        out.with_suffix(".png"),
+        f"KV cache after {args.context}+{args.new_tokens} tokens",
+        "loops T",
+        "KV cache bytes",
+        series,
+        hlines={"standard (T=1)": standard["kv_cache_bytes"]},
+    )
     peaks = {m: ([t for t in loops], [by[(m, t)]["peak_bytes"] for t in loops]) for m in ("looplm", "melt")}
-    plot_lines(out.with_name(out.stem + "_peak.png"), "peak memory", "loops T", "bytes", peaks,
-               hlines={"standard (T=1)": standard["peak_bytes"]})
-    return {"benchmark": "memory", "shape": model_shape(args), "device": rows[0]["device"],
-            "dtype": rows[0]["dtype"], "rows": rows, "summary": summary}
+    plot_lines(
+        out.with_name(out.stem + "_peak.png"),
+        "peak memory",
+        "loops T",
+        "bytes",
+        peaks,
+        hlines={"standard (T=1)": standard["peak_bytes"]},
+    )
+    return {
+        "benchmark": "memory",
+        "shape": model_shape(args),
+        "device": rows[0]["device"],
+        "dtype": rows[0]["dtype"],
+        "rows": rows,
+        "summary": summary,
+    }

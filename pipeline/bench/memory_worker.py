@@ -14,8 +14,9 @@ def main(spec_json: str) -> None:
     args = types.SimpleNamespace(device=spec["device"], dtype=spec["dtype"])
     device, dtype = device_and_dtype(args)
     max_positions = spec["context"] + spec["new_tokens"] + 8
-    model = build_contender(spec["kind"], spec["shape"], spec["loops"], max_positions, spec["seed"], device, dtype,
-                            spec["prefill_chunk"])
+    model = build_contender(
+        spec["kind"], spec["shape"], spec["loops"], max_positions, spec["seed"], device, dtype, spec["prefill_chunk"]
+    )
     generator = torch.Generator().manual_seed(spec["seed"])
     prompt = torch.randint(3, spec["shape"]["vocab"], (spec["batch"], spec["context"]), generator=generator)
     generate(model, prompt[:, :8].to(device), 2)  # warm up kernels and allocator
@@ -31,11 +32,21 @@ def main(spec_json: str) -> None:
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = peak_rss_bytes()
-    print(json.dumps({
-        "model": spec["kind"], "loops": spec["loops"], "context": spec["context"],
-        "kv_cache_bytes": out.past_key_values.nbytes, "peak_bytes": peak, "peak_rise_bytes": max(peak - before, 0),
-        "batch": spec["batch"], "device": device.type, "dtype": str(dtype).replace("torch.", ""),
-    }))
+    print(
+        json.dumps(
+            {
+                "model": spec["kind"],
+                "loops": spec["loops"],
+                "context": spec["context"],
+                "kv_cache_bytes": out.past_key_values.nbytes,
+                "peak_bytes": peak,
+                "peak_rise_bytes": max(peak - before, 0),
+                "batch": spec["batch"],
+                "device": device.type,
+                "dtype": str(dtype).replace("torch.", ""),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

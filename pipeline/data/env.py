@@ -28,6 +28,7 @@ def prepare_streaming_env(clean_shared_memory: bool = True) -> bool:
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         clean_stale_streaming_memory()
     import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     _cleaned = True

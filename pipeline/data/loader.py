@@ -71,8 +71,9 @@ class Collate:
 class FingerprintedLoader(StreamingDataLoader):
     """A StreamingDataLoader whose state carries the fingerprint and refuses a mismatched resume."""
 
-    def __init__(self, dataset: StreamingDataset, *, fingerprint: LoaderFingerprint,
-                 manifest: dict[str, Any], **kwargs: Any):
+    def __init__(
+        self, dataset: StreamingDataset, *, fingerprint: LoaderFingerprint, manifest: dict[str, Any], **kwargs: Any
+    ):
         super().__init__(dataset, **kwargs)
         self.fingerprint = fingerprint
         self.manifest = manifest
@@ -82,15 +83,21 @@ class FingerprintedLoader(StreamingDataLoader):
 
     def load_state_dict(self, obj: dict[str, Any]) -> None:
         if not isinstance(obj, dict) or set(obj) != {"fingerprint", "streaming"}:
-            raise DataResumeError("not a loader state saved by FingerprintedLoader.state_dict() "
-                                  f"(keys: {sorted(obj) if isinstance(obj, dict) else type(obj).__name__})")
+            raise DataResumeError(
+                "not a loader state saved by FingerprintedLoader.state_dict() "
+                f"(keys: {sorted(obj) if isinstance(obj, dict) else type(obj).__name__})"
+            )
         saved, now = obj["fingerprint"], asdict(self.fingerprint)
-        differing = [f"{key} (saved {saved.get(key)!r}, now {value!r})"
-                     for key, value in now.items() if saved.get(key) != value]
+        differing = [
+            f"{key} (saved {saved.get(key)!r}, now {value!r})" for key, value in now.items() if saved.get(key) != value
+        ]
         if differing:
-            raise DataResumeError("cannot resume the data loader: " + "; ".join(differing) +
-                                  ". Resume with the same dataset, seed, global batch size and "
-                                  "num_canonical_nodes, or start a new run.")
+            raise DataResumeError(
+                "cannot resume the data loader: "
+                + "; ".join(differing)
+                + ". Resume with the same dataset, seed, global batch size and "
+                "num_canonical_nodes, or start a new run."
+            )
         super().load_state_dict(obj["streaming"])
 
 
@@ -112,24 +119,36 @@ def _remote_manifest(remote: str) -> dict[str, Any]:
     except DataPrepError:
         raise
     except Exception as err:  # provider-specific "not found" errors
-        raise DataPrepError(f"{remote}: cannot fetch {MANIFEST}/index.json ({err}); "
-                            "not a complete prepared dataset?") from None
+        raise DataPrepError(
+            f"{remote}: cannot fetch {MANIFEST}/index.json ({err}); not a complete prepared dataset?"
+        ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def build_train_loader(path: str | os.PathLike, micro_batch_size: int, global_batch_size: int, seed: int,
-                       shuffle: bool = True, num_canonical_nodes: int = 1, split: str | None = None,
-                       num_workers: int = 0, drop_last: bool = True, cache_dir: str | None = None,
-                       **dataset_kwargs: Any) -> FingerprintedLoader:
+def build_train_loader(
+    path: str | os.PathLike,
+    micro_batch_size: int,
+    global_batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    num_canonical_nodes: int = 1,
+    split: str | None = None,
+    num_workers: int = 0,
+    drop_last: bool = True,
+    cache_dir: str | None = None,
+    **dataset_kwargs: Any,
+) -> FingerprintedLoader:
     """A loader over the prepared dataset at ``path`` (``path/split`` with ``split``, e.g. the
     train/eval splits of synthetic data). A local directory is read in place (local=path,
     remote=None); a remote URL (s3://...) is streamed into ``cache_dir``.
     ``dataset_kwargs`` go to StreamingDataset (e.g. predownload, shuffle_block_size)."""
     world = _world_size()
     if micro_batch_size < 1 or global_batch_size % (micro_batch_size * world):
-        raise ValueError(f"global_batch_size {global_batch_size} is not a multiple of "
-                         f"micro_batch_size {micro_batch_size} x world size {world}")
+        raise ValueError(
+            f"global_batch_size {global_batch_size} is not a multiple of "
+            f"micro_batch_size {micro_batch_size} x world size {world}"
+        )
     location = f"{str(path).rstrip('/')}/{split}" if split else str(path)
     if "://" in location:
         if cache_dir is None:
@@ -139,10 +158,22 @@ def build_train_loader(path: str | os.PathLike, micro_batch_size: int, global_ba
     else:
         manifest = read_manifest(location)
         local, remote = location, None
-    dataset = StreamingDataset(local=local, remote=remote, batch_size=micro_batch_size, shuffle=shuffle,
-                               shuffle_seed=seed, num_canonical_nodes=num_canonical_nodes, **dataset_kwargs)
+    dataset = StreamingDataset(
+        local=local,
+        remote=remote,
+        batch_size=micro_batch_size,
+        shuffle=shuffle,
+        shuffle_seed=seed,
+        num_canonical_nodes=num_canonical_nodes,
+        **dataset_kwargs,
+    )
     fingerprint = LoaderFingerprint(manifest["index_sha256"], seed, global_batch_size, num_canonical_nodes, shuffle)
-    return FingerprintedLoader(dataset, fingerprint=fingerprint, manifest=manifest, batch_size=micro_batch_size,
-                               collate_fn=Collate(manifest["columns"], left_pad_id(manifest)),
-                               num_workers=num_workers,
-                               drop_last=drop_last)
+    return FingerprintedLoader(
+        dataset,
+        fingerprint=fingerprint,
+        manifest=manifest,
+        batch_size=micro_batch_size,
+        collate_fn=Collate(manifest["columns"], left_pad_id(manifest)),
+        num_workers=num_workers,
+        drop_last=drop_last,
+    )

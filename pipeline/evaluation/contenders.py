@@ -31,6 +31,7 @@ class Decoding:
     """How tokens are picked (greedy at temperature 0, else sampled with temperature and top-p,
     no top-k) and what ends generation: exactly new_tokens tokens (fixed-width synthetic answers)
     unless eos ids or stopping criteria are given."""
+
     temperature: float = 0.0
     top_p: float = 1.0
     eos_token_id: Optional[list[int]] = None
@@ -42,9 +43,13 @@ class Decoding:
         return self.temperature > 0
 
     def generate_kwargs(self, new_tokens: int) -> dict[str, Any]:
-        kwargs: dict[str, Any] = dict(max_new_tokens=new_tokens, pad_token_id=self.pad_token_id,
-                                      eos_token_id=self.eos_token_id, return_dict_in_generate=True,
-                                      do_sample=self.sampled)
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=new_tokens,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_id,
+            return_dict_in_generate=True,
+            do_sample=self.sampled,
+        )
         if self.eos_token_id is None and self.stopping_criteria is None:
             kwargs["min_new_tokens"] = new_tokens
         if self.stopping_criteria is not None:
@@ -77,15 +82,17 @@ class Contender:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def generate(self, prompt: torch.Tensor, attention_mask: torch.Tensor, new_tokens: int,
-                 decoding: Decoding = GREEDY):
+    def generate(
+        self, prompt: torch.Tensor, attention_mask: torch.Tensor, new_tokens: int, decoding: Decoding = GREEDY
+    ):
         """Decoding of new_tokens tokens (greedy by default; fewer where decoding stops early);
         returns (tokens [B, <= new_tokens], cache)."""
         if self.lastkv_from is None:
-            out = cast("GenerateDecoderOnlyOutput",  # return_dict_in_generate, no beams
-                       self.model.generate(prompt, attention_mask=attention_mask,
-                                           **decoding.generate_kwargs(new_tokens)))
-            return out.sequences[:, prompt.shape[1]:], out.past_key_values
+            out = cast(
+                "GenerateDecoderOnlyOutput",  # return_dict_in_generate, no beams
+                self.model.generate(prompt, attention_mask=attention_mask, **decoding.generate_kwargs(new_tokens)),
+            )
+            return out.sequences[:, prompt.shape[1] :], out.past_key_values
         return self._generate_lastkv(prompt, attention_mask, new_tokens, decoding)
 
     @torch.no_grad()
@@ -98,9 +105,10 @@ class Contender:
             return first, cache
         ids = torch.cat([prompt, first], dim=1)
         mask = torch.cat([attention_mask, torch.ones_like(first)], dim=1)
-        out = self.model.generate(ids, attention_mask=mask, past_key_values=cache,
-                                  **decoding.generate_kwargs(new_tokens - 1))
-        return out.sequences[:, prompt.shape[1]:], out.past_key_values
+        out = self.model.generate(
+            ids, attention_mask=mask, past_key_values=cache, **decoding.generate_kwargs(new_tokens - 1)
+        )
+        return out.sequences[:, prompt.shape[1] :], out.past_key_values
 
 
 def last_loop_cache(looplm_cache) -> MeltCache:
@@ -118,15 +126,21 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
     """auto: the GPU when there is one (in bfloat16), else the CPU (in float32)."""
-    where = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                         ("cpu" if device == "auto" else device))
+    where = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
     if dtype == "auto":
         return where, torch.bfloat16 if where.type == "cuda" else torch.float32
     return where, getattr(torch, dtype)
 
 
-def load_contender(name: str, path: str | Path, chunk_size: Optional[int] = None,
-                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Contender:
+def load_contender(
+    name: str,
+    path: str | Path,
+    chunk_size: Optional[int] = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Contender:
     """name: one of CONTENDERS; path: the export directory (a LoopLM export for standard, looplm and
     the lastkv baselines, a MELT export for melt). chunk_size: MELT's (and the chunked baseline's)
     prefill chunk size; default: the model's own. The model is loaded in dtype onto device."""
@@ -145,5 +159,10 @@ def load_contender(name: str, path: str | Path, chunk_size: Optional[int] = None
     baseline = MeltForCausalLM.from_looplm(looplm, gate="overwrite", alpha=1.0, chunk_size=chunk_size or 1)
     # PreTrainedModel.to is functools.wraps(nn.Module.to): its stub type wants self once more (the ignore)
     baseline = baseline.to(device=device, dtype=dtype).eval()  # type: ignore[call-arg]
-    return Contender(name, baseline, looplm.config.total_ut_steps, count_parameters(looplm),
-                     lastkv_from=looplm if name == "looplm_lastkv" else None)
+    return Contender(
+        name,
+        baseline,
+        looplm.config.total_ut_steps,
+        count_parameters(looplm),
+        lastkv_from=looplm if name == "looplm_lastkv" else None,
+    )

@@ -15,9 +15,9 @@ IGNORE_INDEX = -100
 
 @dataclass
 class EvalSplit:
-    input_ids: torch.Tensor          # [N, S]
-    labels: torch.Tensor             # [N, S], -100 where not scored
-    difficulty: Optional[torch.Tensor]     # [N]
+    input_ids: torch.Tensor  # [N, S]
+    labels: torch.Tensor  # [N, S], -100 where not scored
+    difficulty: Optional[torch.Tensor]  # [N]
     prompt_length: Optional[torch.Tensor]  # [N]
     manifest: dict
 
@@ -29,8 +29,10 @@ def load_eval_split(path: str | Path, max_samples: Optional[int] = None) -> Eval
     path = Path(path)
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
-        raise FileNotFoundError(f"{path} is not a prepared dataset: {manifest_path} is missing "
-                                "(run `python -m data_prep ...` first; an interrupted run has no manifest)")
+        raise FileNotFoundError(
+            f"{path} is not a prepared dataset: {manifest_path} is missing "
+            "(run `python -m data_prep ...` first; an interrupted run has no manifest)"
+        )
     manifest = json.loads(manifest_path.read_text())
     from streaming import StreamingDataset
 

@@ -15,10 +15,22 @@ from pipeline.evaluation.report import markdown_table
 from pipeline.models import LoopLMConfig, LoopLMForCausalLM, MeltForCausalLM
 
 CONTENDER_ORDER = ("standard", "looplm", "looplm_lastkv", "looplm_lastkv_chunked", "melt")
-KEEP = ("accuracy", "accuracy_by_difficulty", "kv_cache_bytes", "kv_bytes_per_token", "loops", "parameters",
-        "perplexity", "loop_perplexity", "scoring_chunking", "decode_tokens_per_s", "samples", "model_path")
-CLEAR_MARGIN = 0.05          # "clearly above": at least 5 points of exact match
-MELT_OF_LOOPLM = 0.98        # MELT keeps at least 98% of the LoopLM's accuracy
+KEEP = (
+    "accuracy",
+    "accuracy_by_difficulty",
+    "kv_cache_bytes",
+    "kv_bytes_per_token",
+    "loops",
+    "parameters",
+    "perplexity",
+    "loop_perplexity",
+    "scoring_chunking",
+    "decode_tokens_per_s",
+    "samples",
+    "model_path",
+)
+CLEAR_MARGIN = 0.05  # "clearly above": at least 5 points of exact match
+MELT_OF_LOOPLM = 0.98  # MELT keeps at least 98% of the LoopLM's accuracy
 TRAIN_PHASES = ("pretrain_standard", "pretrain", "transition", "distill")
 
 
@@ -77,19 +89,24 @@ def check_targets(c: dict) -> dict:
     return {
         "melt_at_least_98pct_of_looplm": {
             "met": melt["accuracy"] >= MELT_OF_LOOPLM * looplm["accuracy"],
-            "value": melt["accuracy"] / max(looplm["accuracy"], 1e-9)},
+            "value": melt["accuracy"] / max(looplm["accuracy"], 1e-9),
+        },
         "melt_clearly_above_standard": {
             "met": melt["accuracy"] >= standard["accuracy"] + CLEAR_MARGIN,
-            "value": melt["accuracy"] - standard["accuracy"]},
+            "value": melt["accuracy"] - standard["accuracy"],
+        },
         "melt_clearly_above_zero_shot_last_kv": {
             "met": all(melt["accuracy"] >= b + CLEAR_MARGIN for b in baselines),
-            "value": melt["accuracy"] - max(baselines)},
+            "value": melt["accuracy"] - max(baselines),
+        },
         "melt_kv_equals_standard": {
             "met": melt["kv_cache_bytes"] == standard["kv_cache_bytes"],
-            "value": melt["kv_cache_bytes"] / standard["kv_cache_bytes"]},
+            "value": melt["kv_cache_bytes"] / standard["kv_cache_bytes"],
+        },
         "melt_kv_is_1_over_T_of_looplm": {
             "met": melt["kv_cache_bytes"] * looplm["loops"] == looplm["kv_cache_bytes"],
-            "value": melt["kv_cache_bytes"] / looplm["kv_cache_bytes"]},
+            "value": melt["kv_cache_bytes"] / looplm["kv_cache_bytes"],
+        },
     }
 
 
@@ -105,6 +122,7 @@ def save_figure(fig, run_dir: Path, key: str, files: dict[str, str]) -> None:
 
 def _plots(run_dir: Path, contenders: dict, chance: float, kv_rows: list, curves: dict) -> dict[str, str]:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -164,21 +182,30 @@ def starting_points(contenders: dict) -> dict[str, str]:
     for name in ("looplm", "standard"):
         path = Path(contenders[name].get("model_path", ""))
         shipped = (path.parent / "PROVENANCE.md").is_file()
-        out[name] = f"{path} ({'shipped pretrained model: ' + str(path.parent / 'PROVENANCE.md') if shipped else 'pretrained in this run'})"
+        out[name] = (
+            f"{path} ({'shipped pretrained model: ' + str(path.parent / 'PROVENANCE.md') if shipped else 'pretrained in this run'})"
+        )
     return out
 
 
 def _markdown(contenders: dict, targets: dict, chance: float, kv_rows: list, seconds: dict, wall, files: dict) -> str:
-    lines = ["# MELT demo: the paper's claims in miniature", "",
-             "S3 word problem (compose k permutations of {0,1,2}; answer: 3 digit tokens, all exact), "
-             f"greedy decoding. Chance (best prompt-blind guess): {chance:.3f}.", "",
-             markdown_table(contenders), "",
-             "- `looplm_lastkv`: zero-shot baseline in Ouro's setting (the prompt with the full per-loop "
-             "cache, decoded tokens see earlier tokens through their last loop only); with MELT's chunking "
-             "(the prompt as one chunk, the answer token by token) it is the same computation.",
-             "- `looplm_lastkv_chunked`: the same zero-shot baseline token by token from the first token.",
-             *[f"- `{name}` from {where}" for name, where in starting_points(contenders).items()],
-             "", "## Targets", ""]
+    lines = [
+        "# MELT demo: the paper's claims in miniature",
+        "",
+        "S3 word problem (compose k permutations of {0,1,2}; answer: 3 digit tokens, all exact), "
+        f"greedy decoding. Chance (best prompt-blind guess): {chance:.3f}.",
+        "",
+        markdown_table(contenders),
+        "",
+        "- `looplm_lastkv`: zero-shot baseline in Ouro's setting (the prompt with the full per-loop "
+        "cache, decoded tokens see earlier tokens through their last loop only); with MELT's chunking "
+        "(the prompt as one chunk, the answer token by token) it is the same computation.",
+        "- `looplm_lastkv_chunked`: the same zero-shot baseline token by token from the first token.",
+        *[f"- `{name}` from {where}" for name, where in starting_points(contenders).items()],
+        "",
+        "## Targets",
+        "",
+    ]
     for name, t in targets.items():
         lines.append(f"- {'met' if t['met'] else 'NOT MET'}: {name.replace('_', ' ')} ({t['value']:.3f})")
     if not all(t["met"] for t in targets.values()):
@@ -209,10 +236,18 @@ def write_report(run_dir: Path, experiment=None) -> dict:
     targets = check_targets(contenders)
     seconds, wall = phase_times(run_dir)
     files = _plots(run_dir, contenders, chance, kv_rows, curves)
-    report = {**contenders, "chance": chance, "task": manifest.get("task"), "targets": targets,
-              "all_targets_met": all(t["met"] for t in targets.values()), "kv_bytes_vs_loops": kv_rows,
-              "phase_seconds": seconds, "wall_seconds": wall, "figures": files,
-              "starting_points": starting_points(contenders)}
+    report = {
+        **contenders,
+        "chance": chance,
+        "task": manifest.get("task"),
+        "targets": targets,
+        "all_targets_met": all(t["met"] for t in targets.values()),
+        "kv_bytes_vs_loops": kv_rows,
+        "phase_seconds": seconds,
+        "wall_seconds": wall,
+        "figures": files,
+        "starting_points": starting_points(contenders),
+    }
     (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = _markdown(contenders, targets, chance, kv_rows, seconds, wall, files)
     (run_dir / "report.md").write_text(markdown)

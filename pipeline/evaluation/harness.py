@@ -38,16 +38,24 @@ def write_task(split: EvalSplit, tokenizer, out_dir: Path, pad_id: int = 0) -> i
             prompt = [t for t in split.input_ids[i, :length].tolist() if t != pad_id]
             answer = split.input_ids[i, length:].tolist()
             answer_tokens = max(answer_tokens, len(answer))
-            f.write(json.dumps({"prompt": tokenizer.decode(prompt), "answer": tokenizer.decode(answer),
-                                "difficulty": int(split.difficulty[i]) if split.difficulty is not None else 0})
-                    + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": tokenizer.decode(prompt),
+                        "answer": tokenizer.decode(answer),
+                        "difficulty": int(split.difficulty[i]) if split.difficulty is not None else 0,
+                    }
+                )
+                + "\n"
+            )
     text = TEMPLATE.read_text().replace("{data_file}", str(data_file)).replace("{answer_tokens}", str(answer_tokens))
     (out_dir / f"{TASK}.yaml").write_text(text)
     return answer_tokens
 
 
-def run_local_task(model_dir: str | Path, task: str, work_dir: Path, limit: Optional[int] = None,
-                   batch_size: int = 32) -> dict:
+def run_local_task(
+    model_dir: str | Path, task: str, work_dir: Path, limit: Optional[int] = None, batch_size: int = 32
+) -> dict:
     """lm_eval's `hf` model on our model object and a task YAML already in work_dir; lm_eval's results."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -57,8 +65,9 @@ def run_local_task(model_dir: str | Path, task: str, work_dir: Path, limit: Opti
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu")
     # only our task's folder: indexing lm_eval's thousands of built-in tasks takes seconds
     tasks = TaskManager(include_path=str(work_dir), include_defaults=False)
-    results = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=tasks, limit=limit, log_samples=False,
-                                      bootstrap_iters=0)
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=[task], task_manager=tasks, limit=limit, log_samples=False, bootstrap_iters=0
+    )
     return results["results"][task]
 
 
@@ -71,15 +80,20 @@ def load_model(model_dir: str | Path):
     return AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
 
 
-def run_harness(model_dir: str | Path, data_dir: str | Path, work_dir: Path, limit: Optional[int] = None,
-                batch_size: int = 32) -> dict:
+def run_harness(
+    model_dir: str | Path, data_dir: str | Path, work_dir: Path, limit: Optional[int] = None, batch_size: int = 32
+) -> dict:
     from transformers import AutoTokenizer
 
     split = load_eval_split(data_dir, limit)
     write_task(split, AutoTokenizer.from_pretrained(model_dir), work_dir)
     results = run_local_task(model_dir, TASK, work_dir, limit, batch_size)
-    return {"task": TASK, "model": str(model_dir), "samples": len(split),
-            "exact_match": float(results["exact_match,none"])}
+    return {
+        "task": TASK,
+        "model": str(model_dir),
+        "samples": len(split),
+        "exact_match": float(results["exact_match,none"]),
+    }
 
 
 def main(argv=None) -> int:
@@ -87,8 +101,11 @@ def main(argv=None) -> int:
     from pipeline.evaluation.math_data import MathDataError
     from pipeline.evaluation.math_prompts import add_prompt_arguments, prompt_config
 
-    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluation.harness", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.evaluation.harness",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", required=True, help="exported model directory (with its tokenizer)")
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--data", help="synthetic eval split (MDS, with manifest.json)")
@@ -104,8 +121,9 @@ def main(argv=None) -> int:
         result = run_harness(args.model, args.data, work, args.limit, args.batch_size)
     else:
         try:
-            result = run_math_harness(args.model, args.math_data, work, prompt_config(args), args.max_new_tokens,
-                                      args.limit, args.batch_size)
+            result = run_math_harness(
+                args.model, args.math_data, work, prompt_config(args), args.max_new_tokens, args.limit, args.batch_size
+            )
         except MathDataError as error:
             raise SystemExit(str(error)) from None
     args.out.write_text(json.dumps(result, indent=2) + "\n")

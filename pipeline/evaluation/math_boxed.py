@@ -17,7 +17,7 @@ def braced(text: str, start: int) -> Optional[tuple[str, int]]:
     for i in range(start, len(text)):
         depth += {"{": 1, "}": -1}.get(text[i], 0)
         if depth == 0:
-            return text[start + 1:i], i + 1
+            return text[start + 1 : i], i + 1
     return None
 
 
@@ -26,7 +26,7 @@ def boxed_answer(text: str) -> Optional[str]:
     found = list(_BOXED.finditer(text))
     if not found:
         return None
-    rest = text[found[-1].end():]
+    rest = text[found[-1].end() :]
     if rest.lstrip().startswith("{"):
         group = braced(rest, len(rest) - len(rest.lstrip()))
         return group[0] if group else None

@@ -12,12 +12,21 @@ from .math_prompts import add_prompt_arguments, prompt_config
 
 
 def add_math_arguments(parser) -> None:
-    parser.add_argument("--math", action="append", default=[], metavar="NAME=PATH[,NAME=PATH]",
-                        help="math problems (JSONL) by generation; NAME gsm8k or math, or starting with one "
-                             "(gsm8k_test, math500): gsm8k rows {question, answer: '... #### 42'}, math rows "
-                             "{problem, solution: '... \\\\boxed{...}' or answer}")
-    parser.add_argument("--math-samples", type=int, default=0,
-                        help="sampled completions per problem for pass@k (default 0: greedy pass@1 only)")
+    parser.add_argument(
+        "--math",
+        action="append",
+        default=[],
+        metavar="NAME=PATH[,NAME=PATH]",
+        help="math problems (JSONL) by generation; NAME gsm8k or math, or starting with one "
+        "(gsm8k_test, math500): gsm8k rows {question, answer: '... #### 42'}, math rows "
+        "{problem, solution: '... \\\\boxed{...}' or answer}",
+    )
+    parser.add_argument(
+        "--math-samples",
+        type=int,
+        default=0,
+        help="sampled completions per problem for pass@k (default 0: greedy pass@1 only)",
+    )
     parser.add_argument("--math-k", default=None, help="k of pass@k, comma-separated (default: 1 and --math-samples)")
     parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (> 0)")
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (no top-k)")
@@ -51,8 +60,11 @@ class MathRun:
             except MathDataError as error:  # a prompt that cannot run: named, not a traceback
                 raise SystemExit(f"{contender.name}: {error}") from None
             records += [{"task": task.name, **row} for row in rows]
-            print(f"{contender.name} {task.name}: pass@1 " + ", ".join(
-                f"{m}={v:.3f}" for m, v in results[task.name]["pass@1"].items()), flush=True)
+            print(
+                f"{contender.name} {task.name}: pass@1 "
+                + ", ".join(f"{m}={v:.3f}" for m, v in results[task.name]["pass@1"].items()),
+                flush=True,
+            )
         return results, records
 
 
@@ -65,8 +77,16 @@ def math_run(args) -> MathRun | None:
     except ValueError:
         raise SystemExit(f"--math-k {args.math_k}: write the k values as integers, comma-separated") from None
     try:
-        settings = MathSettings(args.max_new_tokens, args.batch_size, args.math_samples, ks, args.temperature,
-                                args.top_p, args.seed, prompt_config(args))
+        settings = MathSettings(
+            args.max_new_tokens,
+            args.batch_size,
+            args.math_samples,
+            ks,
+            args.temperature,
+            args.top_p,
+            args.seed,
+            prompt_config(args),
+        )
         tasks = [load_math_task(name, path, args.max_samples) for name, path in parse_math_specs(args.math)]
     except ValueError as error:  # settings (MathSettings, PromptConfig) or files (MathDataError)
         raise SystemExit(str(error)) from None

@@ -23,45 +23,55 @@ class MathDataError(ValueError):
 
 @dataclass(frozen=True)
 class Reference:
-    key: str                                   # the row's field
-    read: Callable[[str], Optional[str]]       # field -> final answer (None: it has none)
-    expected: str                              # what the error says the field lacks
+    key: str  # the row's field
+    read: Callable[[str], Optional[str]]  # field -> final answer (None: it has none)
+    expected: str  # what the error says the field lacks
 
 
 @dataclass(frozen=True)
 class Kind:
     question_key: str
-    references: tuple[Reference, ...]                         # the first field present is read
-    extractors: dict[str, Callable[[str], Optional[str]]]     # mode -> completion -> answer
+    references: tuple[Reference, ...]  # the first field present is read
+    extractors: dict[str, Callable[[str], Optional[str]]]  # mode -> completion -> answer
     match: Callable[[Optional[str], str], bool]
-    plain_template: str                                       # prompt without a chat template
-    instruction: str                                          # default end of the chat user turn
-    stop: tuple[str, ...]                                     # text that ends a plain completion
+    plain_template: str  # prompt without a chat template
+    instruction: str  # default end of the chat user turn
+    stop: tuple[str, ...]  # text that ends a plain completion
 
 
 # lm-evaluation-harness's gsm8k stops at these too, in case a tokenizer decodes them as text
 END_OF_TURN = ("</s>", "<|im_end|>")
 
 KINDS = {
-    "gsm8k": Kind("question", (Reference("answer", gold_gsm8k, "final '#### <answer>'"),),
-                  {"strict": strict_answer, "flexible": flexible_answer}, same_answer,
-                  "Question: {question}\nAnswer:",
-                  "Solve the problem step by step, then give the final answer on its own line as "
-                  "'#### <number>'.", ("Question:",) + END_OF_TURN),
-    "math": Kind("problem", (Reference("answer", lambda text: text.strip() or None, "text"),
-                             Reference("solution", boxed_answer, "\\boxed{...} answer")),
-                 {"boxed": boxed_answer}, same_math_answer,
-                 "Problem: {question}\nSolution:",
-                 "Solve the problem step by step, and put your final answer within \\boxed{}.",
-                 ("Problem:",) + END_OF_TURN),
+    "gsm8k": Kind(
+        "question",
+        (Reference("answer", gold_gsm8k, "final '#### <answer>'"),),
+        {"strict": strict_answer, "flexible": flexible_answer},
+        same_answer,
+        "Question: {question}\nAnswer:",
+        "Solve the problem step by step, then give the final answer on its own line as '#### <number>'.",
+        ("Question:",) + END_OF_TURN,
+    ),
+    "math": Kind(
+        "problem",
+        (
+            Reference("answer", lambda text: text.strip() or None, "text"),
+            Reference("solution", boxed_answer, "\\boxed{...} answer"),
+        ),
+        {"boxed": boxed_answer},
+        same_math_answer,
+        "Problem: {question}\nSolution:",
+        "Solve the problem step by step, and put your final answer within \\boxed{}.",
+        ("Problem:",) + END_OF_TURN,
+    ),
 }
 
 
 @dataclass(frozen=True)
 class MathProblem:
     question: str
-    gold: str        # the reference's final answer, as the kind reads it
-    where: str       # file:line, for messages
+    gold: str  # the reference's final answer, as the kind reads it
+    where: str  # file:line, for messages
 
 
 @dataclass(frozen=True)
@@ -128,8 +138,9 @@ def parse_math_specs(values: list[str]) -> list[tuple[str, str]]:
         for item in filter(None, value.split(",")):
             name, sep, path = item.partition("=")
             if not sep or not name or not path:
-                raise MathDataError(f"--math {item}: write NAME=PATH (NAME one of {', '.join(KINDS)}, or "
-                                    "starting with one)")
+                raise MathDataError(
+                    f"--math {item}: write NAME=PATH (NAME one of {', '.join(KINDS)}, or starting with one)"
+                )
             kind_of(name)
             if name in dict(specs):
                 raise MathDataError(f"--math {item}: task {name!r} is given twice")

@@ -19,8 +19,8 @@ from .passk import pass_at_k
 class MathSettings:
     max_new_tokens: int = 256
     batch_size: int = 16
-    samples: int = 0                  # n sampled completions per problem; 0: greedy pass@1 only
-    ks: tuple[int, ...] = ()          # pass@k for these k <= samples; default 1 and samples
+    samples: int = 0  # n sampled completions per problem; 0: greedy pass@1 only
+    ks: tuple[int, ...] = ()  # pass@k for these k <= samples; default 1 and samples
     temperature: float = 0.6
     top_p: float = 0.95
     seed: int = 0
@@ -30,8 +30,10 @@ class MathSettings:
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.samples < 0:
             raise ValueError("max_new_tokens and batch_size must be >= 1, samples >= 0")
         if self.samples and not (self.temperature > 0 and 0 < self.top_p <= 1):
-            raise ValueError(f"sampled pass@k needs temperature > 0 and 0 < top_p <= 1 "
-                             f"(got {self.temperature}, {self.top_p}); greedy pass@1 is always reported")
+            raise ValueError(
+                f"sampled pass@k needs temperature > 0 and 0 < top_p <= 1 "
+                f"(got {self.temperature}, {self.top_p}); greedy pass@1 is always reported"
+            )
         bad = [k for k in self.ks if not 0 < k <= self.samples]
         if bad:
             raise ValueError(f"pass@k for k={bad}: each k must be between 1 and the samples ({self.samples})")
@@ -54,8 +56,10 @@ def _check_fits(contender: Contender, task: MathTask, prompts: list, new_tokens:
     over = [(p.where, len(ids)) for p, ids in zip(task.problems, prompts) if limit and len(ids) + new_tokens > limit]
     if over:
         where, length = over[0]
-        raise MathDataError(f"{where}: a prompt of {length} tokens + {new_tokens} new tokens exceeds the model's "
-                         f"max_position_embeddings={limit} ({len(over)} problem(s) in all; lower --max-new-tokens)")
+        raise MathDataError(
+            f"{where}: a prompt of {length} tokens + {new_tokens} new tokens exceeds the model's "
+            f"max_position_embeddings={limit} ({len(over)} problem(s) in all; lower --max-new-tokens)"
+        )
 
 
 def evaluate_math(contender: Contender, tokenizer, task: MathTask, settings: MathSettings) -> tuple[dict, list]:
@@ -67,21 +71,41 @@ def evaluate_math(contender: Contender, tokenizer, task: MathTask, settings: Mat
     stops = prompt_info["stop"]
 
     def run(decoding: Decoding, rows: list, desc: str):
-        return complete(contender, tokenizer, rows, decoding, settings.max_new_tokens, stops, settings.batch_size,
-                        f"{contender.name}: {task.name} {desc}")
+        return complete(
+            contender,
+            tokenizer,
+            rows,
+            decoding,
+            settings.max_new_tokens,
+            stops,
+            settings.batch_size,
+            f"{contender.name}: {task.name} {desc}",
+        )
 
     greedy, speed = run(Decoding(eos_token_id=eos), prompts, "greedy")
     n, modes = len(task.problems), list(task.kind.extractors)
     records = []
     for i, completion in enumerate(greedy):
         answers, correct = _correct(task, [completion], i)
-        records.append({"where": task.problems[i].where, "gold": task.problems[i].gold, "completion": completion,
-                        "answer": {m: answers[m][0] for m in modes}, "correct": {m: correct[m][0] for m in modes}})
-    result = {"kind": task.kind_name, "path": task.path, "problems": n, "prompt": prompt_info,
-              "max_new_tokens": settings.max_new_tokens,
-              "pass@1": {m: sum(r["correct"][m] for r in records) / n for m in modes},
-              "answered": {m: sum(r["answer"][m] is not None for r in records) / n for m in modes},
-              **speed}
+        records.append(
+            {
+                "where": task.problems[i].where,
+                "gold": task.problems[i].gold,
+                "completion": completion,
+                "answer": {m: answers[m][0] for m in modes},
+                "correct": {m: correct[m][0] for m in modes},
+            }
+        )
+    result = {
+        "kind": task.kind_name,
+        "path": task.path,
+        "problems": n,
+        "prompt": prompt_info,
+        "max_new_tokens": settings.max_new_tokens,
+        "pass@1": {m: sum(r["correct"][m] for r in records) / n for m in modes},
+        "answered": {m: sum(r["answer"][m] is not None for r in records) / n for m in modes},
+        **speed,
+    }
     if settings.samples:
         result["sampled"] = _sampled(run, task, prompts, eos, settings)
     return result, records
@@ -94,7 +118,14 @@ def _sampled(run, task: MathTask, prompts: list, eos: Optional[list[int]], setti
     torch.manual_seed(settings.seed)
     decoding = Decoding(settings.temperature, settings.top_p, eos_token_id=eos)
     texts, _ = run(decoding, [p for p in prompts for _ in range(s)], f"{s} samples")
-    hits = [_correct(task, texts[i * s:(i + 1) * s], i)[1] for i in range(len(prompts))]
-    return {"samples": s, "temperature": settings.temperature, "top_p": settings.top_p, "seed": settings.seed,
-            "pass@k": {str(k): {m: sum(pass_at_k(s, sum(h[m]), k) for h in hits) / len(hits) for m in hits[0]}
-                       for k in settings.pass_ks}}
+    hits = [_correct(task, texts[i * s : (i + 1) * s], i)[1] for i in range(len(prompts))]
+    return {
+        "samples": s,
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+        "seed": settings.seed,
+        "pass@k": {
+            str(k): {m: sum(pass_at_k(s, sum(h[m]), k) for h in hits) / len(hits) for m in hits[0]}
+            for k in settings.pass_ks
+        },
+    }

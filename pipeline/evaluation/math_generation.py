@@ -23,7 +23,7 @@ class StopOnText(StoppingCriteria):
         self.window = max(len(s) for s in stops) + 2
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        tails = self.tokenizer.batch_decode(input_ids[:, self.start:][:, -self.window:], skip_special_tokens=True)
+        tails = self.tokenizer.batch_decode(input_ids[:, self.start :][:, -self.window :], skip_special_tokens=True)
         return torch.tensor([any(s in t for s in self.stops) for t in tails], device=input_ids.device)
 
 
@@ -39,15 +39,23 @@ def eos_ids(tokenizer, model) -> list[int] | None:
 def completion_text(tokenizer, tokens: list[int], eos: list[int] | None, stops: list[str]) -> str:
     """Tokens up to the first EOS, decoded without special tokens, cut at the first stop string."""
     ends = [i for i, t in enumerate(tokens) if eos and t in eos]
-    text = tokenizer.decode(tokens[:ends[0]] if ends else tokens, skip_special_tokens=True)
+    text = tokenizer.decode(tokens[: ends[0]] if ends else tokens, skip_special_tokens=True)
     for stop in stops:
         text = text.split(stop)[0]
     return text
 
 
 @torch.no_grad()
-def complete(contender: Contender, tokenizer, prompts: list[list[int]], decoding: Decoding, new_tokens: int,
-             stops: list[str], batch_size: int, desc: str) -> tuple[list[str], dict]:
+def complete(
+    contender: Contender,
+    tokenizer,
+    prompts: list[list[int]],
+    decoding: Decoding,
+    new_tokens: int,
+    stops: list[str],
+    batch_size: int,
+    desc: str,
+) -> tuple[list[str], dict]:
     """One completion per prompt (repeat a prompt for several samples), in the prompts' order;
     longest prompts first, so that a batch too large for memory fails at once."""
     device = contender.device
@@ -56,12 +64,13 @@ def complete(contender: Contender, tokenizer, prompts: list[list[int]], decoding
     texts: list[str] = [""] * len(prompts)
     generated, seconds = 0, 0.0
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
-        rows = order[start:start + batch_size]
+        rows = order[start : start + batch_size]
         ids, mask = (t.to(device) for t in left_pad([prompts[i] for i in rows], pad))
         stopping = StoppingCriteriaList([StopOnText(tokenizer, stops, ids.shape[1])]) if stops else None
         clock = time.perf_counter()
-        tokens, _ = contender.generate(ids, mask, new_tokens,
-                                       replace(decoding, pad_token_id=pad, stopping_criteria=stopping))
+        tokens, _ = contender.generate(
+            ids, mask, new_tokens, replace(decoding, pad_token_id=pad, stopping_criteria=stopping)
+        )
         seconds += time.perf_counter() - clock
         generated += tokens.numel()
         for row, out in zip(rows, tokens.tolist()):

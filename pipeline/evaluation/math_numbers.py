@@ -12,8 +12,10 @@ from typing import Optional
 
 # Thousands groups only when well formed ("1,234"; "1,2,3" is three numbers); the sign's
 # lookbehind keeps "10-3" from reading as -3; digits glued to a word ("p021", "H2O") are no number.
-_NUMBER = re.compile(r"(?:(?<![\w)\]])-)?\$?(?<![\w.])(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?"
-                     r"|(?<![\w.])-?\.\d+")
+_NUMBER = re.compile(
+    r"(?:(?<![\w)\]])-)?\$?(?<![\w.])(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?"
+    r"|(?<![\w.])-?\.\d+"
+)
 _STRICT = re.compile(r"####\s*")
 THOUSANDS = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$")
 

@@ -16,9 +16,9 @@ PROMPT_FORMATS = ("auto", "chat", "plain")
 
 @dataclass(frozen=True)
 class PromptConfig:
-    format: str = "auto"                  # auto: chat when the tokenizer has a chat template
-    instruction: Optional[str] = None     # chat only; None: the kind's default, "": none
-    template: Optional[str] = None        # plain only, with {question}; None: the kind's default
+    format: str = "auto"  # auto: chat when the tokenizer has a chat template
+    instruction: Optional[str] = None  # chat only; None: the kind's default, "": none
+    template: Optional[str] = None  # plain only, with {question}; None: the kind's default
 
     def __post_init__(self):
         if self.format not in PROMPT_FORMATS:
@@ -36,13 +36,21 @@ def render_prompts(tokenizer, task: MathTask, config: PromptConfig) -> tuple[lis
         raise MathDataError("--math-prompt chat: the tokenizer has no chat template")
     if config.format == "chat" or (config.format == "auto" and has_template):
         instruction = task.kind.instruction if config.instruction is None else config.instruction
-        texts = [tokenizer.apply_chat_template(
-            [{"role": "user", "content": f"{p.question}\n\n{instruction}" if instruction else p.question}],
-            add_generation_prompt=True, tokenize=False) for p in task.problems]
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": f"{p.question}\n\n{instruction}" if instruction else p.question}],
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+            for p in task.problems
+        ]
         return texts, {"format": "chat", "instruction": instruction, "stop": list(END_OF_TURN)}
     template = task.kind.plain_template if config.template is None else config.template
-    return [template.replace("{question}", p.question) for p in task.problems], \
-        {"format": "plain", "template": template, "stop": list(task.kind.stop)}
+    return [template.replace("{question}", p.question) for p in task.problems], {
+        "format": "plain",
+        "template": template,
+        "stop": list(task.kind.stop),
+    }
 
 
 def encode_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -59,22 +67,32 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         if row:
-            ids[i, width - len(row):] = torch.tensor(row)
-            mask[i, width - len(row):] = 1
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
     return ids, mask
 
 
 def add_prompt_arguments(parser) -> None:
     """The prompt flags, shared by `python -m pipeline.evaluate` and the harness, so both render alike."""
-    parser.add_argument("--math-prompt", choices=PROMPT_FORMATS, default="auto",
-                        help="chat: the tokenizer's chat template; plain: a text template; "
-                             "auto (default): chat when the tokenizer has a template")
-    parser.add_argument("--math-instruction", default=None,
-                        help="end of the chat user turn (default: the task kind's, asking for '#### <number>' "
-                             "or \\boxed{}; '' for none)")
-    parser.add_argument("--math-template", default=None,
-                        help="plain prompt with {question} (default: 'Question: {question}\\nAnswer:' for gsm8k, "
-                             "'Problem: {question}\\nSolution:' for math)")
+    parser.add_argument(
+        "--math-prompt",
+        choices=PROMPT_FORMATS,
+        default="auto",
+        help="chat: the tokenizer's chat template; plain: a text template; "
+        "auto (default): chat when the tokenizer has a template",
+    )
+    parser.add_argument(
+        "--math-instruction",
+        default=None,
+        help="end of the chat user turn (default: the task kind's, asking for '#### <number>' "
+        "or \\boxed{}; '' for none)",
+    )
+    parser.add_argument(
+        "--math-template",
+        default=None,
+        help="plain prompt with {question} (default: 'Question: {question}\\nAnswer:' for gsm8k, "
+        "'Problem: {question}\\nSolution:' for math)",
+    )
 
 
 def prompt_config(args) -> PromptConfig:

@@ -54,8 +54,14 @@ def _scoring_groups(split: EvalSplit, start: int, end: int, chunking: str):
 
 
 @torch.no_grad()
-def teacher_forced(contender: Contender, split: EvalSplit, batch_size: int, exit_threshold: float,
-                   pad_id: int = 0, chunking: Optional[str] = None) -> dict:
+def teacher_forced(
+    contender: Contender,
+    split: EvalSplit,
+    batch_size: int,
+    exit_threshold: float,
+    pad_id: int = 0,
+    chunking: Optional[str] = None,
+) -> dict:
     """Per-loop perplexity of the labelled tokens, exit distribution and Q-exit histogram. chunking:
     see SCORING_CHUNKINGS (default: "decode" for MELT on a split with prompts)."""
     model = contender.model
@@ -101,7 +107,7 @@ def generation_accuracy(contender: Contender, split: EvalSplit, batch_size: int,
     total: defaultdict[int, int] = defaultdict(int)
     generated, seconds = 0, 0.0
     order = sorted(range(len(split)), key=lambda i: int(prompt_length[i]))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc=f"{contender.name}: generation", leave=False):
         by_length = defaultdict(list)
         for i in batch:
@@ -135,16 +141,29 @@ def cache_footprint(contender: Contender, split: EvalSplit, pad_id: int = 0) -> 
     new_tokens = split.input_ids.shape[1] - length
     _, cache = contender.generate(prompt, leading_pad_mask(prompt, pad_id), new_tokens)
     cached = cache.get_seq_length()
-    return {"kv_cache_bytes": cache.nbytes, "kv_cached_tokens": cached,
-            "kv_bytes_per_token": cache.nbytes / max(cached, 1)}
+    return {
+        "kv_cache_bytes": cache.nbytes,
+        "kv_cached_tokens": cached,
+        "kv_bytes_per_token": cache.nbytes / max(cached, 1),
+    }
 
 
-def evaluate(contender: Contender, split: EvalSplit, batch_size: int = 64, exit_threshold: float = 0.9,
-             generation: Optional[bool] = None, scoring_chunking: Optional[str] = None) -> dict:
+def evaluate(
+    contender: Contender,
+    split: EvalSplit,
+    batch_size: int = 64,
+    exit_threshold: float = 0.9,
+    generation: Optional[bool] = None,
+    scoring_chunking: Optional[str] = None,
+) -> dict:
     """scoring_chunking: how MELT rows are chunked for perplexity (SCORING_CHUNKINGS; default "decode"
     on splits with prompts); the result says which was used."""
-    result = {"contender": contender.name, "loops": contender.loops, "parameters": contender.parameters,
-              "samples": len(split)}
+    result = {
+        "contender": contender.name,
+        "loops": contender.loops,
+        "parameters": contender.parameters,
+        "samples": len(split),
+    }
     if contender.lastkv_from is None:
         result.update(teacher_forced(contender, split, batch_size, exit_threshold, chunking=scoring_chunking))
     if generation is None:

@@ -29,13 +29,19 @@ def _table(head: list[str], rows: list[list]) -> str:
 def markdown_table(results: dict) -> str:
     """One row per contender: accuracy (overall and per difficulty), perplexity, KV bytes, speed."""
     difficulties = sorted({int(k) for r in results.values() for k in r.get("accuracy_by_difficulty", {})})
-    head = ["contender", "loops", "params", "accuracy"] + [f"k={k}" for k in difficulties] + \
-        ["ppl", "KV bytes", "decode tok/s"]
+    head = (
+        ["contender", "loops", "params", "accuracy"]
+        + [f"k={k}" for k in difficulties]
+        + ["ppl", "KV bytes", "decode tok/s"]
+    )
     rows = []
     for name, r in results.items():
         by = {int(k): v for k, v in r.get("accuracy_by_difficulty", {}).items()}
-        rows.append([name, r.get("loops"), r.get("parameters"), r.get("accuracy")] + [by.get(k) for k in difficulties]
-                    + [_ppl(r), r.get("kv_cache_bytes"), r.get("decode_tokens_per_s")])
+        rows.append(
+            [name, r.get("loops"), r.get("parameters"), r.get("accuracy")]
+            + [by.get(k) for k in difficulties]
+            + [_ppl(r), r.get("kv_cache_bytes"), r.get("decode_tokens_per_s")]
+        )
     return _table(head, rows)
 
 
@@ -47,6 +53,9 @@ def math_table(results: dict) -> str:
     rows = []
     for name, task, r in tasks:
         sampled = r.get("sampled", {}).get("pass@k", {})
-        rows += [[name, task, mode, r["problems"], r["prompt"]["format"], greedy]
-                 + [sampled.get(str(k), {}).get(mode) for k in ks] for mode, greedy in r["pass@1"].items()]
+        rows += [
+            [name, task, mode, r["problems"], r["prompt"]["format"], greedy]
+            + [sampled.get(str(k), {}).get(mode) for k in ks]
+            for mode, greedy in r["pass@1"].items()
+        ]
     return _table(head, rows)

@@ -48,12 +48,27 @@ def collect(run_dir: Path) -> tuple[dict, dict[int, dict]]:
 
 
 def summary_rows(standard: dict, by_loops: dict[int, dict]) -> list[dict]:
-    rows = [{"loops": 1, "looplm": standard["accuracy"], "looplm_lastkv": None, "melt": None,
-             "melt_over_looplm": None, "kv_looplm": standard["kv_cache_bytes"], "kv_melt": None}]
+    rows = [
+        {
+            "loops": 1,
+            "looplm": standard["accuracy"],
+            "looplm_lastkv": None,
+            "melt": None,
+            "melt_over_looplm": None,
+            "kv_looplm": standard["kv_cache_bytes"],
+            "kv_melt": None,
+        }
+    ]
     for t, c in by_loops.items():
-        rows.append({"loops": t, **{n: c[n]["accuracy"] for n in PER_T},
-                     "melt_over_looplm": c["melt"]["accuracy"] / max(c["looplm"]["accuracy"], 1e-9),
-                     "kv_looplm": c["looplm"]["kv_cache_bytes"], "kv_melt": c["melt"]["kv_cache_bytes"]})
+        rows.append(
+            {
+                "loops": t,
+                **{n: c[n]["accuracy"] for n in PER_T},
+                "melt_over_looplm": c["melt"]["accuracy"] / max(c["looplm"]["accuracy"], 1e-9),
+                "kv_looplm": c["looplm"]["kv_cache_bytes"],
+                "kv_melt": c["melt"]["kv_cache_bytes"],
+            }
+        )
     return rows
 
 
@@ -64,25 +79,40 @@ def _fmt(v, kind="acc") -> str:
 
 
 def _markdown(standard, by_loops, rows, targets, chance, seconds, wall, files) -> str:
-    lines = ["# MELT reproduction: accuracy and KV cache against the loop count", "",
-             "S3 word problem (compose k permutations of {0,1,2}; answer: 3 digit tokens, all exact), greedy "
-             f"decoding, {len(standard['accuracy_by_difficulty'])} difficulty levels. "
-             f"Chance: {chance:.3f}. Every model has the same parameters except MELT's gates.", "",
-             "| T | LoopLM (full per-loop KV) | zero-shot last-loop KV | MELT | MELT / LoopLM "
-             "| KV bytes LoopLM | KV bytes MELT |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# MELT reproduction: accuracy and KV cache against the loop count",
+        "",
+        "S3 word problem (compose k permutations of {0,1,2}; answer: 3 digit tokens, all exact), greedy "
+        f"decoding, {len(standard['accuracy_by_difficulty'])} difficulty levels. "
+        f"Chance: {chance:.3f}. Every model has the same parameters except MELT's gates.",
+        "",
+        "| T | LoopLM (full per-loop KV) | zero-shot last-loop KV | MELT | MELT / LoopLM "
+        "| KV bytes LoopLM | KV bytes MELT |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         name = "1 (standard)" if r["loops"] == 1 else str(r["loops"])
-        lines.append(f"| {name} | {_fmt(r['looplm'])} | {_fmt(r['looplm_lastkv'])} | {_fmt(r['melt'])} | "
-                     f"{_fmt(r['melt_over_looplm'])} | {_fmt(r['kv_looplm'], 'bytes')} | {_fmt(r['kv_melt'], 'bytes')} |")
-    lines += ["", "## Targets per T (the demo's: MELT >= 98% of the LoopLM, clearly above the standard model "
-              "and the zero-shot baseline, KV bytes = standard = 1/T of the LoopLM)", ""]
+        lines.append(
+            f"| {name} | {_fmt(r['looplm'])} | {_fmt(r['looplm_lastkv'])} | {_fmt(r['melt'])} | "
+            f"{_fmt(r['melt_over_looplm'])} | {_fmt(r['kv_looplm'], 'bytes')} | {_fmt(r['kv_melt'], 'bytes')} |"
+        )
+    lines += [
+        "",
+        "## Targets per T (the demo's: MELT >= 98% of the LoopLM, clearly above the standard model "
+        "and the zero-shot baseline, KV bytes = standard = 1/T of the LoopLM)",
+        "",
+    ]
     for t, tt in targets.items():
         missed = [name.replace("_", " ") for name, v in tt.items() if not v["met"]]
         lines.append(f"- T = {t}: " + ("all met" if not missed else "NOT MET: " + "; ".join(missed)))
     if not all(v["met"] for tt in targets.values() for v in tt.values()):
         lines += ["", "**Some targets are not met** (see above); the figures are reported as measured."]
-    lines += ["", "## By difficulty", "", markdown_table(
-        {"standard": standard, **{f"{n} T={t}": c[n] for t, c in by_loops.items() for n in PER_T}})]
+    lines += [
+        "",
+        "## By difficulty",
+        "",
+        markdown_table({"standard": standard, **{f"{n} T={t}": c[n] for t, c in by_loops.items() for n in PER_T}}),
+    ]
     lines += phase_time_lines(seconds, wall)
     lines += ["", "## Figures", ""] + [f"![{k}]({v})" for k, v in files.items()]
     return "\n".join(lines) + "\n"
@@ -90,14 +120,18 @@ def _markdown(standard, by_loops, rows, targets, chance, seconds, wall, files) -
 
 def _plots(run_dir: Path, standard: dict, by_loops: dict, rows: list, chance: float) -> dict[str, str]:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     files: dict[str, str] = {}
     loops = [r["loops"] for r in rows[1:]]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for name, label in (("looplm", "LoopLM (full per-loop KV)"), ("melt", "MELT"),
-                        ("looplm_lastkv", "zero-shot last-loop KV")):
+    for name, label in (
+        ("looplm", "LoopLM (full per-loop KV)"),
+        ("melt", "MELT"),
+        ("looplm_lastkv", "zero-shot last-loop KV"),
+    ):
         ax.plot(loops, [r[name] for r in rows[1:]], marker="o", label=label)
     ax.axhline(standard["accuracy"], color="gray", linestyle="--", label="standard transformer (T = 1)")
     ax.axhline(chance, color="lightgray", linestyle=":", label=f"chance ({chance:.3f})")
@@ -146,11 +180,18 @@ def write_report(run_dir: Path, experiment=None) -> dict:
     targets = {t: check_targets({"standard": standard, **c}) for t, c in by_loops.items()}
     seconds, wall = phase_times(run_dir)
     files = _plots(run_dir, standard, by_loops, rows, chance)
-    report = {"standard": standard, "by_loops": {str(t): c for t, c in by_loops.items()}, "summary": rows,
-              "targets": {str(t): tt for t, tt in targets.items()},
-              "all_targets_met": all(v["met"] for tt in targets.values() for v in tt.values()),
-              "chance": chance, "task": manifest.get("task"), "phase_seconds": seconds, "wall_seconds": wall,
-              "figures": files}
+    report = {
+        "standard": standard,
+        "by_loops": {str(t): c for t, c in by_loops.items()},
+        "summary": rows,
+        "targets": {str(t): tt for t, tt in targets.items()},
+        "all_targets_met": all(v["met"] for tt in targets.values() for v in tt.values()),
+        "chance": chance,
+        "task": manifest.get("task"),
+        "phase_seconds": seconds,
+        "wall_seconds": wall,
+        "figures": files,
+    }
     (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = _markdown(standard, by_loops, rows, targets, chance, seconds, wall, files)
     (run_dir / "report.md").write_text(markdown)

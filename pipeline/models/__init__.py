@@ -17,7 +17,18 @@ AutoConfig.register(MeltConfig.model_type, MeltConfig, exist_ok=True)
 AutoModelForCausalLM.register(MeltConfig, MeltForCausalLM, exist_ok=True)
 
 __all__ = [
-    "GATE_VARIANTS", "LoopLMCache", "LoopLMConfig", "LoopLMForCausalLM", "LoopLMModel", "LoopLMOutput",
-    "MeltCache", "MeltConfig", "MeltForCausalLM", "MeltModel", "MeltOutput",
-    "exit_entropy", "exit_probabilities", "q_exit_loop",
+    "GATE_VARIANTS",
+    "LoopLMCache",
+    "LoopLMConfig",
+    "LoopLMForCausalLM",
+    "LoopLMModel",
+    "LoopLMOutput",
+    "MeltCache",
+    "MeltConfig",
+    "MeltForCausalLM",
+    "MeltModel",
+    "MeltOutput",
+    "exit_entropy",
+    "exit_probabilities",
+    "q_exit_loop",
 ]

@@ -54,11 +54,11 @@ class SlotLayer(CacheLayerMixin):
     # that assigns them, offload, prefetch, reset and reorder_cache, is overridden below)
     @property
     def keys(self) -> Optional[torch.Tensor]:  # type: ignore[override]
-        return None if self.data is None else self.data[0, :, :, :self.length]
+        return None if self.data is None else self.data[0, :, :, : self.length]
 
     @property
     def values(self) -> Optional[torch.Tensor]:  # type: ignore[override]
-        return None if self.data is None else self.data[1, :, :, :self.length]
+        return None if self.data is None else self.data[1, :, :, : self.length]
 
     @property
     def capacity(self) -> int:
@@ -80,7 +80,7 @@ class SlotLayer(CacheLayerMixin):
         data = like.new_empty(*like.shape[:3], total, like.shape[4])
         if self.length:
             assert self.data is not None  # stored tokens live in the buffer
-            data[:, :, :, :self.length].copy_(self.data[:, :, :, :self.length])
+            data[:, :, :, : self.length].copy_(self.data[:, :, :, : self.length])
         self.data = data
 
     def write(self, kv: torch.Tensor, keep_graph: bool = True) -> Optional[torch.Tensor]:
@@ -127,15 +127,15 @@ class SlotLayer(CacheLayerMixin):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.data is not None:
-            self._rebuild(self.data[:, :, :, :self.length].repeat_interleave(repeats, dim=1))
+            self._rebuild(self.data[:, :, :, : self.length].repeat_interleave(repeats, dim=1))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.data is not None:
-            self._rebuild(self.data[:, indices, :, :self.length])
+            self._rebuild(self.data[:, indices, :, : self.length])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.data is not None:
-            self._rebuild(self.data[:, :, :, :self.length].index_select(1, beam_idx.to(self.data.device)))
+            self._rebuild(self.data[:, :, :, : self.length].index_select(1, beam_idx.to(self.data.device)))
 
     def offload(self):
         if self.data is not None:
@@ -155,7 +155,7 @@ class _WriteRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, kv, buffer, start):
-        region = buffer[:, :, :, start:start + kv.shape[3]]
+        region = buffer[:, :, :, start : start + kv.shape[3]]
         region.copy_(kv)
         return region.detach()
 

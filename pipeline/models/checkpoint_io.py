@@ -60,7 +60,9 @@ def check_checkpoint_fits(model_cls, config, directory: str | Path) -> None:
         problems.append(f"unexpected tensors: {unexpected}")
     for name in sorted(set(found) & set(expected)):
         if found[name] != expected[name]:
-            problems.append(f"tensor {name} has shape {list(found[name])} in the checkpoint but the config "
-                            f"needs {list(expected[name])}")
+            problems.append(
+                f"tensor {name} has shape {list(found[name])} in the checkpoint but the config "
+                f"needs {list(expected[name])}"
+            )
     if problems:
         raise ValueError(f"checkpoint {directory} does not fit {model_cls.__name__}: " + "; ".join(problems))

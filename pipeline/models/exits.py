@@ -34,8 +34,9 @@ def q_exit_loop(p: torch.Tensor, q: float) -> torch.Tensor:
     return reached.int().argmax(dim=0)
 
 
-def validate_exit_options(num_loops: int, exit_at_loop: Optional[int], exit_threshold: Optional[float],
-                          expected_logits: bool) -> None:
+def validate_exit_options(
+    num_loops: int, exit_at_loop: Optional[int], exit_threshold: Optional[float], expected_logits: bool
+) -> None:
     chosen = sum([exit_at_loop is not None, exit_threshold is not None, bool(expected_logits)])
     if chosen > 1:
         raise ValueError("choose at most one of exit_at_loop, exit_threshold and expected_logits")

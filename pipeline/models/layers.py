@@ -81,7 +81,9 @@ class SelfAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int):
         super().__init__()
         if num_heads % num_kv_heads:
-            raise ValueError(f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads})")
+            raise ValueError(
+                f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads})"
+            )
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
@@ -99,7 +101,11 @@ class SelfAttention(nn.Module):
     def attend(self, q, k, v, mask: Optional[torch.Tensor], is_causal: bool = False) -> torch.Tensor:
         """SDPA -> [B, S, heads * D] (before o_proj). mask: bool [B|1, 1, Sq, Sk], True = may attend."""
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal and mask is None,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
         bsz, _, seq, _ = out.shape

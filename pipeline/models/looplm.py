@@ -126,9 +126,9 @@ class LoopLMConfig(PretrainedConfig):
 
 @dataclass
 class LoopLMBaseOutput(ModelOutput):
-    loop_states: Optional[tuple] = None        # normalised state h_t after each loop, [B, S, H] each (None
-                                               # for loops before the last unless keep_loop_states)
-    exit_logits: Optional[tuple] = None        # early-exit gate logit after each loop, [B, S] each
+    loop_states: Optional[tuple] = None  # normalised state h_t after each loop, [B, S, H] each (None
+    # for loops before the last unless keep_loop_states)
+    exit_logits: Optional[tuple] = None  # early-exit gate logit after each loop, [B, S] each
     past_key_values: Optional[object] = None
     attention_outputs: Optional[tuple] = None  # [loop][layer] -> [B, S, heads*head_dim], before o_proj
 
@@ -136,11 +136,11 @@ class LoopLMBaseOutput(ModelOutput):
 @dataclass
 class LoopLMOutput(ModelOutput):
     loss: Optional[torch.Tensor] = None
-    logits: Optional[torch.Tensor] = None      # chosen output (last loop unless an exit option says otherwise)
-    loop_logits: Optional[tuple] = None        # lm_head(h_t) for every loop, [B, S, V] each
+    logits: Optional[torch.Tensor] = None  # chosen output (last loop unless an exit option says otherwise)
+    loop_logits: Optional[tuple] = None  # lm_head(h_t) for every loop, [B, S, V] each
     exit_logits: Optional[tuple] = None
     exit_probs: Optional[torch.Tensor] = None  # [T, B, S]
-    exit_loop: Optional[torch.Tensor] = None   # [B, S], 1-based loop each token's output came from
+    exit_loop: Optional[torch.Tensor] = None  # [B, S], 1-based loop each token's output came from
     past_key_values: Optional[object] = None
     loop_states: Optional[tuple] = None
     attention_outputs: Optional[tuple] = None
@@ -190,11 +190,14 @@ class LoopedPreTrainedModel(PreTrainedModel):
         if info.get("unexpected_keys"):
             problems.append(f"unexpected tensors: {sorted(info['unexpected_keys'])}")
         for mismatch in info.get("mismatched_keys") or []:
-            problems.append(f"tensor {mismatch[0]} has shape {tuple(mismatch[1])} in the checkpoint, "
-                            f"{tuple(mismatch[2])} in the model")
+            problems.append(
+                f"tensor {mismatch[0]} has shape {tuple(mismatch[1])} in the checkpoint, "
+                f"{tuple(mismatch[2])} in the model"
+            )
         if problems:
-            raise ValueError(f"checkpoint {pretrained_model_name_or_path} does not fit {cls.__name__}: "
-                             + "; ".join(problems))
+            raise ValueError(
+                f"checkpoint {pretrained_model_name_or_path} does not fit {cls.__name__}: " + "; ".join(problems)
+            )
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, standalone: bool = False, **kwargs):
@@ -205,9 +208,11 @@ class LoopedPreTrainedModel(PreTrainedModel):
         if not standalone:
             return super().save_pretrained(save_directory, *args, **kwargs)
         if self.standalone_writer is None:
-            raise RuntimeError("save_pretrained(standalone=True) needs the melt-pipeline package, which generates "
-                               "the modelling file from its source; a model loaded with trust_remote_code saves "
-                               "its modelling file with plain save_pretrained")
+            raise RuntimeError(
+                "save_pretrained(standalone=True) needs the melt-pipeline package, which generates "
+                "the modelling file from its source; a model loaded with trust_remote_code saves "
+                "its modelling file with plain save_pretrained"
+            )
         had_map, auto_map = hasattr(self.config, "auto_map"), getattr(self.config, "auto_map", None)
         os.makedirs(save_directory, exist_ok=True)
         self.config.auto_map = self.standalone_writer(save_directory, self.config.model_type)
@@ -260,8 +265,9 @@ class BackboneMixin:
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def begin_forward(self, input_ids, inputs_embeds, attention_mask, position_ids, cache_position,
-                      past: int) -> "ForwardInputs":
+    def begin_forward(
+        self, input_ids, inputs_embeds, attention_mask, position_ids, cache_position, past: int
+    ) -> "ForwardInputs":
         """What every forward starts with, after `past` cached tokens: the embedded input, its cache
         positions, RoPE and whether the attention mask pads anything."""
         if (input_ids is None) == (inputs_embeds is None):
@@ -280,12 +286,12 @@ class BackboneMixin:
 
 @dataclass
 class ForwardInputs:
-    hidden: torch.Tensor          # [B, S, H] embedded input
-    past: int                     # tokens already in the cache
+    hidden: torch.Tensor  # [B, S, H] embedded input
+    past: int  # tokens already in the cache
     cache_position: torch.Tensor  # [S] their positions in the cache
-    cos: torch.Tensor             # RoPE of the positions (padding excluded), [B, S, D]
+    cos: torch.Tensor  # RoPE of the positions (padding excluded), [B, S, D]
     sin: torch.Tensor
-    padded: bool                  # the attention mask hides some token
+    padded: bool  # the attention mask hides some token
 
 
 class LoopLMModel(BackboneMixin, LoopLMPreTrainedModel):
@@ -322,8 +328,13 @@ class LoopLMModel(BackboneMixin, LoopLMPreTrainedModel):
             raise ValueError(f"cache was built for {past_key_values.num_loops} loops, model runs {num_loops}")
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         inputs = self.begin_forward(input_ids, inputs_embeds, attention_mask, position_ids, cache_position, past)
-        hidden, positions, cos, sin, padded = (inputs.hidden, inputs.cache_position, inputs.cos, inputs.sin,
-                                               inputs.padded)
+        hidden, positions, cos, sin, padded = (
+            inputs.hidden,
+            inputs.cache_position,
+            inputs.cos,
+            inputs.sin,
+            inputs.padded,
+        )
         seq = hidden.shape[1]
 
         mask = None
@@ -356,6 +367,7 @@ class LoopLMModel(BackboneMixin, LoopLMPreTrainedModel):
             if cache is not None:
                 k, v = cache.update(k, v, cache.slot(loop, layer_index))
             return attn.attend(q, k, v, mask, is_causal)
+
         return attend
 
 
@@ -380,12 +392,20 @@ class LoopedCausalLMMixin:
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def causal_lm_output(self, base, labels, logits_to_keep, output_loop_logits, exit_at_loop,
-                         exit_threshold, expected_logits, output_cls):
+    def causal_lm_output(
+        self,
+        base,
+        labels,
+        logits_to_keep,
+        output_loop_logits,
+        exit_at_loop,
+        exit_threshold,
+        expected_logits,
+        output_cls,
+    ):
         num_loops = len(base.exit_logits)
         validate_exit_options(num_loops, exit_at_loop, exit_threshold, expected_logits)
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) and logits_to_keep > 0 \
-            else slice(None)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) and logits_to_keep > 0 else slice(None)
         probs = exit_probabilities([g[:, keep] for g in base.exit_logits])
         need_all = output_loop_logits or exit_threshold is not None or expected_logits
         loop_logits = tuple(self.lm_head(h[:, keep]) for h in base.loop_states) if need_all else None
@@ -399,8 +419,11 @@ class LoopedCausalLMMixin:
             logits = (probs.unsqueeze(-1).to(loop_logits[0].dtype) * torch.stack(loop_logits)).sum(0)
         else:
             chosen = num_loops if exit_at_loop is None else exit_at_loop
-            logits = loop_logits[chosen - 1] if loop_logits is not None \
+            logits = (
+                loop_logits[chosen - 1]
+                if loop_logits is not None
                 else self.lm_head(base.loop_states[chosen - 1][:, keep])
+            )
             exit_loop = torch.full(logits.shape[:2], chosen, device=logits.device)
 
         loss = None
@@ -451,11 +474,26 @@ class LoopLMForCausalLM(LoopedCausalLMMixin, LoopLMPreTrainedModel, GenerationMi
         (sum_t p_t * logits_t). `labels` gives the plain next-token CE of `.logits`; Ouro's
         stage-I loss is `pipeline.training.losses.ouro_stage1_loss`."""
         base = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            cache_position=cache_position, output_attention_outputs=output_attention_outputs,
-            keep_loop_states=output_loop_logits or expected_logits or exit_threshold is not None
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            cache_position=cache_position,
+            output_attention_outputs=output_attention_outputs,
+            keep_loop_states=output_loop_logits
+            or expected_logits
+            or exit_threshold is not None
             or exit_at_loop is not None,
         )
-        return self.causal_lm_output(base, labels, logits_to_keep, output_loop_logits, exit_at_loop,
-                                     exit_threshold, expected_logits, LoopLMOutput)
+        return self.causal_lm_output(
+            base,
+            labels,
+            logits_to_keep,
+            output_loop_logits,
+            exit_at_loop,
+            exit_threshold,
+            expected_logits,
+            LoopLMOutput,
+        )

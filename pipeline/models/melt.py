@@ -73,13 +73,19 @@ class MeltConfig(LoopLMConfig):
             validate_chunk_size(size, "chunk_sizes entries")
         validate_alpha(self.alpha)
 
-
     @classmethod
     def from_looplm_config(cls, looplm_config: LoopLMConfig, **options) -> "MeltConfig":
         """The LoopLM's architecture with MELT's options (gate, chunk_size, alpha, ... or overrides)."""
         base = looplm_config.to_dict()
-        for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype",
-                    "torch_dtype"):
+        for key in (
+            "model_type",
+            "architectures",
+            "auto_map",
+            "transformers_version",
+            "_name_or_path",
+            "dtype",
+            "torch_dtype",
+        ):
             base.pop(key, None)
         base.update(options)
         return cls(**base)
@@ -141,6 +147,7 @@ class MeltDecoderLayer(DecoderLayer):
 class MeltBaseOutput(LoopLMBaseOutput):
     """The backbone's outputs: a ModelOutput (a dict), which DeepSpeed ZeRO-3's module hooks walk
     (a plain dataclass made it warn "unknown inputs or outputs type" and skip the tensors inside)."""
+
     gate_stats: Optional[torch.Tensor] = None
     exit_loop: Optional[torch.Tensor] = None
 
@@ -148,7 +155,7 @@ class MeltBaseOutput(LoopLMBaseOutput):
 @dataclass
 class MeltOutput(LoopLMOutput):
     gate_stats: Optional[torch.Tensor] = None  # [num_layers, 3]: mean, min, max of the gates in this forward
-                                               # (in train mode, or with output_gate_stats=True)
+    # (in train mode, or with output_gate_stats=True)
 
 
 class GateStats:
@@ -171,8 +178,15 @@ class GateStats:
                 rows.append(torch.full((3,), float("nan")))
                 continue
             total = torch.stack([p[0] for p in parts]).sum() / sum(p[3] for p in parts)
-            rows.append(torch.stack([total.cpu(), torch.stack([p[1] for p in parts]).min().cpu(),
-                                     torch.stack([p[2] for p in parts]).max().cpu()]))
+            rows.append(
+                torch.stack(
+                    [
+                        total.cpu(),
+                        torch.stack([p[1] for p in parts]).min().cpu(),
+                        torch.stack([p[2] for p in parts]).max().cpu(),
+                    ]
+                )
+            )
         return torch.stack(rows)
 
 
@@ -237,17 +251,27 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
             cache = MeltCache(cfg.num_hidden_layers, cfg.total_ut_steps, keep_loop_kv=alpha < 1.0)
         elif alpha < 1.0 and not cache.keep_loop_kv:
             raise ValueError(f"alpha={alpha} needs per-loop keys, but this MeltCache was built at alpha = 1")
-        inputs = self.begin_forward(input_ids, inputs_embeds, attention_mask, position_ids, cache_position,
-                                    cache.get_seq_length())
-        hidden, past, positions, cos, sin, padded = (inputs.hidden, inputs.past, inputs.cache_position,
-                                                     inputs.cos, inputs.sin, inputs.padded)
+        inputs = self.begin_forward(
+            input_ids, inputs_embeds, attention_mask, position_ids, cache_position, cache.get_seq_length()
+        )
+        hidden, past, positions, cos, sin, padded = (
+            inputs.hidden,
+            inputs.past,
+            inputs.cache_position,
+            inputs.cos,
+            inputs.sin,
+            inputs.padded,
+        )
         bsz, seq = hidden.shape[:2]
         if layer_inputs is not None:
             shapes = [[tuple(x.shape) for x in loop] for loop in layer_inputs]
-            if len(shapes) < num_loops or any(s != [tuple(hidden.shape)] * cfg.num_hidden_layers
-                                              for s in shapes[:num_loops]):
-                raise ValueError(f"layer_inputs must hold {num_loops} loops x {cfg.num_hidden_layers} layers of "
-                                 f"{list(hidden.shape)} tensors, got shapes {shapes}")
+            if len(shapes) < num_loops or any(
+                s != [tuple(hidden.shape)] * cfg.num_hidden_layers for s in shapes[:num_loops]
+            ):
+                raise ValueError(
+                    f"layer_inputs must hold {num_loops} loops x {cfg.num_hidden_layers} layers of "
+                    f"{list(hidden.shape)} tensors, got shapes {shapes}"
+                )
 
         bounds = self._chunk_bounds(seq, past, chunk_size, decode_from)
         self._reserve(cache, hidden, past + seq)
@@ -262,14 +286,29 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
             query_pos = positions[start:end]
             mask = None
             if padded or (prefix > 0 and end - start > 1):
-                mask = causal_padding_mask(padding[:, :prefix + end - start] if padding is not None else None,
-                                           query_pos, prefix + end - start)
-            forced = None if layer_inputs is None else \
-                [[x[:, start:end] for x in layer_inputs[t]] for t in range(num_loops)]
+                mask = causal_padding_mask(
+                    padding[:, : prefix + end - start] if padding is not None else None, query_pos, prefix + end - start
+                )
+            forced = (
+                None if layer_inputs is None else [[x[:, start:end] for x in layer_inputs[t]] for t in range(num_loops)]
+            )
             # the prefix length, not the cache's current one, is passed, so that a checkpointed replay
             # (after later chunks were stored) reads the same prefix
-            args = (hidden[:, start:end], cos[:, start:end], sin[:, start:end], mask, cache, prefix, num_loops,
-                    alpha, exit_threshold, output_attention_outputs, keep_loop_states, stats, forced)
+            args = (
+                hidden[:, start:end],
+                cos[:, start:end],
+                sin[:, start:end],
+                mask,
+                cache,
+                prefix,
+                num_loops,
+                alpha,
+                exit_threshold,
+                output_attention_outputs,
+                keep_loop_states,
+                stats,
+                forced,
+            )
             if self.gradient_checkpointing and self.training:
                 out = checkpoint(self._run_chunk, *args, use_reentrant=False)
             else:
@@ -285,8 +324,10 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
         cat = lambda parts: parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # noqa: E731
         attention_outputs = None
         if output_attention_outputs:
-            attention_outputs = tuple(tuple(cat([a[t][layer] for a in attn]) for layer in range(cfg.num_hidden_layers))
-                                      for t in range(num_loops))
+            attention_outputs = tuple(
+                tuple(cat([a[t][layer] for a in attn]) for layer in range(cfg.num_hidden_layers))
+                for t in range(num_loops)
+            )
         return MeltBaseOutput(
             loop_states=tuple(None if s[0] is None else cat(s) for s in states),
             exit_logits=tuple(cat(g) for g in gates),
@@ -296,8 +337,9 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
             exit_loop=cat(exit_loops) if exit_threshold is not None else None,
         )
 
-    def _chunk_bounds(self, seq: int, past: int, chunk_size, decode_from: Optional[int] = None
-                      ) -> list[tuple[int, int]]:
+    def _chunk_bounds(
+        self, seq: int, past: int, chunk_size, decode_from: Optional[int] = None
+    ) -> list[tuple[int, int]]:
         bounds, start = [], 0
         for s in self._chunk_sizes(seq, past, chunk_size, decode_from):
             bounds.append((start, start + s))
@@ -354,14 +396,29 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
             cache.entries[entry].write(kv, keep_graph)
         for entry, kv in new_loop_kv.items():
             if cache.entries[entry].get_seq_length() != cache.entries[0].get_seq_length() - kv.shape[3]:
-                raise ValueError(f"MELT cache entry {entry} (per-loop keys) holds {cache.entries[entry].length} "
-                                 f"tokens, the slots {cache.entries[0].length - kv.shape[3]}: the cache's per-loop "
-                                 "entries are out of step with its slots (was it changed outside the model?)")
+                raise ValueError(
+                    f"MELT cache entry {entry} (per-loop keys) holds {cache.entries[entry].length} "
+                    f"tokens, the slots {cache.entries[0].length - kv.shape[3]}: the cache's per-loop "
+                    "entries are out of step with its slots (was it changed outside the model?)"
+                )
             cache.entries[entry].write(kv, keep_graph)
 
-    def _run_chunk(self, hidden, cos, sin, mask, cache: MeltCache, prefix: int, num_loops: int, alpha: float,
-                   exit_threshold: Optional[float], keep_attn: bool, keep_states: bool, stats: Optional[GateStats],
-                   forced: Optional[list] = None):
+    def _run_chunk(
+        self,
+        hidden,
+        cos,
+        sin,
+        mask,
+        cache: MeltCache,
+        prefix: int,
+        num_loops: int,
+        alpha: float,
+        exit_threshold: Optional[float],
+        keep_attn: bool,
+        keep_states: bool,
+        stats: Optional[GateStats],
+        forced: Optional[list] = None,
+    ):
         """All loops of one chunk after `prefix` stored tokens. Pure (it reads the cache's first `prefix`
         tokens and writes nothing lasting), so that activation checkpointing can replay it; the caller
         stores the chunk's final slots (and per-loop keys) afterwards."""
@@ -372,8 +429,7 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
         owns: list = [None] * num_layers  # each layer's current own keys/values (for exited tokens)
         new_loop_kv = {}
         bsz, chunk = hidden.shape[:2]
-        frozen = torch.zeros(bsz, chunk, dtype=torch.bool, device=hidden.device) if exit_threshold is not None \
-            else None
+        frozen = torch.zeros(bsz, chunk, dtype=torch.bool, device=hidden.device) if exit_threshold is not None else None
         survive = torch.ones(bsz, chunk, device=hidden.device) if frozen is not None else None
         exit_loop = torch.full((bsz, chunk), num_loops, device=hidden.device) if frozen is not None else None
         states, gates, attn = [], [], []
@@ -382,6 +438,7 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
             loop_attn = []
             last_loop = loop == num_loops - 1
             for index, layer in enumerate(self.layers):
+
                 def attend(x, q, k, v, layer=layer, index=index):
                     new = torch.stack([k, v])  # keys and values travel together: [2, B, kv_heads, C, D]
                     if loop == 0:
@@ -403,8 +460,15 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
                         new_loop_kv[cache.loop_entry(loop, index)] = new
                     if alpha < 1.0:
                         loop_kv = cache.entries[cache.loop_entry(loop, index)]
-                    spec = PrefixSpec(cache.entries[index], loop_kv, prefix, alpha, mask, is_causal,
-                                      layer.self_attn.num_kv_heads != layer.self_attn.num_heads)
+                    spec = PrefixSpec(
+                        cache.entries[index],
+                        loop_kv,
+                        prefix,
+                        alpha,
+                        mask,
+                        is_causal,
+                        layer.self_attn.num_kv_heads != layer.self_attn.num_heads,
+                    )
                     out = prefix_attention(q, mix(new, slot, alpha), spec)
                     return out.transpose(1, 2).reshape(bsz, chunk, -1)
 
@@ -455,18 +519,24 @@ class MeltForCausalLM(LoopedCausalLMMixin, MeltPreTrainedModel, GenerationMixin)
         self.config.alpha = float(alpha)
 
     @classmethod
-    def from_looplm(cls, looplm: LoopLMForCausalLM | str | Path, gate: str = "elementwise",
-                    chunk_size: int = 64, alpha: float = 1.0, **options) -> "MeltForCausalLM":
+    def from_looplm(
+        cls,
+        looplm: LoopLMForCausalLM | str | Path,
+        gate: str = "elementwise",
+        chunk_size: int = 64,
+        alpha: float = 1.0,
+        **options,
+    ) -> "MeltForCausalLM":
         """A MELT model with the LoopLM's weights (by name) and fresh gates.
 
         looplm: a LoopLMForCausalLM or the path of an Ouro/LoopLM checkpoint. options: any other
         MeltConfig field (gate_init_bias, prompt_chunk_size, truncate_chunk_gradients, ...)
         or LoopLM config override (total_ut_steps, ...).
         """
-        teacher: LoopLMForCausalLM = looplm if isinstance(looplm, LoopLMForCausalLM) \
-            else LoopLMForCausalLM.from_pretrained(looplm)
-        config = MeltConfig.from_looplm_config(teacher.config, gate=gate, chunk_size=chunk_size, alpha=alpha,
-                                               **options)
+        teacher: LoopLMForCausalLM = (
+            looplm if isinstance(looplm, LoopLMForCausalLM) else LoopLMForCausalLM.from_pretrained(looplm)
+        )
+        config = MeltConfig.from_looplm_config(teacher.config, gate=gate, chunk_size=chunk_size, alpha=alpha, **options)
         param = next(teacher.parameters())
         # PreTrainedModel.to is functools.wraps(nn.Module.to): its stub type wants self once more
         melt = cls(config).to(dtype=param.dtype, device=param.device)  # type: ignore[call-arg]
@@ -505,15 +575,25 @@ class MeltForCausalLM(LoopedCausalLMMixin, MeltPreTrainedModel, GenerationMixin)
         do (the prompt as prefill chunks it, then one chunk per answer token): teacher-forced scores of
         answers equal to the decoder's own."""
         base = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            cache_position=cache_position, chunk_size=chunk_size, exit_at_loop=exit_at_loop,
-            exit_threshold=exit_threshold, output_attention_outputs=output_attention_outputs,
-            keep_loop_states=output_loop_logits or expected_logits, output_gate_stats=output_gate_stats,
-            layer_inputs=layer_inputs, decode_from=decode_from,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            cache_position=cache_position,
+            chunk_size=chunk_size,
+            exit_at_loop=exit_at_loop,
+            exit_threshold=exit_threshold,
+            output_attention_outputs=output_attention_outputs,
+            keep_loop_states=output_loop_logits or expected_logits,
+            output_gate_stats=output_gate_stats,
+            layer_inputs=layer_inputs,
+            decode_from=decode_from,
         )
-        out = self.causal_lm_output(base, labels, logits_to_keep, output_loop_logits, None,
-                                    None, expected_logits, MeltOutput)
+        out = self.causal_lm_output(
+            base, labels, logits_to_keep, output_loop_logits, None, None, expected_logits, MeltOutput
+        )
         if exit_threshold is not None:  # states are frozen at each token's exit: the last state is the exit's
             keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
             out.exit_loop = base.exit_loop[:, keep]

@@ -29,11 +29,12 @@ from .cache import SlotLayer
 @dataclass
 class PrefixSpec:
     """Where a chunk's prefix lives and how to attend (everything but the tensors that need gradients)."""
-    slots: SlotLayer                 # the layer's gated slots; tokens [0, prefix) are final
-    loop_kv: Optional[SlotLayer]     # the layer's loop-t keys/values (alpha < 1 only)
-    prefix: int                      # P: tokens before this chunk
+
+    slots: SlotLayer  # the layer's gated slots; tokens [0, prefix) are final
+    loop_kv: Optional[SlotLayer]  # the layer's loop-t keys/values (alpha < 1 only)
+    prefix: int  # P: tokens before this chunk
     alpha: float
-    mask: Optional[torch.Tensor]     # bool [B|1, 1, C, P + C], True = may attend
+    mask: Optional[torch.Tensor]  # bool [B|1, 1, C, P + C], True = may attend
     is_causal: bool
     enable_gqa: bool
     # filled by prefix_attention: each piece's region [start, end) and the weight of its gradient
@@ -47,13 +48,14 @@ class PrefixSpec:
             return own[0], own[1], lambda: None
         assert self.slots.data is not None  # the prefix is stored
         if self.loop_kv is None:  # alpha = 1: borrow the slot buffer's next C positions for the own keys
-            work = self.slots.data[:, :, :, :P + C]
+            work = self.slots.data[:, :, :, : P + C]
             kept = work[:, :, :, P:].clone() if self.slots.length > P else None
             work[:, :, :, P:].copy_(own)
 
             def restore():
                 if kept is not None:
                     work[:, :, :, P:].copy_(kept)
+
             return work[0], work[1], restore
         assert self.loop_kv.data is not None
         work = own.new_empty(*own.shape[:3], P + C, own.shape[4])
@@ -67,15 +69,17 @@ class PrefixSpec:
         return self.is_causal and self.mask is None
 
     def attend(self, q, keys, values):
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, is_causal=self.causal,
-                                              enable_gqa=self.enable_gqa)
+        return F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=self.mask, is_causal=self.causal, enable_gqa=self.enable_gqa
+        )
 
     def float_mask(self, like: torch.Tensor) -> Optional[torch.Tensor]:
         """The bool mask as the additive mask the CPU flash kernel takes (as SDPA converts it)."""
         if self.mask is None:
             return None
-        return torch.zeros(self.mask.shape, dtype=like.dtype, device=like.device).masked_fill_(~self.mask,
-                                                                                               float("-inf"))
+        return torch.zeros(self.mask.shape, dtype=like.dtype, device=like.device).masked_fill_(
+            ~self.mask, float("-inf")
+        )
 
 
 def _cpu_kernels(q: torch.Tensor) -> bool:
@@ -90,7 +94,8 @@ class PrefixAttention(torch.autograd.Function):
             keys, values, restore = spec.keys_values(own)
             if _cpu_kernels(q):
                 out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    q, keys, values, 0.0, spec.causal, attn_mask=spec.float_mask(q))
+                    q, keys, values, 0.0, spec.causal, attn_mask=spec.float_mask(q)
+                )
                 ctx.save_for_backward(q, own, out, lse)
             else:
                 out = spec.attend(q, keys, values)
@@ -108,8 +113,8 @@ class PrefixAttention(torch.autograd.Function):
             if _cpu_kernels(q):
                 out, lse = saved[2:]
                 grad_q, grad_k, grad_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                    grad_out.contiguous(), q, keys, values, out, lse, 0.0, spec.causal,
-                    attn_mask=spec.float_mask(q))
+                    grad_out.contiguous(), q, keys, values, out, lse, 0.0, spec.causal, attn_mask=spec.float_mask(q)
+                )
             else:
                 with torch.enable_grad():
                     leaves = [t.detach().requires_grad_(True) for t in (q, keys, values)]
@@ -129,8 +134,12 @@ class PrefixAttention(torch.autograd.Function):
             if weight not in weighted:
                 weighted[weight] = full[:, :, :, :P] * weight
             grads.append(weighted[weight][:, :, :, start:end])
-        return (grad_q if ctx.needs_input_grad[0] else None, grad_own if ctx.needs_input_grad[1] else None,
-                None, *grads)
+        return (
+            grad_q if ctx.needs_input_grad[0] else None,
+            grad_own if ctx.needs_input_grad[1] else None,
+            None,
+            *grads,
+        )
 
 
 def prefix_attention(q: torch.Tensor, own: torch.Tensor, spec: PrefixSpec) -> torch.Tensor:
@@ -138,7 +147,9 @@ def prefix_attention(q: torch.Tensor, own: torch.Tensor, spec: PrefixSpec) -> to
     if spec.prefix == 0:
         return spec.attend(q, own[0], own[1])  # no prefix: plain autograd
     # the prefix is lerp(loop-t keys, slots, alpha): each gets its share of the gradient (none at weight 0)
-    sources = [(spec.slots, 1.0)] if spec.loop_kv is None else [(spec.slots, spec.alpha), (spec.loop_kv, 1 - spec.alpha)]
+    sources = (
+        [(spec.slots, 1.0)] if spec.loop_kv is None else [(spec.slots, spec.alpha), (spec.loop_kv, 1 - spec.alpha)]
+    )
     regions, pieces = [], []
     for layer, weight in sources:
         if weight == 0.0:

@@ -29,8 +29,8 @@ LINE_WIDTH = 110
 
 @dataclass(frozen=True)
 class Standalone:
-    module: str        # the pipeline/models module that defines the model
-    filename: str      # the generated file's name in the export
+    module: str  # the pipeline/models module that defines the model
+    filename: str  # the generated file's name in the export
     config_class: str
     model_class: str
 
@@ -47,8 +47,7 @@ BY_MODEL_TYPE = {
 
 def standalone_for(model_type: str) -> Standalone:
     if model_type not in BY_MODEL_TYPE:
-        raise ValueError(f"no standalone modelling file for model_type {model_type!r} "
-                         f"(known: {sorted(BY_MODEL_TYPE)})")
+        raise ValueError(f"no standalone modelling file for model_type {model_type!r} (known: {sorted(BY_MODEL_TYPE)})")
     return BY_MODEL_TYPE[model_type]
 
 
@@ -56,9 +55,9 @@ def standalone_for(model_type: str) -> Standalone:
 class ParsedModule:
     name: str
     docstring: str
-    body: str                           # the source without its docstring and top-level imports
+    body: str  # the source without its docstring and top-level imports
     imports: list[ast.Import | ast.ImportFrom]  # top-level imports (level 0)
-    relative: dict[str, list[str]]      # module of pipeline/models -> the names imported from it
+    relative: dict[str, list[str]]  # module of pipeline/models -> the names imported from it
     defines: set[str]
 
 
@@ -81,14 +80,20 @@ def parse_module(name: str) -> ParsedModule:
     for index, node in enumerate(tree.body):
         assert node.end_lineno is not None  # ast.parse sets it on every node it makes
         span = range(node.lineno, node.end_lineno + 1)
-        if index == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) \
-                and isinstance(node.value.value, str):
+        if (
+            index == 0
+            and isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
             docstring = node.value.value
             drop.update(span)
         elif isinstance(node, ast.ImportFrom) and node.level:
             if node.level != 1 or not node.module or any(a.asname for a in node.names):
-                raise ValueError(f"{path}:{node.lineno}: only `from .module import name` (no alias) can be merged "
-                                 "into the standalone file")
+                raise ValueError(
+                    f"{path}:{node.lineno}: only `from .module import name` (no alias) can be merged "
+                    "into the standalone file"
+                )
             relative.setdefault(node.module, []).extend(a.name for a in node.names)
             drop.update(span)
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -104,8 +109,13 @@ def parse_module(name: str) -> ParsedModule:
 def _top_level_names(node: ast.stmt) -> set[str]:
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
         return {node.name}
-    targets = node.targets if isinstance(node, ast.Assign) else \
-        [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+    targets = (
+        node.targets
+        if isinstance(node, ast.Assign)
+        else [node.target]
+        if isinstance(node, (ast.AnnAssign, ast.AugAssign))
+        else []
+    )
     return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
 
 
@@ -138,14 +148,18 @@ def check_namespace(modules: list[ParsedModule], bound: dict[str, str]) -> None:
         for name in sorted(module.defines):
             if name in owner or name in bound:
                 where = f"pipeline/models/{owner[name]}.py" if name in owner else f"the import of {bound[name]}"
-                raise ValueError(f"pipeline/models/{module.name}.py defines {name!r}, as does {where}: the "
-                                 "standalone file has one namespace")
+                raise ValueError(
+                    f"pipeline/models/{module.name}.py defines {name!r}, as does {where}: the "
+                    "standalone file has one namespace"
+                )
             owner[name] = module.name
         for dependency, names in module.relative.items():
             missing = [n for n in names if owner.get(n) != dependency]
             if missing:
-                raise ValueError(f"pipeline/models/{module.name}.py imports {missing} from .{dependency}, which "
-                                 "does not define them at top level")
+                raise ValueError(
+                    f"pipeline/models/{module.name}.py imports {missing} from .{dependency}, which "
+                    "does not define them at top level"
+                )
 
 
 def merged_imports(modules: list[ParsedModule]) -> tuple[str, dict[str, str]]:
@@ -161,8 +175,10 @@ def merged_imports(modules: list[ParsedModule]) -> tuple[str, dict[str, str]]:
                 full = alias.name if source is None else f"{source}.{alias.name}"
                 top = full.split(".")[0]
                 if top != "__future__" and top not in sys.stdlib_module_names and top not in THIRD_PARTY:
-                    raise ValueError(f"pipeline/models/{module.name}.py imports {top!r}: the standalone file may "
-                                     f"only import {', '.join(THIRD_PARTY)} and the standard library")
+                    raise ValueError(
+                        f"pipeline/models/{module.name}.py imports {top!r}: the standalone file may "
+                        f"only import {', '.join(THIRD_PARTY)} and the standard library"
+                    )
                 if source is None:  # `import a.b` binds a; `import a.b as c` binds c to a.b
                     local, origin = (alias.asname, full) if alias.asname else (top, top)
                     plain.add((alias.name, alias.asname))
@@ -170,8 +186,10 @@ def merged_imports(modules: list[ParsedModule]) -> tuple[str, dict[str, str]]:
                     local, origin = alias.asname or alias.name, full
                     names.setdefault(source, set()).add((alias.name, alias.asname))
                 if bound.setdefault(local, origin) != origin:
-                    raise ValueError(f"pipeline/models/{module.name}.py binds {local!r} to {origin}, another module "
-                                     f"to {bound[local]}: they cannot share one namespace")
+                    raise ValueError(
+                        f"pipeline/models/{module.name}.py binds {local!r} to {origin}, another module "
+                        f"to {bound[local]}: they cannot share one namespace"
+                    )
     future = names.pop("__future__", set())
     sections = []
     for in_section in (lambda m: m.split(".")[0] in sys.stdlib_module_names, lambda m: m.split(".")[0] in THIRD_PARTY):
@@ -204,15 +222,19 @@ def source_provenance(modules: list[ParsedModule]) -> list[str]:
         version = metadata.version("melt-pipeline")
     except metadata.PackageNotFoundError:
         version = "unknown (not installed)"
-    return [f"from pipeline/models: {', '.join(Path(f).name for f in files)}",
-            f"of melt-pipeline {version}, {_git_state(files)};",
-            f"sha256 of those files: {digest.hexdigest()}."]
+    return [
+        f"from pipeline/models: {', '.join(Path(f).name for f in files)}",
+        f"of melt-pipeline {version}, {_git_state(files)};",
+        f"sha256 of those files: {digest.hexdigest()}.",
+    ]
 
 
 def _git_state(files: list[str]) -> str:
     def git(*args) -> str:
-        return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
     if not (REPO_ROOT / ".git").exists():  # an installed copy: a git repository around it is another's
         return "git commit unknown (not a git checkout)"
     try:
@@ -229,12 +251,14 @@ def generate_source(model_type: str) -> str:
     modules = dependency_order(spec.module)
     imports, bound = merged_imports(modules)
     check_namespace(modules, bound)
-    header = [f"# {spec.filename}: {spec.model_class} and {spec.config_class} for transformers' "
-              "AutoModelForCausalLM with trust_remote_code=True.",
-              "# GENERATED FILE: DO NOT EDIT. Generated by pipeline.models.standalone",
-              *(f"# {line}" for line in source_provenance(modules)),
-              f"# Written with transformers {transformers.__version__}; imports only torch, transformers, "
-              "safetensors and the standard library."]
+    header = [
+        f"# {spec.filename}: {spec.model_class} and {spec.config_class} for transformers' "
+        "AutoModelForCausalLM with trust_remote_code=True.",
+        "# GENERATED FILE: DO NOT EDIT. Generated by pipeline.models.standalone",
+        *(f"# {line}" for line in source_provenance(modules)),
+        f"# Written with transformers {transformers.__version__}; imports only torch, transformers, "
+        "safetensors and the standard library.",
+    ]
     parts = ["\n".join(header), imports]
     for module in modules:
         doc = "\n".join(f"# {line}".rstrip() for line in module.docstring.strip().splitlines())

@@ -32,8 +32,8 @@ HUB_ARCHITECTURES = {
 
 @dataclass(frozen=True)
 class Architecture:
-    config: dict        # LoopLMConfig keyword arguments (+ MELT's keys and model_type for a MELT checkpoint)
-    source: str         # where it was read, for the report
+    config: dict  # LoopLMConfig keyword arguments (+ MELT's keys and model_type for a MELT checkpoint)
+    source: str  # where it was read, for the report
 
     @property
     def is_melt(self) -> bool:
@@ -46,6 +46,7 @@ class Architecture:
     def looplm_config(self, layers: Optional[int] = None):
         """The LoopLMConfig (or MeltConfig for a MELT checkpoint), at `layers` decoder layers if given."""
         from pipeline.models import LoopLMConfig, MeltConfig
+
         values = dict(self.config)
         values.pop("model_type", None)
         if layers is not None:
@@ -56,20 +57,22 @@ class Architecture:
 @dataclass(frozen=True)
 class StepInputs:
     """Everything one micro-step of the run needs besides the run config itself."""
+
     phase: str
     seq_len: int
     micro_batch: int
     dtype: torch.dtype
-    model: Architecture                     # the trained model's source architecture (LoopLM or MELT)
+    model: Architecture  # the trained model's source architecture (LoopLM or MELT)
     teacher: Optional[Architecture] = None  # distill only
-    alpha: Optional[float] = None           # MELT phases: alpha of the measured step
-    chunk_size: Optional[int] = None        # MELT phases
+    alpha: Optional[float] = None  # MELT phases: alpha of the measured step
+    chunk_size: Optional[int] = None  # MELT phases
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
 def read_config_file(path: str | Path, flag: str) -> dict:
     """A LoopLM config as YAML (configs/model/*.yaml, `_base_` allowed) or a config.json."""
     from pipeline.training.config import load_yaml_with_includes
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{flag} {path}: no such file")
@@ -89,15 +92,21 @@ def hub_cache_config(name: str) -> Optional[dict]:
     """config.json of a hub model already in the local Hugging Face cache (nothing is downloaded)."""
     try:
         from huggingface_hub import try_to_load_from_cache
+
         found = try_to_load_from_cache(name, "config.json")
     except Exception:  # noqa: BLE001 - not a valid repo id, no cache: not found
         return None
     return json.loads(Path(found).read_text()) if isinstance(found, str) and Path(found).is_file() else None
 
 
-def checkpoint_architecture(name_or_path: str, key: str, known: Optional[Mapping[str, Architecture]] = None,
-                            model_config: Optional[str] = None, fallback: Optional[Architecture] = None,
-                            fallback_why: str = "") -> Architecture:
+def checkpoint_architecture(
+    name_or_path: str,
+    key: str,
+    known: Optional[Mapping[str, Architecture]] = None,
+    model_config: Optional[str] = None,
+    fallback: Optional[Architecture] = None,
+    fallback_why: str = "",
+) -> Architecture:
     """The architecture of the checkpoint `name_or_path` (config key `key`), without its weights."""
     local = Path(name_or_path)
     if (local / "config.json").is_file():
@@ -118,12 +127,13 @@ def checkpoint_architecture(name_or_path: str, key: str, known: Optional[Mapping
     raise ConfigError(
         f"config key {key!r}: cannot find the architecture of {name_or_path!r} (no config.json there, not in the "
         f"Hugging Face cache, not a known hub name: {', '.join(HUB_ARCHITECTURES)}); pass --model-config FILE.yaml "
-        "(a LoopLM config such as configs/model/ouro-1.4b.yaml)")
+        "(a LoopLM config such as configs/model/ouro-1.4b.yaml)"
+    )
 
 
-def resolve_architectures(cfg: RunConfig, model_config: Optional[str] = None,
-                          known: Optional[Mapping[str, Architecture]] = None
-                          ) -> tuple[Architecture, Optional[Architecture]]:
+def resolve_architectures(
+    cfg: RunConfig, model_config: Optional[str] = None, known: Optional[Mapping[str, Architecture]] = None
+) -> tuple[Architecture, Optional[Architecture]]:
     """(trained model's source architecture, teacher's architecture or None)."""
     name = cfg.phase.name
     # RunConfig's checks: pretrain sets model.config; transition and distill set model.init_from, distill a teacher
@@ -134,14 +144,22 @@ def resolve_architectures(cfg: RunConfig, model_config: Optional[str] = None,
     if name == "transition":
         arch = checkpoint_architecture(cfg.model.init_from, "model.init_from", known, model_config)
         if arch.is_melt:
-            raise ConfigError(f"config key 'model.init_from': {cfg.model.init_from} is a MELT checkpoint; the "
-                              "transition starts from a LoopLM")
+            raise ConfigError(
+                f"config key 'model.init_from': {cfg.model.init_from} is a MELT checkpoint; the "
+                "transition starts from a LoopLM"
+            )
         return arch, None
     assert cfg.teacher is not None
     teacher = checkpoint_architecture(cfg.teacher.init_from, "teacher.init_from", known, model_config)
-    student = checkpoint_architecture(cfg.model.init_from, "model.init_from", known, model_config, fallback=teacher,
-                                      fallback_why=f"model.init_from {cfg.model.init_from} not on disk yet "
-                                                   "(the distill phase requires the teacher's architecture)")
+    student = checkpoint_architecture(
+        cfg.model.init_from,
+        "model.init_from",
+        known,
+        model_config,
+        fallback=teacher,
+        fallback_why=f"model.init_from {cfg.model.init_from} not on disk yet "
+        "(the distill phase requires the teacher's architecture)",
+    )
     return student, teacher
 
 
@@ -159,8 +177,10 @@ def resolve_seq_len(cfg: RunConfig, seq_len: Optional[int], source: str = "--seq
             found = None
         if isinstance(found, int) and found > 1:
             return found, f"{manifest}"
-    raise ConfigError(f"the sequence length is not in the run config: pass --seq-len N (or prepare the dataset at "
-                      f"config key 'data.path' = {cfg.data.path}; its manifest.json records seq_len)")
+    raise ConfigError(
+        f"the sequence length is not in the run config: pass --seq-len N (or prepare the dataset at "
+        f"config key 'data.path' = {cfg.data.path}; its manifest.json records seq_len)"
+    )
 
 
 def worst_alpha(cfg: RunConfig) -> tuple[float, str]:
@@ -179,9 +199,15 @@ def compute_dtype(cfg: RunConfig) -> torch.dtype:
     return torch.float32 if cfg.engine.precision == "fp32" else torch.bfloat16
 
 
-def step_inputs(cfg: RunConfig, seq_len: Optional[int] = None, model_config: Optional[str] = None,
-                known: Optional[Mapping[str, Architecture]] = None, alpha: Optional[float] = None,
-                dtype: Optional[torch.dtype] = None, seq_len_source: str = "--seq-len") -> StepInputs:
+def step_inputs(
+    cfg: RunConfig,
+    seq_len: Optional[int] = None,
+    model_config: Optional[str] = None,
+    known: Optional[Mapping[str, Architecture]] = None,
+    alpha: Optional[float] = None,
+    dtype: Optional[torch.dtype] = None,
+    seq_len_source: str = "--seq-len",
+) -> StepInputs:
     """What one micro-step of `cfg` runs on (see the module docstring for the architecture sources);
     alpha and dtype default to the phase's worst alpha and the run's GPU compute dtype."""
     length, length_source = resolve_seq_len(cfg, seq_len, seq_len_source)
@@ -197,8 +223,17 @@ def step_inputs(cfg: RunConfig, seq_len: Optional[int] = None, model_config: Opt
         alpha = 1.0
     max_pos = int(model.config.get("max_position_embeddings", 0) or 0)
     if max_pos and length > max_pos:
-        raise ConfigError(f"sequence length {length} exceeds the model's max_position_embeddings={max_pos} "
-                          f"({model.source})")
-    return StepInputs(phase=cfg.phase.name, seq_len=length, micro_batch=cfg.data.micro_batch_size,
-                      dtype=dtype or compute_dtype(cfg), model=model, teacher=teacher, alpha=alpha,
-                      chunk_size=chunk, notes=tuple(notes))
+        raise ConfigError(
+            f"sequence length {length} exceeds the model's max_position_embeddings={max_pos} ({model.source})"
+        )
+    return StepInputs(
+        phase=cfg.phase.name,
+        seq_len=length,
+        micro_batch=cfg.data.micro_batch_size,
+        dtype=dtype or compute_dtype(cfg),
+        model=model,
+        teacher=teacher,
+        alpha=alpha,
+        chunk_size=chunk,
+        notes=tuple(notes),
+    )

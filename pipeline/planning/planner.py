@@ -20,8 +20,10 @@ from pipeline.planning.state import EngineState, ModelCounts, count_model, engin
 from pipeline.planning.step import StepBytes, build_models, default_dtype, measure_depth
 from pipeline.training.config import RunConfig
 
-NOT_COUNTED = ("not counted: CUDA context and NCCL buffers, allocator rounding and fragmentation, kernel "
-               "workspaces; keep some headroom (10% or more)")
+NOT_COUNTED = (
+    "not counted: CUDA context and NCCL buffers, allocator rounding and fragmentation, kernel "
+    "workspaces; keep some headroom (10% or more)"
+)
 
 
 @dataclass
@@ -33,8 +35,8 @@ class MemoryPlan:
     gpus_per_node: int
     gpu_memory: int
     inputs: StepInputs
-    step: StepBytes                 # the micro-step at full depth (unsharded parameters, grads separate)
-    measured: list[StepBytes]       # the runs it was derived from
+    step: StepBytes  # the micro-step at full depth (unsharded parameters, grads separate)
+    measured: list[StepBytes]  # the runs it was derived from
     method: str
     state: EngineState
     activation_checkpointing: bool
@@ -46,9 +48,16 @@ class MemoryPlan:
         s = self.state
         during_step = self.step.activations + s.gathered
         peak = s.params + s.grads + s.optimizer + s.teacher + max(during_step, s.step)
-        return {"params": s.params, "grads": s.grads, "optimizer": s.optimizer, "teacher": s.teacher,
-                "activations": self.step.activations, "gathered": s.gathered, "optimizer_step": s.step,
-                "peak": peak}
+        return {
+            "params": s.params,
+            "grads": s.grads,
+            "optimizer": s.optimizer,
+            "teacher": s.teacher,
+            "activations": self.step.activations,
+            "gathered": s.gathered,
+            "optimizer_step": s.step,
+            "peak": peak,
+        }
 
     @property
     def peak(self) -> int:
@@ -72,10 +81,19 @@ def count_models(cfg: RunConfig, inputs: StepInputs) -> tuple[ModelCounts, Optio
     return count_model(model), (count_model(teacher) if teacher is not None else None)
 
 
-def plan_run(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_memory: int, seq_len: Optional[int] = None,
-             model_config: Optional[str] = None, known: Optional[Mapping[str, Architecture]] = None,
-             layers: tuple[int, int] = (1, 2), fake: bool = True,
-             progress: Optional[Callable[[str], None]] = None, seq_len_source: str = "--seq-len") -> MemoryPlan:
+def plan_run(
+    cfg: RunConfig,
+    nodes: int,
+    gpus_per_node: int,
+    gpu_memory: int,
+    seq_len: Optional[int] = None,
+    model_config: Optional[str] = None,
+    known: Optional[Mapping[str, Architecture]] = None,
+    layers: tuple[int, int] = (1, 2),
+    fake: bool = True,
+    progress: Optional[Callable[[str], None]] = None,
+    seq_len_source: str = "--seq-len",
+) -> MemoryPlan:
     """Measure one micro-step of `cfg` (fake tensors, at `layers` depths, extrapolated) and add the
     engine's state for `nodes` x `gpus_per_node` GPUs of `gpu_memory` bytes."""
     started = time.perf_counter()
@@ -89,20 +107,35 @@ def plan_run(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_memory: int, se
     notes = list(inputs.notes) + state.notes
     step = estimate.step
     if step.params != student.total * _size(inputs.dtype):
-        notes.append(f"warning: the extrapolated parameter bytes ({step.params}) differ from the full-depth count "
-                     f"({student.total * _size(inputs.dtype)})")
+        notes.append(
+            f"warning: the extrapolated parameter bytes ({step.params}) differ from the full-depth count "
+            f"({student.total * _size(inputs.dtype)})"
+        )
     per_step = cfg.data.micro_batch_size * world
     if cfg.data.global_batch_size % per_step:
-        notes.append(f"warning: data.global_batch_size {cfg.data.global_batch_size} is not a multiple of "
-                     f"micro_batch_size x world size = {per_step} (the trainer refuses this)")
+        notes.append(
+            f"warning: data.global_batch_size {cfg.data.global_batch_size} is not a multiple of "
+            f"micro_batch_size x world size = {per_step} (the trainer refuses this)"
+        )
     else:
         notes.append(f"{cfg.data.global_batch_size // per_step} micro-step(s) per step (gradient accumulation)")
     notes.append(NOT_COUNTED)
-    return MemoryPlan(phase=cfg.phase.name, engine=cfg.engine.name, world_size=world, nodes=nodes,
-                      gpus_per_node=gpus_per_node, gpu_memory=gpu_memory, inputs=inputs, step=step,
-                      measured=estimate.measured, method=estimate.method, state=state,
-                      activation_checkpointing=cfg.engine.activation_checkpointing,
-                      seconds=time.perf_counter() - started, notes=notes)
+    return MemoryPlan(
+        phase=cfg.phase.name,
+        engine=cfg.engine.name,
+        world_size=world,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        gpu_memory=gpu_memory,
+        inputs=inputs,
+        step=step,
+        measured=estimate.measured,
+        method=estimate.method,
+        state=state,
+        activation_checkpointing=cfg.engine.activation_checkpointing,
+        seconds=time.perf_counter() - started,
+        notes=notes,
+    )
 
 
 def _size(dtype: torch.dtype) -> int:

@@ -6,10 +6,26 @@ import re
 
 from pipeline.planning.planner import MemoryPlan
 
-UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-ROWS = (("params", "parameters"), ("grads", "gradients"), ("optimizer", "optimizer (master + Adam)"),
-        ("teacher", "teacher"), ("gathered", "gathered parameters"), ("activations", "activations (step)"))
+UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+ROWS = (
+    ("params", "parameters"),
+    ("grads", "gradients"),
+    ("optimizer", "optimizer (master + Adam)"),
+    ("teacher", "teacher"),
+    ("gathered", "gathered parameters"),
+    ("activations", "activations (step)"),
+)
 
 
 def parse_memory(text: str | int | float, what: str = "--gpu-memory") -> int:
@@ -53,26 +69,32 @@ def format_plan(plan: MemoryPlan, title: str = "") -> str:
     """The table per GPU with the verdict."""
     dtype = str(plan.inputs.dtype).removeprefix("torch.")
     engine = {"deepspeed": "DeepSpeed ZeRO-3", "fsdp": "FSDP2"}.get(plan.engine, plan.engine)
-    lines = [f"memory plan: phase {plan.phase}{(' of ' + title) if title else ''}",
-             f"  {engine}, {dtype}, {plan.nodes} node(s) x {plan.gpus_per_node} GPU(s) = world size {plan.world_size}",
-             f"  step: {describe_step(plan)}",
-             f"  activations: {plan.method}",
-             f"  the micro-step unsharded: activations {human(plan.step.activations)}, the full model's parameters "
-             f"{human(plan.step.params)} and gradients {human(plan.step.grads)}"
-             + (f", teacher {human(plan.step.frozen)}" if plan.step.frozen else ""),
-             f"  per GPU {'':<26}{'bytes':>16}{'':>4}{'GiB':>9}"]
+    lines = [
+        f"memory plan: phase {plan.phase}{(' of ' + title) if title else ''}",
+        f"  {engine}, {dtype}, {plan.nodes} node(s) x {plan.gpus_per_node} GPU(s) = world size {plan.world_size}",
+        f"  step: {describe_step(plan)}",
+        f"  activations: {plan.method}",
+        f"  the micro-step unsharded: activations {human(plan.step.activations)}, the full model's parameters "
+        f"{human(plan.step.params)} and gradients {human(plan.step.grads)}"
+        + (f", teacher {human(plan.step.frozen)}" if plan.step.frozen else ""),
+        f"  per GPU {'':<26}{'bytes':>16}{'':>4}{'GiB':>9}",
+    ]
     per = plan.per_gpu
     for key, label in ROWS:
         if key == "optimizer" and plan.engine == "fsdp":
             label = "optimizer (Adam)"  # FSDP2's fp32 shards are the master weights (under parameters)
         lines.append(f"  {label:<34}{per[key]:>16,}{'':>4}{per[key] / 2**30:>9.2f}")
-    lines.append(f"  {'(optimizer step temporaries)':<34}{per['optimizer_step']:>16,}{'':>4}"
-                 f"{per['optimizer_step'] / 2**30:>9.2f}")
+    lines.append(
+        f"  {'(optimizer step temporaries)':<34}{per['optimizer_step']:>16,}{'':>4}"
+        f"{per['optimizer_step'] / 2**30:>9.2f}"
+    )
     lines.append(f"  {'peak':<34}{per['peak']:>16,}{'':>4}{per['peak'] / 2**30:>9.2f}")
     verdict = "fits" if plan.fits else "does not fit"
     share = plan.headroom / plan.gpu_memory * 100
-    lines.append(f"  => {verdict} in {plan.gpu_memory / 1e9:g} GB ({human(plan.gpu_memory)}): peak "
-                 f"{human(plan.peak)}, headroom {human(plan.headroom)} ({share:.1f}%)")
+    lines.append(
+        f"  => {verdict} in {plan.gpu_memory / 1e9:g} GB ({human(plan.gpu_memory)}): peak "
+        f"{human(plan.peak)}, headroom {human(plan.headroom)} ({share:.1f}%)"
+    )
     lines += [f"  note: {n}" for n in plan.notes]
     lines.append(f"  planned in {plan.seconds:.1f} s")
     return "\n".join(lines)
@@ -81,13 +103,29 @@ def format_plan(plan: MemoryPlan, title: str = "") -> str:
 def plan_json(plan: MemoryPlan) -> dict:
     i = plan.inputs
     return {
-        "phase": plan.phase, "engine": plan.engine, "world_size": plan.world_size, "nodes": plan.nodes,
-        "gpus_per_node": plan.gpus_per_node, "per_gpu": plan.per_gpu, "gpu_memory": plan.gpu_memory,
-        "fits": plan.fits, "headroom": plan.headroom, "headroom_fraction": plan.headroom / plan.gpu_memory,
-        "seq_len": i.seq_len, "micro_batch": i.micro_batch, "chunk": i.chunk_size, "alpha": i.alpha,
-        "dtype": str(i.dtype).removeprefix("torch."), "activation_checkpointing": plan.activation_checkpointing,
-        "layers_measured": [m.layers for m in plan.measured], "num_layers": plan.step.layers,
-        "method": plan.method, "step": plan.step.as_dict(), "measured": [m.as_dict() for m in plan.measured],
-        "model_source": i.model.source, "teacher_source": i.teacher.source if i.teacher else None,
-        "notes": plan.notes, "seconds": plan.seconds,
+        "phase": plan.phase,
+        "engine": plan.engine,
+        "world_size": plan.world_size,
+        "nodes": plan.nodes,
+        "gpus_per_node": plan.gpus_per_node,
+        "per_gpu": plan.per_gpu,
+        "gpu_memory": plan.gpu_memory,
+        "fits": plan.fits,
+        "headroom": plan.headroom,
+        "headroom_fraction": plan.headroom / plan.gpu_memory,
+        "seq_len": i.seq_len,
+        "micro_batch": i.micro_batch,
+        "chunk": i.chunk_size,
+        "alpha": i.alpha,
+        "dtype": str(i.dtype).removeprefix("torch."),
+        "activation_checkpointing": plan.activation_checkpointing,
+        "layers_measured": [m.layers for m in plan.measured],
+        "num_layers": plan.step.layers,
+        "method": plan.method,
+        "step": plan.step.as_dict(),
+        "measured": [m.as_dict() for m in plan.measured],
+        "model_source": i.model.source,
+        "teacher_source": i.teacher.source if i.teacher else None,
+        "notes": plan.notes,
+        "seconds": plan.seconds,
     }

@@ -42,11 +42,12 @@ from pipeline.training.config import RunConfig
 @dataclass(frozen=True)
 class ModelCounts:
     """Parameter shapes of a model at full depth, and which are trained."""
+
     shapes: tuple[tuple[int, ...], ...]
     trainable: tuple[bool, ...]
-    in_layers: tuple[bool, ...]        # parameter belongs to a decoder layer
-    module_numels: tuple[int, ...]     # each module's own parameters (ZeRO-3 gathers module by module)
-    layer_numel: int                   # one decoder layer
+    in_layers: tuple[bool, ...]  # parameter belongs to a decoder layer
+    module_numels: tuple[int, ...]  # each module's own parameters (ZeRO-3 gathers module by module)
+    layer_numel: int  # one decoder layer
     num_layers: int
 
     @property
@@ -73,17 +74,20 @@ def count_model(model: nn.Module) -> ModelCounts:
     in_layer = {id(p) for p in layers.parameters()}
     params = list(model.named_parameters())
     modules = [sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()]
-    return ModelCounts(shapes=tuple(tuple(p.shape) for _, p in params),
-                       trainable=tuple(p.requires_grad for _, p in params),
-                       in_layers=tuple(id(p) in in_layer for _, p in params),
-                       module_numels=tuple(n for n in modules if n),
-                       layer_numel=sum(p.numel() for p in layers[0].parameters()) if len(layers) else 0,
-                       num_layers=len(layers))
+    return ModelCounts(
+        shapes=tuple(tuple(p.shape) for _, p in params),
+        trainable=tuple(p.requires_grad for _, p in params),
+        in_layers=tuple(id(p) in in_layer for _, p in params),
+        module_numels=tuple(n for n in modules if n),
+        layer_numel=sum(p.numel() for p in layers[0].parameters()) if len(layers) else 0,
+        num_layers=len(layers),
+    )
 
 
 @dataclass(frozen=True)
 class ZeroSettings:
     """The zero_optimization keys that size ZeRO-3's memory (DeepSpeed's defaults)."""
+
     param_persistence_threshold: int = int(1e5)
     model_persistence_threshold: int = sys.maxsize
     prefetch_bucket_size: int = int(5e7)
@@ -113,33 +117,49 @@ class ZeroSettings:
         d = cls()
         accum = (ds.get("data_types") or {}).get("grad_accum_dtype")
         return cls(
-            param_persistence_threshold=int(get("stage3_param_persistence_threshold", "param_persistence_threshold",
-                                                default=d.param_persistence_threshold)),
-            model_persistence_threshold=int(get("stage3_model_persistence_threshold", "model_persistence_threshold",
-                                                default=d.model_persistence_threshold)),
-            prefetch_bucket_size=int(get("stage3_prefetch_bucket_size", "prefetch_bucket_size",
-                                         default=d.prefetch_bucket_size)),
-            max_live_parameters=int(get("stage3_max_live_parameters", "max_live_parameters",
-                                        default=d.max_live_parameters)),
-            max_reuse_distance=int(get("stage3_max_reuse_distance", "max_reuse_distance",
-                                       default=d.max_reuse_distance)),
+            param_persistence_threshold=int(
+                get(
+                    "stage3_param_persistence_threshold",
+                    "param_persistence_threshold",
+                    default=d.param_persistence_threshold,
+                )
+            ),
+            model_persistence_threshold=int(
+                get(
+                    "stage3_model_persistence_threshold",
+                    "model_persistence_threshold",
+                    default=d.model_persistence_threshold,
+                )
+            ),
+            prefetch_bucket_size=int(
+                get("stage3_prefetch_bucket_size", "prefetch_bucket_size", default=d.prefetch_bucket_size)
+            ),
+            max_live_parameters=int(
+                get("stage3_max_live_parameters", "max_live_parameters", default=d.max_live_parameters)
+            ),
+            max_reuse_distance=int(
+                get("stage3_max_reuse_distance", "max_reuse_distance", default=d.max_reuse_distance)
+            ),
             reduce_bucket_size=int(get("reduce_bucket_size", default=d.reduce_bucket_size)),
             contiguous_gradients=bool(get("contiguous_gradients", default=True)),
             sub_group_size=int(get("sub_group_size", default=d.sub_group_size)),
-            offload_param=device("offload_param"), offload_optimizer=device("offload_optimizer"),
-            grad_accum_fp32=str(accum).lower() in ("fp32", "float32", "torch.float32"))
+            offload_param=device("offload_param"),
+            offload_optimizer=device("offload_optimizer"),
+            grad_accum_fp32=str(accum).lower() in ("fp32", "float32", "torch.float32"),
+        )
 
 
 @dataclass
 class EngineState:
     """Bytes per GPU held by the engine besides the step's activations."""
+
     engine: str
     params: int
     grads: int
     optimizer: int
     teacher: int
-    gathered: int                      # parameters gathered for compute at once (student + teacher)
-    step: int                          # optimizer-step temporaries (when the activations are gone)
+    gathered: int  # parameters gathered for compute at once (student + teacher)
+    step: int  # optimizer-step temporaries (when the activations are gone)
     notes: list[str] = field(default_factory=list)
 
 
@@ -168,8 +188,14 @@ def zero3_gathered(counts: ModelCounts, zero: ZeroSettings) -> tuple[int, str]:
     return min(kept, cap), why if kept <= cap else "stage3_max_live_parameters"
 
 
-def zero3_state(student: ModelCounts, teacher: Optional[ModelCounts], world: int, dtype: torch.dtype,
-                zero: ZeroSettings, teacher_offload: bool = False) -> EngineState:
+def zero3_state(
+    student: ModelCounts,
+    teacher: Optional[ModelCounts],
+    world: int,
+    dtype: torch.dtype,
+    zero: ZeroSettings,
+    teacher_offload: bool = False,
+) -> EngineState:
     low = torch.tensor([], dtype=dtype).element_size()
     numels = student.numels
     parts = [ceil_div(n, world) for n in numels]
@@ -208,30 +234,42 @@ def fsdp2_shard(shape: tuple[int, ...], world: int) -> int:
     return ceil_div(shape[0], world) * math.prod(shape[1:])
 
 
-def fsdp2_state(student: ModelCounts, teacher: Optional[ModelCounts], world: int, dtype: torch.dtype,
-                reshard_after_forward: bool = True, teacher_offload: bool = False) -> EngineState:
+def fsdp2_state(
+    student: ModelCounts,
+    teacher: Optional[ModelCounts],
+    world: int,
+    dtype: torch.dtype,
+    reshard_after_forward: bool = True,
+    teacher_offload: bool = False,
+) -> EngineState:
     low = torch.tensor([], dtype=dtype).element_size()
     shards = [fsdp2_shard(s, world) for s in student.shapes]
     trained = sum(s for s, t in zip(shards, student.trainable) if t)
-    params = sum(shards) * 4                       # fp32 shards: the master weights
+    params = sum(shards) * 4  # fp32 shards: the master weights
     grads = trained * 4
     optimizer = trained * 8
     layers = student.layer_numel * (student.num_layers if not reshard_after_forward else min(2, student.num_layers))
     gathered = (student.root + layers) * low
-    notes = ["FSDP2 gathered parameters: the root (embeddings, lm_head, norms) from forward to backward + "
-             + ("every layer (reshard_after_forward false)" if not reshard_after_forward else
-                "the current and the prefetched layer")]
+    notes = [
+        "FSDP2 gathered parameters: the root (embeddings, lm_head, norms) from forward to backward + "
+        + (
+            "every layer (reshard_after_forward false)"
+            if not reshard_after_forward
+            else "the current and the prefetched layer"
+        )
+    ]
     teacher_bytes = 0
     if teacher is not None:
         teacher_bytes = 0 if teacher_offload else sum(fsdp2_shard(s, world) for s in teacher.shapes) * low
         # the teacher runs (and reshards) before the student's forward: the larger working set counts
         gathered = max(gathered, (teacher.root + teacher.layer_numel * min(2, teacher.num_layers)) * low)
-    step = trained * 4                              # Adam's foreach sqrt temporary
+    step = trained * 4  # Adam's foreach sqrt temporary
     return EngineState("fsdp", params, grads, optimizer, teacher_bytes, gathered, step, notes)
 
 
-def engine_state(cfg: RunConfig, student: ModelCounts, teacher: Optional[ModelCounts], world: int,
-                 dtype: torch.dtype) -> EngineState:
+def engine_state(
+    cfg: RunConfig, student: ModelCounts, teacher: Optional[ModelCounts], world: int, dtype: torch.dtype
+) -> EngineState:
     offload = bool(cfg.teacher and cfg.teacher.offload_params)
     if cfg.engine.name == "fsdp":
         return fsdp2_state(student, teacher, world, dtype, cfg.engine.fsdp.reshard_after_forward, offload)

@@ -109,7 +109,7 @@ class CheckpointManager:
 
     def rotate(self, keep: str) -> None:
         complete = self.complete_tags()
-        survivors = set(complete[-self.keep_last:]) | {keep}
+        survivors = set(complete[-self.keep_last :]) | {keep}
         for path in self.root.iterdir():
             if path.is_dir() and TAG.match(path.name) and path.name not in survivors:
                 shutil.rmtree(path, ignore_errors=True)

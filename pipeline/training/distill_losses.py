@@ -19,9 +19,14 @@ from pipeline.training.losses import LossOutput, _normaliser
 KD_KINDS = ("forward", "reverse", "jsd")
 
 
-def attention_alignment_loss(student: Sequence[Sequence[torch.Tensor]], teacher: Sequence[Sequence[torch.Tensor]],
-                             positions: torch.Tensor, num_heads: int, normalizer=None,
-                             eps: float = 1e-6) -> LossOutput:
+def attention_alignment_loss(
+    student: Sequence[Sequence[torch.Tensor]],
+    teacher: Sequence[Sequence[torch.Tensor]],
+    positions: torch.Tensor,
+    num_heads: int,
+    normalizer=None,
+    eps: float = 1e-6,
+) -> LossOutput:
     """Per (loop, layer) and head: ||s - t||^2 / ||t||^2 per token (attention outputs before o_proj),
     averaged over heads, loops and layers; summed over `positions` / normaliser.
 
@@ -54,7 +59,7 @@ def _kd_per_token(student_logits, teacher_logits, temperature: float, kind: str,
         idx = t.topk(top_k, dim=-1).indices
         s, t = s.gather(-1, idx), t.gather(-1, idx)
     log_s, log_t = F.log_softmax(s, -1), F.log_softmax(t, -1)
-    if kind == "forward":    # KL(teacher || student)
+    if kind == "forward":  # KL(teacher || student)
         kl = (log_t.exp() * (log_t - log_s)).sum(-1)
     elif kind == "reverse":  # KL(student || teacher)
         kl = (log_s.exp() * (log_s - log_t)).sum(-1)
@@ -63,13 +68,20 @@ def _kd_per_token(student_logits, teacher_logits, temperature: float, kind: str,
         kl = 0.5 * ((log_t.exp() * (log_t - log_m)).sum(-1) + (log_s.exp() * (log_s - log_m)).sum(-1))
     else:
         raise ValueError(f"unknown KD kind {kind!r}; choose from {KD_KINDS}")
-    return kl * temperature ** 2
+    return kl * temperature**2
 
 
-def logit_distillation_loss(student_loop_logits: Sequence[torch.Tensor], teacher_loop_logits: Sequence[torch.Tensor],
-                            positions: torch.Tensor, temperature: float = 1.0, kind: str = "forward",
-                            top_k: Optional[int] = None, all_loops: bool = False,
-                            normalizer=None, loop_numbers: Optional[Sequence[int]] = None) -> LossOutput:
+def logit_distillation_loss(
+    student_loop_logits: Sequence[torch.Tensor],
+    teacher_loop_logits: Sequence[torch.Tensor],
+    positions: torch.Tensor,
+    temperature: float = 1.0,
+    kind: str = "forward",
+    top_k: Optional[int] = None,
+    all_loops: bool = False,
+    normalizer=None,
+    loop_numbers: Optional[Sequence[int]] = None,
+) -> LossOutput:
     """KL between teacher and student next-token distributions on `positions`, on the last loop
     (or averaged over every loop with all_loops). Per-loop values are logged either way.
     loop_numbers: the loop of each entry, for the metric names (default 1..T; e.g. [T] when only
@@ -84,8 +96,9 @@ def logit_distillation_loss(student_loop_logits: Sequence[torch.Tensor], teacher
         use = t in loops
         with torch.set_grad_enabled(use and torch.is_grad_enabled()):
             kl = _kd_per_token(student_loop_logits[t], teacher_loop_logits[t], temperature, kind, top_k)
-        metrics[f"kl_loop{loop_numbers[t] if loop_numbers else t + 1}"] = \
-            ((kl * mask).sum() / count.clamp_min(1)).detach()
+        metrics[f"kl_loop{loop_numbers[t] if loop_numbers else t + 1}"] = (
+            (kl * mask).sum() / count.clamp_min(1)
+        ).detach()
         if use:
             per_token = per_token + kl / len(loops)
     norm = _normaliser(valid, normalizer)

@@ -40,6 +40,7 @@ def copy_tokenizer(source: str, out_dir: Path) -> None:
         return
     try:
         from transformers import AutoTokenizer
+
         AutoTokenizer.from_pretrained(source).save_pretrained(str(out_dir))
     except (OSError, ValueError) as err:
         log.warning(f"export without a tokenizer: cannot load {source!r} ({err})")
@@ -64,8 +65,16 @@ def atomic_directory(out_dir: Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_hf(model_cls, config, state: dict[str, torch.Tensor], out_dir: Path, dtype: torch.dtype,
-            tokenizer: Optional[str] = None, info: Optional[dict] = None, run_dir: Optional[Path] = None) -> None:
+def save_hf(
+    model_cls,
+    config,
+    state: dict[str, torch.Tensor],
+    out_dir: Path,
+    dtype: torch.dtype,
+    tokenizer: Optional[str] = None,
+    info: Optional[dict] = None,
+    run_dir: Optional[Path] = None,
+) -> None:
     """Write a standalone Hugging Face checkpoint directory atomically (temp dir, then rename over out_dir).
     run_dir: the training run whose files the model card reads (phases, steps, data hashes)."""
     config = copy.deepcopy(config)
@@ -82,12 +91,15 @@ def save_hf(model_cls, config, state: dict[str, torch.Tensor], out_dir: Path, dt
         try:
             write_model_card(tmp, run_dir, source=out_dir)
         except (OSError, ValueError, yaml.YAMLError) as err:  # the card must not cost the trained weights
-            log.error(f"export {out_dir} written without its model card README.md ({err}); write it with "
-                      f"`python -m pipeline.export_hub {run_dir or out_dir} --out DIR`")
+            log.error(
+                f"export {out_dir} written without its model card README.md ({err}); write it with "
+                f"`python -m pipeline.export_hub {run_dir or out_dir} --out DIR`"
+            )
 
 
-def export_model(engine: Engine, out_dir: Path, dtype: torch.dtype, tokenizer: Optional[str] = None,
-                 info: Optional[dict] = None) -> None:
+def export_model(
+    engine: Engine, out_dir: Path, dtype: torch.dtype, tokenizer: Optional[str] = None, info: Optional[dict] = None
+) -> None:
     """Collective: gather the full weights, rank 0 writes. out_dir is the trainer's <run_dir>/export."""
     state = engine.full_state_dict()
     if comm.rank() == 0:

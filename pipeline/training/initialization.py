@@ -42,6 +42,7 @@ def module_seed(seed: int, name: str) -> int:
 class InitUnit:
     """Modules initialised together (post-order, children first as Hugging Face does) and the
     parameters their init_fn may set: those owned by these modules, by qualified name."""
+
     modules: list[tuple[str, nn.Module]]
     params: dict[str, nn.Parameter]
 
@@ -69,8 +70,9 @@ def init_units(root: nn.Module, prefix: str = "") -> list[InitUnit]:
     block_names = set(getattr(root, "_no_split_modules", None) or [])
     blocks: list[tuple[str, nn.Module]] = []
     if block_names:
-        blocks = [(qualified(prefix, n), m) for n, m in root.named_modules()
-                  if m is not root and is_block(m, block_names)]
+        blocks = [
+            (qualified(prefix, n), m) for n, m in root.named_modules() if m is not root and is_block(m, block_names)
+        ]
         inner = {id(m) for _, b in blocks for m in b.modules() if m is not b}
         blocks = [(n, b) for n, b in blocks if id(b) not in inner]  # blocks inside blocks belong to theirs
     block_ids = {id(b) for _, b in blocks}
@@ -78,8 +80,10 @@ def init_units(root: nn.Module, prefix: str = "") -> list[InitUnit]:
     units: list[InitUnit] = []
     owner: dict[int, int] = {}  # parameter id -> index of the unit that owns it
     for name, top in roots:
+
         def stop(m, top=top):
             return m is not top and id(m) in block_ids
+
         modules = list(post_order_named(top, name, stop))
         params: dict[str, nn.Parameter] = {}
         for module_name, module in modules:
@@ -87,8 +91,10 @@ def init_units(root: nn.Module, prefix: str = "") -> list[InitUnit]:
                 if param is None:
                     continue
                 if owner.setdefault(id(param), len(units)) != len(units):
-                    raise ValueError(f"parameter {qualified(module_name, leaf)} is shared between a "
-                                     f"{'/'.join(sorted(block_names))} block and another part of the model")
+                    raise ValueError(
+                        f"parameter {qualified(module_name, leaf)} is shared between a "
+                        f"{'/'.join(sorted(block_names))} block and another part of the model"
+                    )
                 params.setdefault(qualified(module_name, leaf), param)
         units.append(InitUnit(modules, params))
     return units
@@ -112,8 +118,9 @@ def run_seeded(init_fn: InitFn, module: nn.Module, seed: int) -> None:
             init_fn(module)
 
 
-def unit_values(unit: InitUnit, init_fn: InitFn, seed: int, full_shape: ShapeFn = plain_shape) \
-        -> dict[str, torch.Tensor]:
+def unit_values(
+    unit: InitUnit, init_fn: InitFn, seed: int, full_shape: ShapeFn = plain_shape
+) -> dict[str, torch.Tensor]:
     """The full initial value (fp32 on CPU for floating parameters) of every parameter of `unit`;
     `full_shape` reads the whole shape of a parameter partitioned in place (Engine.full_shape)."""
     by_id = {id(p): stand_in(p, full_shape) for p in unit.params.values()}
@@ -136,8 +143,9 @@ def unit_values(unit: InitUnit, init_fn: InitFn, seed: int, full_shape: ShapeFn 
     return values
 
 
-def initial_values(root: nn.Module, init_fn: InitFn, seed: int, prefix: str = "") \
-        -> Iterator[tuple[InitUnit, dict[str, torch.Tensor]]]:
+def initial_values(
+    root: nn.Module, init_fn: InitFn, seed: int, prefix: str = ""
+) -> Iterator[tuple[InitUnit, dict[str, torch.Tensor]]]:
     """Each unit of `root` with its parameters' initial values, one unit at a time."""
     for unit in init_units(root, prefix):
         yield unit, unit_values(unit, init_fn, seed)

@@ -17,8 +17,8 @@ IGNORE_INDEX = -100
 
 @dataclass
 class LossOutput:
-    total: torch.Tensor                       # what to backpropagate (already divided by the normaliser)
-    num_tokens: torch.Tensor                  # valid tokens in this micro-batch (local count)
+    total: torch.Tensor  # what to backpropagate (already divided by the normaliser)
+    num_tokens: torch.Tensor  # valid tokens in this micro-batch (local count)
     metrics: dict = field(default_factory=dict)  # detached scalars for logging (per-token means)
     # the local token count a metric is a mean over, where it is not num_tokens (a distillation part
     # taken on other tokens): the step's logged mean weights each micro-batch by it
@@ -29,14 +29,17 @@ class LossOutput:
 class TokenCounts:
     """What a step's losses are divided by: token counts summed over its micro-batches and every
     data-parallel rank (the trainer's all-reduce), so the split never changes the gradient."""
+
     labelled: float  # positions with a next-token label: CE (and, by default, distillation's KL)
-    real: float      # real (not padding) positions: distillation's attention alignment by default
+    real: float  # real (not padding) positions: distillation's attention alignment by default
 
     @classmethod
     def of(cls, batch: dict) -> "TokenCounts":
         """This micro-batch's own counts (before the sums)."""
-        return cls(float(labelled_positions(batch["labels"]).sum()),
-                   float(real_positions(batch["input_ids"], batch.get("attention_mask")).sum()))
+        return cls(
+            float(labelled_positions(batch["labels"]).sum()),
+            float(real_positions(batch["input_ids"], batch.get("attention_mask")).sum()),
+        )
 
 
 def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -58,8 +61,9 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-token CE in float32, 0 where targets == IGNORE_INDEX: [B, S, V], [B, S] -> [B, S]."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="none").view(targets.shape)
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(targets.shape)
 
 
 def _normaliser(valid: torch.Tensor, normalizer: Optional[torch.Tensor | float]) -> torch.Tensor:
@@ -68,8 +72,9 @@ def _normaliser(valid: torch.Tensor, normalizer: Optional[torch.Tensor | float])
     return torch.as_tensor(normalizer, dtype=torch.float32, device=valid.device)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
-                   normalizer: Optional[torch.Tensor | float] = None) -> LossOutput:
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, normalizer: Optional[torch.Tensor | float] = None
+) -> LossOutput:
     targets = shift_labels(labels)
     valid = targets != IGNORE_INDEX
     ce = token_cross_entropy(logits, targets)
@@ -78,18 +83,22 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
     return LossOutput(ce.sum() / norm, count, {"ce": (ce.sum() / count.clamp_min(1)).detach()})
 
 
-def ouro_stage1_loss(loop_logits: Sequence[torch.Tensor], exit_logits: Sequence[torch.Tensor],
-                     labels: torch.Tensor, beta: float = 0.1,
-                     normalizer: Optional[torch.Tensor | float] = None) -> LossOutput:
+def ouro_stage1_loss(
+    loop_logits: Sequence[torch.Tensor],
+    exit_logits: Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    beta: float = 0.1,
+    normalizer: Optional[torch.Tensor | float] = None,
+) -> LossOutput:
     """Ouro stage I: sum_t p_t * CE_t - beta * H(p), per valid token.
 
     loop_logits: T tensors [B, S, V]; exit_logits: T tensors [B, S]; labels [B, S] (-100 masked).
     """
     targets = shift_labels(labels)
     valid = targets != IGNORE_INDEX
-    probs = exit_probabilities(exit_logits)                     # [T, B, S]
+    probs = exit_probabilities(exit_logits)  # [T, B, S]
     ce = torch.stack([token_cross_entropy(lg, targets) for lg in loop_logits])  # [T, B, S]
-    entropy = exit_entropy(probs)                                # [B, S]
+    entropy = exit_entropy(probs)  # [B, S]
     per_token = (probs * ce).sum(0) - beta * entropy
     mask = valid.float()
     norm = _normaliser(valid, normalizer)
@@ -102,9 +111,14 @@ def ouro_stage1_loss(loop_logits: Sequence[torch.Tensor], exit_logits: Sequence[
     return LossOutput((per_token * mask).sum() / norm, count, metrics)
 
 
-def ouro_stage2_gate_loss(loop_logits: Sequence[torch.Tensor], exit_logits: Sequence[torch.Tensor],
-                          labels: torch.Tensor, slope: float = 50.0, threshold: float = 0.005,
-                          normalizer: Optional[torch.Tensor | float] = None) -> LossOutput:
+def ouro_stage2_gate_loss(
+    loop_logits: Sequence[torch.Tensor],
+    exit_logits: Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    slope: float = 50.0,
+    threshold: float = 0.005,
+    normalizer: Optional[torch.Tensor | float] = None,
+) -> LossOutput:
     """Ouro stage II (adaptive exit): train the gate to continue while a loop still helps.
 
     With detached per-loop CE L_t, improvement I_t = max(0, L_{t-1} - L_t) and ideal
@@ -118,26 +132,32 @@ def ouro_stage2_gate_loss(loop_logits: Sequence[torch.Tensor], exit_logits: Sequ
     valid = targets != IGNORE_INDEX
     with torch.no_grad():
         ce = torch.stack([token_cross_entropy(lg, targets) for lg in loop_logits])
-        improvement = (ce[:-1] - ce[1:]).clamp_min(0)            # [T-1, B, S]
+        improvement = (ce[:-1] - ce[1:]).clamp_min(0)  # [T-1, B, S]
         cont_target = torch.sigmoid(slope * (improvement - threshold))
-    gate = torch.stack([g.float() for g in exit_logits[:-1]])   # decide at loop t whether to go on to t+1
+    gate = torch.stack([g.float() for g in exit_logits[:-1]])  # decide at loop t whether to go on to t+1
     # continuation probability is 1 - sigmoid(gate) = sigmoid(-gate)
     bce = F.binary_cross_entropy_with_logits(-gate, cont_target, reduction="none").mean(0)
     mask = valid.float()
     norm = _normaliser(valid, normalizer)
     count = valid.sum()
-    return LossOutput((bce * mask).sum() / norm, count,
-                      {"gate_bce": ((bce * mask).sum() / count.clamp_min(1)).detach()})
+    return LossOutput(
+        (bce * mask).sum() / norm, count, {"gate_bce": ((bce * mask).sum() / count.clamp_min(1)).detach()}
+    )
 
 
-def last_loop_lm_loss(loop_logits: Sequence[torch.Tensor], exit_logits: Sequence[torch.Tensor],
-                      labels: torch.Tensor, beta: float = 0.1,
-                      normalizer: Optional[torch.Tensor | float] = None) -> LossOutput:
+def last_loop_lm_loss(
+    loop_logits: Sequence[torch.Tensor],
+    exit_logits: Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    beta: float = 0.1,
+    normalizer: Optional[torch.Tensor | float] = None,
+) -> LossOutput:
     """Next-token CE of the last loop (the full-depth output), with the stage-I metrics (per-loop
     CE, exit distribution and its entropy) computed without gradients for logging."""
     out = causal_lm_loss(loop_logits[-1], labels, normalizer)
     with torch.no_grad():
-        metrics = ouro_stage1_loss([lg.detach() for lg in loop_logits], [g.detach() for g in exit_logits],
-                                   labels, beta=beta).metrics
+        metrics = ouro_stage1_loss(
+            [lg.detach() for lg in loop_logits], [g.detach() for g in exit_logits], labels, beta=beta
+        ).metrics
     out.metrics.update(metrics)
     return out

@@ -47,13 +47,17 @@ class StepMetrics:
         means = sorted(k for k, (_, op) in self.stats.items() if op == "mean")
         mins = sorted(k for k, (_, op) in self.stats.items() if op == "min")
         maxs = sorted(k for k, (_, op) in self.stats.items() if op == "max")
-        sums = torch.tensor([self.loss, float(self.tokens)] + [self.weighted[k] for k in weighted]
-                            + [float(self.weights[k]) for k in weighted] + [sum(self.stats[k][0]) for k in means]
-                            + [float(len(self.stats[k][0])) for k in means], dtype=torch.float64)
+        sums = torch.tensor(
+            [self.loss, float(self.tokens)]
+            + [self.weighted[k] for k in weighted]
+            + [float(self.weights[k]) for k in weighted]
+            + [sum(self.stats[k][0]) for k in means]
+            + [float(len(self.stats[k][0])) for k in means],
+            dtype=torch.float64,
+        )
         comm.all_reduce(sums)
         low = comm.all_reduce(torch.tensor([min(self.stats[k][0]) for k in mins] or [0.0], dtype=torch.float64), "min")
-        high = comm.all_reduce(torch.tensor([max(self.stats[k][0]) for k in maxs] or [0.0], dtype=torch.float64),
-                               "max")
+        high = comm.all_reduce(torch.tensor([max(self.stats[k][0]) for k in maxs] or [0.0], dtype=torch.float64), "max")
         out = {"train/loss": sums[0].item(), "train/tokens": sums[1].item()}
         for i, k in enumerate(weighted):
             out[f"train/{k}"] = sums[2 + i].item() / max(sums[2 + len(weighted) + i].item(), 1.0)
@@ -86,8 +90,9 @@ def format_duration(seconds: float) -> str:
 class RunLogger:
     """Rank 0 writes; on other ranks every method is a no-op."""
 
-    def __init__(self, run_dir: Path, rank: int, phase: str, total_steps: int, start_step: int,
-                 tensorboard: bool = True):
+    def __init__(
+        self, run_dir: Path, rank: int, phase: str, total_steps: int, start_step: int, tensorboard: bool = True
+    ):
         self.enabled = rank == 0
         self.phase, self.total_steps = phase, total_steps
         self.jsonl = Path(run_dir) / "metrics.jsonl"
@@ -99,6 +104,7 @@ class RunLogger:
         write_durable(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
+
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
         self._file = open(self.jsonl, "a")
 
@@ -123,9 +129,11 @@ class RunLogger:
         lrs = " ".join(f"{k[3:]}={v:.2e}" for k, v in scalars.items() if k.startswith("lr/"))
         extra = f" alpha {scalars['train/alpha']:.3f}" if "train/alpha" in scalars else ""
         extra += "".join(f" {k} {scalars[f'train/{k}']:.4f}" for k in ("align", "kl") if f"train/{k}" in scalars)
-        log.info(f"[{self.phase}] step {step}/{self.total_steps} loss {scalars['train/loss']:.4f} lr {lrs}"
-                 f"{extra} grad_norm {scalars.get('train/grad_norm', float('nan')):.3f} "
-                 f"tok/s {scalars.get('perf/tokens_per_s', 0):,.0f} eta {format_duration(eta_s)}")
+        log.info(
+            f"[{self.phase}] step {step}/{self.total_steps} loss {scalars['train/loss']:.4f} lr {lrs}"
+            f"{extra} grad_norm {scalars.get('train/grad_norm', float('nan')):.3f} "
+            f"tok/s {scalars.get('perf/tokens_per_s', 0):,.0f} eta {format_duration(eta_s)}"
+        )
 
     def close(self) -> None:
         if self.enabled and not self._file.closed:
@@ -135,8 +143,12 @@ class RunLogger:
 
 
 def setup_console_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
     if rank != 0:
         log.setLevel(logging.WARNING)
 
@@ -144,6 +156,9 @@ def setup_console_logging(rank: int) -> None:
 def summarize_partition(stats: list[dict]) -> Optional[str]:
     if not stats:
         return None
-    return "\n".join(f"rank {s['rank']}: {s['local_numel']:,} of {s['total_numel']:,} parameters "
-                     f"({s['local_numel'] / max(s['total_numel'], 1):.1%}), params {s['param_bytes']:,} B, "
-                     f"master {s['master_bytes']:,} B, optimizer {s['optimizer_state_bytes']:,} B" for s in stats)
+    return "\n".join(
+        f"rank {s['rank']}: {s['local_numel']:,} of {s['total_numel']:,} parameters "
+        f"({s['local_numel'] / max(s['total_numel'], 1):.1%}), params {s['param_bytes']:,} B, "
+        f"master {s['master_bytes']:,} B, optimizer {s['optimizer_state_bytes']:,} B"
+        for s in stats
+    )

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 
-def lr_multiplier(step: int, total_steps: int, warmup_steps: int = 0, decay: str = "cosine",
-                  min_ratio: float = 0.0) -> float:
+def lr_multiplier(
+    step: int, total_steps: int, warmup_steps: int = 0, decay: str = "cosine", min_ratio: float = 0.0
+) -> float:
     """Multiplier of every group's base lr for optimizer step `step` (0-based: the update made at step+1).
 
     Linear warmup from 1/warmup to 1 over `warmup_steps`, then cosine / linear decay to

@@ -19,6 +19,7 @@ def read_manifest(path: str | Path) -> dict:
     """The dataset's manifest (checked against its index by data_prep); ConfigError naming data.path."""
     from data_prep.errors import DataPrepError
     from data_prep.manifest import read_manifest as read_prepared
+
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"config key 'data.path': {path} does not exist or is not a directory")
@@ -35,18 +36,31 @@ def data_seed(cfg: RunConfig) -> int:
 def data_fingerprint(cfg: RunConfig, manifest: dict) -> dict:
     """The loader's fingerprint (what must not change between a checkpoint and its resumption)."""
     from pipeline.data import LoaderFingerprint
-    return asdict(LoaderFingerprint(manifest["index_sha256"], data_seed(cfg), cfg.data.global_batch_size,
-                                    cfg.data.num_canonical_nodes, cfg.data.shuffle))
+
+    return asdict(
+        LoaderFingerprint(
+            manifest["index_sha256"],
+            data_seed(cfg),
+            cfg.data.global_batch_size,
+            cfg.data.num_canonical_nodes,
+            cfg.data.shuffle,
+        )
+    )
 
 
 def check_fingerprint(saved: dict, current: dict, where: str) -> None:
     from pipeline.data import DataResumeError
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
-             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
+        for k in sorted(set(saved) | set(current))
+        if saved.get(k) != current.get(k)
+    ]
     if diffs:
         raise DataResumeError(
             f"refusing to resume from {where}: the data does not match the checkpoint's "
-            f"({'; '.join(diffs)}). Resume with the original data settings, or use a new run_dir.")
+            f"({'; '.join(diffs)}). Resume with the original data settings, or use a new run_dir."
+        )
 
 
 def tokenizer_source(path: str | Path, manifest: dict) -> Optional[str]:
@@ -65,11 +79,18 @@ class TrainData:
 
     def __init__(self, cfg: RunConfig):
         from pipeline.data import build_train_loader, prepare_streaming_env
+
         prepare_streaming_env()  # LOCAL_WORLD_SIZE, stale shared memory (once per node)
         data = cfg.data
-        self.loader = build_train_loader(data.path, data.micro_batch_size, data.global_batch_size, data_seed(cfg),
-                                         shuffle=data.shuffle, num_canonical_nodes=data.num_canonical_nodes,
-                                         num_workers=data.num_workers)
+        self.loader = build_train_loader(
+            data.path,
+            data.micro_batch_size,
+            data.global_batch_size,
+            data_seed(cfg),
+            shuffle=data.shuffle,
+            num_canonical_nodes=data.num_canonical_nodes,
+            num_workers=data.num_workers,
+        )
         self._it: Optional[Iterator] = None
 
     def next_batch(self) -> dict[str, torch.Tensor]:

@@ -55,12 +55,16 @@ def preflight(cfg: RunConfig, env: DistEnv) -> Preflight:
     manifest = read_manifest(cfg.data.path)
     vocab, key = phase.vocab_size()
     if vocab is not None and manifest.get("vocab_size", 0) > vocab:
-        raise ConfigError(f"config key {key!r}: the model's vocabulary ({vocab}) is smaller than the dataset's "
-                          f"({manifest['vocab_size']}, {cfg.data.path})")
+        raise ConfigError(
+            f"config key {key!r}: the model's vocabulary ({vocab}) is smaller than the dataset's "
+            f"({manifest['vocab_size']}, {cfg.data.path})"
+        )
     per_step = cfg.data.micro_batch_size * env.world_size
     if cfg.data.global_batch_size % per_step:
-        raise ConfigError(f"config key 'data.global_batch_size': {cfg.data.global_batch_size} is not a multiple of "
-                          f"micro_batch_size x world size = {cfg.data.micro_batch_size} x {env.world_size}")
+        raise ConfigError(
+            f"config key 'data.global_batch_size': {cfg.data.global_batch_size} is not a multiple of "
+            f"micro_batch_size x world size = {cfg.data.micro_batch_size} x {env.world_size}"
+        )
     fingerprint = data_fingerprint(cfg, manifest)
     checkpoints = CheckpointManager(cfg.run_dir, cfg.checkpointing.keep_last)
     tag = checkpoints.latest_tag()
@@ -69,11 +73,15 @@ def preflight(cfg: RunConfig, env: DistEnv) -> Preflight:
         check_fingerprint(saved.get("fingerprint", {}), fingerprint, str(checkpoints.root / tag))
         phase.check_resume(saved.get("phase_identity", {}), str(checkpoints.root / tag))
         if saved.get("phase") not in (None, cfg.phase.name):
-            raise ConfigError(f"run_dir {cfg.run_dir} holds a {saved['phase']} run; this config is phase "
-                              f"{cfg.phase.name}: use another run_dir")
+            raise ConfigError(
+                f"run_dir {cfg.run_dir} holds a {saved['phase']} run; this config is phase "
+                f"{cfg.phase.name}: use another run_dir"
+            )
         if saved.get("engine", "deepspeed") != cfg.engine.name:  # each engine reads only its own format
-            raise ConfigError(f"config key 'engine.name': the checkpoints in {checkpoints.root} were written by "
-                              f"engine {saved.get('engine', 'deepspeed')}, not {cfg.engine.name}: use another run_dir")
+            raise ConfigError(
+                f"config key 'engine.name': the checkpoints in {checkpoints.root} were written by "
+                f"engine {saved.get('engine', 'deepspeed')}, not {cfg.engine.name}: use another run_dir"
+            )
     return Preflight(phase, manifest, fingerprint, checkpoints, tag)
 
 
@@ -100,8 +108,9 @@ class Trainer:
         sched = cfg.schedule
 
         def lr_lambda(step: int) -> float:
-            return lr_multiplier(step, sched.total_steps, sched.warmup_steps, sched.decay,
-                                 sched.min_lr / cfg.optimizer.lr)
+            return lr_multiplier(
+                step, sched.total_steps, sched.warmup_steps, sched.decay, sched.min_lr / cfg.optimizer.lr
+            )
 
         self.engine.prepare(model, groups, lr_lambda, cfg.optimizer.betas, cfg.optimizer.eps)
 
@@ -116,12 +125,15 @@ class Trainer:
         self.saved_step = self.step if tag is not None else None
         self.stop_step = min(sched.stop_at_step or sched.total_steps, sched.total_steps)
 
-        self.logger = RunLogger(self.run_dir, env.rank, cfg.phase.name, sched.total_steps, self.step,
-                                cfg.logging.tensorboard)
+        self.logger = RunLogger(
+            self.run_dir, env.rank, cfg.phase.name, sched.total_steps, self.step, cfg.logging.tensorboard
+        )
         self.logger.text("config", cfg.to_yaml())
-        log.info(f"phase {cfg.phase.name}, {env.world_size} rank(s), engine {self.engine.name}, "
-                 f"{self.engine.grad_accum_steps} micro-step(s) per step, dtype {self.engine.dtype}, "
-                 f"starting at step {self.step} of {sched.total_steps}")
+        log.info(
+            f"phase {cfg.phase.name}, {env.world_size} rank(s), engine {self.engine.name}, "
+            f"{self.engine.grad_accum_steps} micro-step(s) per step, dtype {self.engine.dtype}, "
+            f"starting at step {self.step} of {sched.total_steps}"
+        )
 
     def record_partition(self) -> None:
         """Per-rank parameter / optimizer storage (<run_dir>/ranks/rank<r>.json), once the optimizer
@@ -185,17 +197,32 @@ class Trainer:
         elapsed = time.perf_counter() - start
         if not (self.step % cfg.logging.every == 0 or self.step == self.stop_step):
             return {}
-        outcome = StepOutcome(self.step, phase_scalars, lrs, result, cfg.data.global_batch_size,
-                              batches[0]["input_ids"].shape[1], elapsed, compute_s, side_s)
+        outcome = StepOutcome(
+            self.step,
+            phase_scalars,
+            lrs,
+            result,
+            cfg.data.global_batch_size,
+            batches[0]["input_ids"].shape[1],
+            elapsed,
+            compute_s,
+            side_s,
+        )
         return step_scalars(outcome, metrics.reduce(), engine.memory_stats())  # reduce: collective
 
     # -- checkpoints and export
     def save(self) -> None:
         tag = tag_for(self.step)
         root = self.pre.checkpoints.begin_save(tag)
-        state = {"step": self.step, "phase": self.cfg.phase.name, "engine": self.engine.name,
-                 "fingerprint": self.pre.fingerprint, "phase_identity": self.phase.resume_identity(),
-                 "data": self.data.state_dict(), "samples_seen": self.step * self.cfg.data.global_batch_size}
+        state = {
+            "step": self.step,
+            "phase": self.cfg.phase.name,
+            "engine": self.engine.name,
+            "fingerprint": self.pre.fingerprint,
+            "phase_identity": self.phase.resume_identity(),
+            "data": self.data.state_dict(),
+            "samples_seen": self.step * self.cfg.data.global_batch_size,
+        }
         self.engine.save_checkpoint(root, tag, {"trainer": {**state, "rng": rng_state()}})
         for hook in self.hooks:
             hook.before_checkpoint_complete(self.step)

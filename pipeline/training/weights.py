@@ -18,6 +18,7 @@ def resolve_checkpoint_dir(name_or_path: str) -> Path:
     if local.is_dir():
         return local
     from huggingface_hub import snapshot_download
+
     return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
 
 
@@ -55,10 +56,16 @@ class CheckpointTensors:
         allowed = set(may_be_missing)
         missing = sorted(set(expected) - set(self.shapes) - allowed)
         unexpected = sorted(set(self.shapes) - set(expected))
-        wrong = [f"{n}: {list(self.shapes[n])} in the checkpoint, {list(expected[n])} in the model"
-                 for n in sorted(set(expected) & set(self.shapes)) if tuple(self.shapes[n]) != tuple(expected[n])]
-        problems = ([f"missing tensors {missing}"] if missing else []) + \
-                   ([f"unexpected tensors {unexpected}"] if unexpected else []) + wrong
+        wrong = [
+            f"{n}: {list(self.shapes[n])} in the checkpoint, {list(expected[n])} in the model"
+            for n in sorted(set(expected) & set(self.shapes))
+            if tuple(self.shapes[n]) != tuple(expected[n])
+        ]
+        problems = (
+            ([f"missing tensors {missing}"] if missing else [])
+            + ([f"unexpected tensors {unexpected}"] if unexpected else [])
+            + wrong
+        )
         if problems:
             raise ValueError(f"checkpoint {self.directory} does not fit the model: " + "; ".join(problems))
 
@@ -76,8 +83,9 @@ def plain_shape(param: torch.Tensor) -> tuple[int, ...]:
     return tuple(param.shape)
 
 
-def full_shapes(model: torch.nn.Module, full_shape: Callable[[torch.nn.Parameter], tuple[int, ...]]) \
-        -> dict[str, tuple]:
+def full_shapes(
+    model: torch.nn.Module, full_shape: Callable[[torch.nn.Parameter], tuple[int, ...]]
+) -> dict[str, tuple]:
     """Shapes of the parameters (whole, as `full_shape` reads them: `Engine.full_shape` for a
     partitioned model) and persistent buffers, by name."""
     shapes = {n: full_shape(p) for n, p in model.named_parameters()}

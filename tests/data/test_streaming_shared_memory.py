@@ -19,20 +19,36 @@ def _block_name() -> str:
 def test_stale_blocks_go_live_ones_stay():
     stale, live = _block_name(), _block_name()
     # a process that creates a block and dies without unlinking it (as a killed run does)
-    subprocess.run([sys.executable, "-c", f"""
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"""
 from multiprocessing import shared_memory, resource_tracker
 shm = shared_memory.SharedMemory({stale!r}, create=True, size=64)
 resource_tracker.unregister(shm._name, "shared_memory")  # as after a SIGKILL: nobody unlinks it
-"""], check=True)
+""",
+        ],
+        check=True,
+    )
     # a live process holding its block mapped (a dataset of another job)
-    holder = subprocess.Popen([sys.executable, "-c", f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
 import sys
 from multiprocessing import shared_memory
 shm = shared_memory.SharedMemory({live!r}, create=True, size=64)
 print("mapped", flush=True)
 sys.stdin.read()
 shm.close(); shm.unlink()
-"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+""",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "mapped"
         assert (SHM / stale).exists() and (SHM / live).exists()

@@ -21,8 +21,10 @@ from data_prep.cli import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
-WORDS = ("the cat sat on a mat while seven quiet dogs watched the river flow past old stone "
-         "bridges; naïve café owners counted 12 apples, über-fast trains and ✓ marks").split()
+WORDS = (
+    "the cat sat on a mat while seven quiet dogs watched the river flow past old stone "
+    "bridges; naïve café owners counted 12 apples, über-fast trains and ✓ marks"
+).split()
 
 
 def make_docs(count: int, seed: int = 0, min_words: int = 3, max_words: int = 60) -> list[str]:
@@ -126,8 +128,9 @@ def kill_while_reading(args: list, fifo: Path, head: str, started: str) -> None:
     os.mkfifo(fifo)
     log = fifo.with_suffix(".log")
     with log.open("w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "data_prep", *map(str, args)], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=stderr)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "data_prep", *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr
+        )
     try:
         with _open_writer(fifo, proc, log) as writer:
             writer.write(head)

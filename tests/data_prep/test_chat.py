@@ -36,8 +36,11 @@ def make_conversations(count: int, seed: int = 0, max_turns: int = 3) -> list[di
     texts = iter(make_docs(count * (2 * max_turns + 1), seed=seed, min_words=1, max_words=12))
     rows = []
     for _ in range(count):
-        messages = [{"role": role, "content": next(texts)}
-                    for _ in range(rng.integers(1, max_turns + 1)) for role in ("user", "assistant")]
+        messages = [
+            {"role": role, "content": next(texts)}
+            for _ in range(rng.integers(1, max_turns + 1))
+            for role in ("user", "assistant")
+        ]
         rows.append({"messages": messages, **({"system": next(texts)} if rng.random() < 0.5 else {})})
     return rows
 
@@ -66,13 +69,19 @@ def reference(tok, row: dict) -> tuple[list[int], list[int]]:
 def _error(capsys) -> str:
     err = capsys.readouterr().err
     assert "error: " in err, err
-    return err[err.index("error: "):]
+    return err[err.index("error: ") :]
 
 
 def test_mask_is_exactly_the_assistant_turns_with_their_end_of_turn(tmp_path, chat_tokenizer_dir, chat_tok):
-    row = {"system": "be brief", "messages": [
-        {"role": "user", "content": "the cat"}, {"role": "assistant", "content": "sat on a mat"},
-        {"role": "user", "content": "and naïve dogs?"}, {"role": "assistant", "content": "seven quiet dogs ✓"}]}
+    row = {
+        "system": "be brief",
+        "messages": [
+            {"role": "user", "content": "the cat"},
+            {"role": "assistant", "content": "sat on a mat"},
+            {"role": "user", "content": "and naïve dogs?"},
+            {"role": "assistant", "content": "seven quiet dogs ✓"},
+        ],
+    }
     out = tmp_path / "out"
     data = write_rows(tmp_path / "c.jsonl", [row])
     assert run_cli(*chat_args(data, chat_tokenizer_dir, out, 80, "--pack", "pad")) == 0
@@ -80,20 +89,32 @@ def test_mask_is_exactly_the_assistant_turns_with_their_end_of_turn(tmp_path, ch
     ids, mask = sample["input_ids"].tolist(), sample["loss_mask"].tolist()
     length = int((sample["segment_ids"] == 1).sum())
     assert chat_tok.decode(ids[:length]) == (
-        "<|im_start|>system\nbe brief" + END + "<|im_start|>user\nthe cat" + END +
-        "<|im_start|>assistant\nsat on a mat" + END + "<|im_start|>user\nand naïve dogs?" + END +
-        "<|im_start|>assistant\nseven quiet dogs ✓" + END)
+        "<|im_start|>system\nbe brief"
+        + END
+        + "<|im_start|>user\nthe cat"
+        + END
+        + "<|im_start|>assistant\nsat on a mat"
+        + END
+        + "<|im_start|>user\nand naïve dogs?"
+        + END
+        + "<|im_start|>assistant\nseven quiet dogs ✓"
+        + END
+    )
     cuts = np.flatnonzero(np.diff(mask)) + 1
-    runs = [(chat_tok.decode(run.tolist()), m[0])
-            for run, m in zip(np.split(np.array(ids), cuts), np.split(mask, cuts))]
+    runs = [
+        (chat_tok.decode(run.tolist()), m[0]) for run, m in zip(np.split(np.array(ids), cuts), np.split(mask, cuts))
+    ]
     assert [text for text, m in runs if m] == ["sat on a mat" + END, "seven quiet dogs ✓" + END]
     assert [text.endswith("<|im_start|>assistant\n") for text, m in runs if not m][:2] == [True, True]
     assert set(ids[length:]) == {chat_tok.pad_token_id} and not any(mask[length:])
     assert (ids[:length], mask[:length]) == reference(chat_tok, row)
     m = manifest(out)
     assert m["kind"] == "chat" and m["assistant_tokens"] == sum(mask) and m["chat_template"]["source"] == "tokenizer"
-    assert m["columns"] == {"input_ids": "ndarray:uint16:80", "loss_mask": "ndarray:uint8:80",
-                            "segment_ids": "ndarray:uint16:80"}
+    assert m["columns"] == {
+        "input_ids": "ndarray:uint16:80",
+        "loss_mask": "ndarray:uint8:80",
+        "segment_ids": "ndarray:uint16:80",
+    }
 
 
 def test_packed_rows_hold_whole_conversations_greedily_and_pad_one_per_row(tmp_path, chat_tokenizer_dir, chat_tok):
@@ -123,51 +144,80 @@ def test_packed_rows_hold_whole_conversations_greedily_and_pad_one_per_row(tmp_p
 
 def test_long_conversations_are_truncated_or_dropped_and_counted(tmp_path, chat_tokenizer_dir, chat_tok, capsys):
     short = make_conversations(5, seed=2, max_turns=1)
-    long_answer = {"messages": [{"role": "user", "content": "why?"},
-                                {"role": "assistant", "content": " ".join(make_docs(8, seed=3))}]}
-    long_prompt = {"messages": [{"role": "user", "content": " ".join(make_docs(8, seed=4))},
-                                {"role": "assistant", "content": "no"}]}
+    long_answer = {
+        "messages": [
+            {"role": "user", "content": "why?"},
+            {"role": "assistant", "content": " ".join(make_docs(8, seed=3))},
+        ]
+    }
+    long_prompt = {
+        "messages": [
+            {"role": "user", "content": " ".join(make_docs(8, seed=4))},
+            {"role": "assistant", "content": "no"},
+        ]
+    }
     rows = short[:2] + [long_answer] + short[2:4] + [long_prompt] + short[4:]
     data = write_rows(tmp_path / "c.jsonl", rows)
     n = 64
     assert max(len(reference(chat_tok, r)[0]) for r in short) <= n < len(reference(chat_tok, long_answer)[0])
     assert run_cli(*chat_args(data, chat_tokenizer_dir, tmp_path / "drop", n, "--long", "drop")) == 0
-    assert run_cli(*chat_args(data, chat_tokenizer_dir, tmp_path / "cut", n, "--long", "truncate",
-                              "--pack", "pad")) == 0
+    assert (
+        run_cli(*chat_args(data, chat_tokenizer_dir, tmp_path / "cut", n, "--long", "truncate", "--pack", "pad")) == 0
+    )
     drop, cut = manifest(tmp_path / "drop"), manifest(tmp_path / "cut")
     assert drop["arguments"]["long"] == "drop" and drop["truncated_conversations"] == 0
-    assert drop["dropped_conversations"] == {"total": 2, "by_reason": {"longer than seq_len": 2,
-                                                                       "no assistant token within seq_len": 0}}
+    assert drop["dropped_conversations"] == {
+        "total": 2,
+        "by_reason": {"longer than seq_len": 2, "no assistant token within seq_len": 0},
+    }
     assert conversations_of(read_samples(tmp_path / "drop")) == [reference(chat_tok, r) for r in short]
     # truncate: the long answer keeps its first n tokens alone in a row; the long prompt has no
     # assistant token left within n, so it is dropped all the same.
     assert cut["truncated_conversations"] == 1
-    assert cut["dropped_conversations"] == {"total": 1, "by_reason": {"longer than seq_len": 0,
-                                                                      "no assistant token within seq_len": 1}}
+    assert cut["dropped_conversations"] == {
+        "total": 1,
+        "by_reason": {"longer than seq_len": 0, "no assistant token within seq_len": 1},
+    }
     ids, mask = reference(chat_tok, long_answer)
     assert conversations_of(read_samples(tmp_path / "cut"))[2] == (ids[:n], mask[:n])
-    assert run_cli(*chat_args(write_rows(tmp_path / "l.jsonl", [long_prompt]), chat_tokenizer_dir, tmp_path / "x", n,
-                              "--long", "truncate")) == 1
+    assert (
+        run_cli(
+            *chat_args(
+                write_rows(tmp_path / "l.jsonl", [long_prompt]),
+                chat_tokenizer_dir,
+                tmp_path / "x",
+                n,
+                "--long",
+                "truncate",
+            )
+        )
+        == 1
+    )
     err = _error(capsys)
     assert "all 1 conversations were dropped" in err and "1 with no assistant token within seq_len" in err
     assert cut["dropped_tokens"] == sum(len(reference(chat_tok, r)[0]) for r in (long_answer, long_prompt)) - n
 
 
-@pytest.mark.parametrize("bad, what", [
-    ('["a", "list"]', "not a JSON object: list"),
-    ({"text": "no messages"}, "missing field 'messages'"),
-    ({"messages": "hello"}, "field 'messages' is str, not a list"),
-    ({"messages": ["hello"]}, "messages[0] is str, not an object with role and content"),
-    ({"messages": [{"content": "hi"}]}, "messages[0] has no 'role'"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}, "messages[1] has no 'content'"),
-    ({"messages": [{"role": "assistant", "content": ["a", "b"]}]}, "messages[0]: content is list, not a string"),
-    ({"messages": [{"role": "narrator", "content": "once"}]}, "messages[0]: unknown role 'narrator'"),
-    ({"messages": [{"role": "user", "content": "anyone?"}]}, "no assistant message"),
-    ({"messages": [{"role": "assistant", "content": "x"}], "system": 3}, "field 'system' is int, not a string"),
-    ({"messages": [{"role": "system", "content": "a"}, {"role": "assistant", "content": "b"}], "system": "c"},
-     "both a 'system' field and a first system message"),
-    ('{"messages": [', "invalid JSON"),
-])
+@pytest.mark.parametrize(
+    "bad, what",
+    [
+        ('["a", "list"]', "not a JSON object: list"),
+        ({"text": "no messages"}, "missing field 'messages'"),
+        ({"messages": "hello"}, "field 'messages' is str, not a list"),
+        ({"messages": ["hello"]}, "messages[0] is str, not an object with role and content"),
+        ({"messages": [{"content": "hi"}]}, "messages[0] has no 'role'"),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}, "messages[1] has no 'content'"),
+        ({"messages": [{"role": "assistant", "content": ["a", "b"]}]}, "messages[0]: content is list, not a string"),
+        ({"messages": [{"role": "narrator", "content": "once"}]}, "messages[0]: unknown role 'narrator'"),
+        ({"messages": [{"role": "user", "content": "anyone?"}]}, "no assistant message"),
+        ({"messages": [{"role": "assistant", "content": "x"}], "system": 3}, "field 'system' is int, not a string"),
+        (
+            {"messages": [{"role": "system", "content": "a"}, {"role": "assistant", "content": "b"}], "system": "c"},
+            "both a 'system' field and a first system message",
+        ),
+        ('{"messages": [', "invalid JSON"),
+    ],
+)
 def test_malformed_rows_are_named_with_file_and_line(tmp_path, chat_tokenizer_dir, capsys, bad, what):
     data = write_rows(tmp_path / "c.jsonl", make_conversations(2, seed=5) + [bad])
     out = tmp_path / "out"
@@ -183,23 +233,45 @@ def test_bad_rows_can_be_skipped_and_datasets_rows_are_named(tmp_path, chat_toke
     rows = make_conversations(4, seed=6) + [{"messages": [{"role": "user", "content": "alone"}]}]
     data = write_rows(tmp_path / "c.jsonl", rows)
     assert run_cli(*chat_args(data, chat_tokenizer_dir, tmp_path / "o", 128, "--on-bad-doc", "skip")) == 0
-    assert manifest(tmp_path / "o")["skipped_documents"]["examples"] == [f"{data}:5: no assistant message: "
-                                                                        "nothing to train on"]
+    assert manifest(tmp_path / "o")["skipped_documents"]["examples"] == [
+        f"{data}:5: no assistant message: nothing to train on"
+    ]
     saved = tmp_path / "saved"
     datasets.Dataset.from_list(rows).save_to_disk(str(saved))  # missing keys become nulls
-    assert run_cli("chat", "--dataset", saved, "--tokenizer", chat_tokenizer_dir, "--seq-len", 128,
-                   "--out", tmp_path / "d") == 1
+    assert (
+        run_cli(
+            "chat", "--dataset", saved, "--tokenizer", chat_tokenizer_dir, "--seq-len", 128, "--out", tmp_path / "d"
+        )
+        == 1
+    )
     assert f"{saved}[train]:row 5: no assistant message" in _error(capsys)
     datasets.Dataset.from_list(rows[:4]).save_to_disk(str(tmp_path / "good"))
-    assert run_cli("chat", "--dataset", tmp_path / "good", "--tokenizer", chat_tokenizer_dir, "--seq-len", 128,
-                   "--out", tmp_path / "d") == 0
+    assert (
+        run_cli(
+            "chat",
+            "--dataset",
+            tmp_path / "good",
+            "--tokenizer",
+            chat_tokenizer_dir,
+            "--seq-len",
+            128,
+            "--out",
+            tmp_path / "d",
+        )
+        == 0
+    )
     assert manifest(tmp_path / "d")["index_sha256"] == manifest(tmp_path / "o")["index_sha256"]
 
 
 def test_tool_messages_are_context_not_trained(tmp_path, chat_tokenizer_dir, chat_tok):
-    row = {"messages": [{"role": "user", "content": "the river?"}, {"role": "assistant", "content": "ask the tool"},
-                        {"role": "tool", "content": "flow past old stone", "tool_call_id": "7"},
-                        {"role": "assistant", "content": "it flows"}]}
+    row = {
+        "messages": [
+            {"role": "user", "content": "the river?"},
+            {"role": "assistant", "content": "ask the tool"},
+            {"role": "tool", "content": "flow past old stone", "tool_call_id": "7"},
+            {"role": "assistant", "content": "it flows"},
+        ]
+    }
     assert run_cli(*chat_args(write_rows(tmp_path / "c.jsonl", [row]), chat_tokenizer_dir, tmp_path / "o", 64)) == 0
     ((ids, mask),) = conversations_of(read_samples(tmp_path / "o"))
     assert chat_tok.decode([i for i, m in zip(ids, mask) if m]) == "ask the tool" + END + "it flows" + END
@@ -223,9 +295,11 @@ def test_templates_missing_given_or_inconsistent(tmp_path, tokenizer_dir, chat_t
     assert "tokenizer (content hash)" in _error(capsys)
 
     # A template that shortens earlier assistant turns: the prefixes do not match the whole.
-    jinja.write_text("{% for m in messages %}{{ m['role'] }}: "
-                     "{{ m['content'] if loop.last or m['role'] != 'assistant' else '...' }}\n{% endfor %}"
-                     "{% if add_generation_prompt %}assistant: {% endif %}")
+    jinja.write_text(
+        "{% for m in messages %}{{ m['role'] }}: "
+        "{{ m['content'] if loop.last or m['role'] != 'assistant' else '...' }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     two_turns = make_conversations(20, seed=8, max_turns=2)
     data = write_rows(tmp_path / "two.jsonl", two_turns)
     line = 1 + next(i for i, r in enumerate(two_turns) if len(r["messages"]) > 2)
@@ -241,8 +315,18 @@ def test_same_bytes_whatever_the_workers_and_config_file(tmp_path, chat_tokenize
     data = write_rows(tmp_path / "c.jsonl", make_conversations(200, seed=9))
     assert run_cli(*chat_args(data, chat_tokenizer_dir, tmp_path / "w1", 64, "--shard-size", 4096)) == 0
     config = tmp_path / "chat.yaml"
-    config.write_text(yaml.safe_dump({"input": [str(data)], "tokenizer": str(chat_tokenizer_dir), "seq_len": 32,
-                                      "out": str(tmp_path / "w2"), "shard_size": 4096, "part_chars": 300}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "input": [str(data)],
+                "tokenizer": str(chat_tokenizer_dir),
+                "seq_len": 32,
+                "out": str(tmp_path / "w2"),
+                "shard_size": 4096,
+                "part_chars": 300,
+            }
+        )
+    )
     assert run_cli("chat", "--config", config, "--seq-len", 64, "--workers", 2) == 0
     one, two = manifest(tmp_path / "w1"), manifest(tmp_path / "w2")
     assert one["parts"] > 2 and one["index_sha256"] == two["index_sha256"] and two["arguments"]["workers"] == 2
@@ -254,8 +338,12 @@ def test_killed_run_is_not_taken_as_complete_and_rerun_works(tmp_path, chat_toke
     """SIGKILL while the run reads its input (a FIFO we hold open), then rerun (as for text)."""
     rows = make_conversations(60, seed=10)
     fifo, out = tmp_path / "stream.jsonl", tmp_path / "out"
-    kill_while_reading(chat_args(fifo, chat_tokenizer_dir, out, 64, "--part-chars", 200), fifo,
-                       write_rows(tmp_path / "half.jsonl", rows[:30]).read_text(), ".out.partial/.scratch/*.mask.npy")
+    kill_while_reading(
+        chat_args(fifo, chat_tokenizer_dir, out, 64, "--part-chars", 200),
+        fifo,
+        write_rows(tmp_path / "half.jsonl", rows[:30]).read_text(),
+        ".out.partial/.scratch/*.mask.npy",
+    )
     assert not out.exists()
     with pytest.raises(DataPrepError, match="not a complete prepared dataset"):
         read_manifest(out)
@@ -311,8 +399,10 @@ def test_synthetic_chat_is_the_synthetic_task_as_conversations(tmp_path, chat_to
     assert (len(rows), len(evals)) == (60, 24) and rows[0]["system"] == "Compose."
     # The same problems as `synthetic` with the same seed, in the same order.
     word_tok = AutoTokenizer.from_pretrained(str(tmp_path / "mds" / "tokenizer"))
-    prompts = [word_tok.decode(s["input_ids"][s["input_ids"] != 0].tolist()[:-3])  # no padding, no answer
-               for s in read_samples(tmp_path / "mds" / "train")]
+    prompts = [
+        word_tok.decode(s["input_ids"][s["input_ids"] != 0].tolist()[:-3])  # no padding, no answer
+        for s in read_samples(tmp_path / "mds" / "train")
+    ]
     assert [r["messages"][0]["content"] for r in rows] == prompts
     for r in rows + evals:
         user, assistant = r["messages"]

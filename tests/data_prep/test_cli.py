@@ -10,9 +10,15 @@ from data_prep.cli import COMMANDS
 from tests.data_prep.support import make_docs, manifest, run_cli, text_args, write_jsonl
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "data"
-COMMAND_OF = {"s3": "synthetic", "pointer": "synthetic", "arith": "synthetic", "text": "text",
-              "text_dataset": "text", "tokenizer": "train-tokenizer",
-              "chat": "chat"}
+COMMAND_OF = {
+    "s3": "synthetic",
+    "pointer": "synthetic",
+    "arith": "synthetic",
+    "text": "text",
+    "text_dataset": "text",
+    "tokenizer": "train-tokenizer",
+    "chat": "chat",
+}
 
 
 def test_trained_tokenizer_loads_with_eos_and_refuses_a_used_folder(tokenizer_dir, tmp_path, capsys):
@@ -44,8 +50,17 @@ def test_inspect_shows_counts_samples_and_manifest(tmp_path, tokenizer_dir, caps
 def test_config_file_with_flag_override(tmp_path, tokenizer_dir):
     data = write_jsonl(tmp_path / "d.jsonl", make_docs(30))
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"input": [str(data)], "tokenizer": str(tokenizer_dir), "seq_len": 8,
-                                      "out": str(tmp_path / "o"), "pack": "pad"}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "input": [str(data)],
+                "tokenizer": str(tokenizer_dir),
+                "seq_len": 8,
+                "out": str(tmp_path / "o"),
+                "pack": "pad",
+            }
+        )
+    )
     assert run_cli("text", "--config", config, "--seq-len", 12) == 0
     m = manifest(tmp_path / "o")
     assert (m["seq_len"], m["pack"], m["arguments"]["pack"]) == (12, "pad", "pad")

@@ -12,7 +12,7 @@ from tests.data_prep.support import make_docs, manifest, run_cli, text_args, wri
 def _error(capsys) -> str:
     err = capsys.readouterr().err  # progress bars come first
     assert "\nerror: " in "\n" + err, err
-    return err[err.index("error: "):]
+    return err[err.index("error: ") :]
 
 
 def test_empty_inputs(tmp_path, tokenizer_dir, capsys):
@@ -31,12 +31,15 @@ def test_empty_inputs(tmp_path, tokenizer_dir, capsys):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("content, where, what", [
-    (b'{"text": "ok"}\n{"body": "no text"}\n', ":2", "missing field 'text'"),
-    (b'{"text": "ok"}\n\n{"text": "bad \xff"}\n', ":3", "not valid UTF-8: byte 0xff"),
-    (b'{"text": "ok"}\n{"text": "unterminated\n', ":2", "invalid JSON"),
-    (b'{"text": 17}\n', ":1", "is int, not a string"),
-])
+@pytest.mark.parametrize(
+    "content, where, what",
+    [
+        (b'{"text": "ok"}\n{"body": "no text"}\n', ":2", "missing field 'text'"),
+        (b'{"text": "ok"}\n\n{"text": "bad \xff"}\n', ":3", "not valid UTF-8: byte 0xff"),
+        (b'{"text": "ok"}\n{"text": "unterminated\n', ":2", "invalid JSON"),
+        (b'{"text": 17}\n', ":1", "is int, not a string"),
+    ],
+)
 def test_bad_jsonl_documents_are_named_and_can_be_skipped(tmp_path, tokenizer_dir, capsys, content, where, what):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(write_jsonl(tmp_path / "good.jsonl", make_docs(5)).read_bytes() + content)
@@ -70,8 +73,20 @@ def test_unsupported_file_and_missing_dataset(tmp_path, tokenizer_dir, capsys):
     (tmp_path / "a.csv").write_text("text\nhello\n")
     assert run_cli(*text_args(tmp_path / "a.csv", tokenizer_dir, tmp_path / "o")) == 1
     assert "a.csv: unsupported file type" in _error(capsys)
-    assert run_cli("text", "--dataset", tmp_path / "no-such-dataset", "--tokenizer", tokenizer_dir,
-                   "--seq-len", 8, "--out", tmp_path / "o") == 1
+    assert (
+        run_cli(
+            "text",
+            "--dataset",
+            tmp_path / "no-such-dataset",
+            "--tokenizer",
+            tokenizer_dir,
+            "--seq-len",
+            8,
+            "--out",
+            tmp_path / "o",
+        )
+        == 1
+    )
     assert "cannot open dataset" in _error(capsys)
 
 

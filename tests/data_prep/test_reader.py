@@ -61,10 +61,15 @@ def test_resumed_loader_yields_the_same_batches(datasets, name, split):
     assert state["fingerprint"]["seed"] == 5 and state["streaming"]["sample_in_epoch"] == 12
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"seed": 6}, "seed"), ({"global_batch_size": 16}, "global_batch_size"),
-    ({"num_canonical_nodes": 2}, "num_canonical_nodes"), ({"path": "pad"}, "index_sha256"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"seed": 6}, "seed"),
+        ({"global_batch_size": 16}, "global_batch_size"),
+        ({"num_canonical_nodes": 2}, "num_canonical_nodes"),
+        ({"path": "pad"}, "index_sha256"),
+    ],
+)
 def test_mismatched_fingerprint_is_refused(datasets, change, field):
     args = {"path": "concat", "micro_batch_size": 4, "global_batch_size": 8, "seed": 5, "num_canonical_nodes": 1}
     saved = build_train_loader(**{**args, "path": datasets / args["path"]})

@@ -73,8 +73,12 @@ def test_killed_run_is_not_taken_as_complete_and_rerun_works(tmp_path, tokenizer
     """SIGKILL while the run is reading its input (a FIFO we hold open), then rerun."""
     docs = make_docs(60)
     fifo, out = tmp_path / "stream.jsonl", tmp_path / "out"
-    kill_while_reading(text_args(fifo, tokenizer_dir, out, 16, "--part-chars", 200), fifo,
-                       write_jsonl(tmp_path / "half.jsonl", docs[:30]).read_text(), ".out.partial/.scratch/*.npy")
+    kill_while_reading(
+        text_args(fifo, tokenizer_dir, out, 16, "--part-chars", 200),
+        fifo,
+        write_jsonl(tmp_path / "half.jsonl", docs[:30]).read_text(),
+        ".out.partial/.scratch/*.npy",
+    )
     assert not out.exists()
     with pytest.raises(DataPrepError, match="not a complete prepared dataset"):
         read_manifest(out)

@@ -35,8 +35,22 @@ def _solve_s3(prompt_words):
 @pytest.fixture(scope="module")
 def s3_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("syn") / "s3"
-    assert run_cli("synthetic", "--out", out, "--train-samples", 3000, "--samples-per-part", 1000,
-                   "--eval-per-difficulty", 60, "--seed", 7) == 0
+    assert (
+        run_cli(
+            "synthetic",
+            "--out",
+            out,
+            "--train-samples",
+            3000,
+            "--samples-per-part",
+            1000,
+            "--eval-per-difficulty",
+            60,
+            "--seed",
+            7,
+        )
+        == 0
+    )
     return out
 
 
@@ -66,7 +80,7 @@ def test_s3_answers_and_running_products_are_correct(s3_data, split):
         ids, labels, cut = s["input_ids"].tolist(), s["labels"].tolist(), int(s["prompt_length"])
         words = _words(tok, ids)
         prompt = [w for w in words[:cut] if w != "<pad>"]
-        assert words[:cut - len(prompt)] == ["<pad>"] * (cut - len(prompt))  # left padding only
+        assert words[: cut - len(prompt)] == ["<pad>"] * (cut - len(prompt))  # left padding only
         assert prompt[-1] == "=" and len(prompt) - 1 == int(s["difficulty"])
         prefixes = _solve_s3(prompt[:-1])
         assert [int(w) for w in words[cut:]] == prefixes[-1]
@@ -94,8 +108,19 @@ def test_s3_eval_is_held_out_where_possible(s3_data):
 
 
 def test_s3_output_does_not_depend_on_workers_and_reruns_are_no_ops(tmp_path, s3_data, capsys):
-    args = ["synthetic", "--out", tmp_path / "w2", "--train-samples", 3000, "--samples-per-part", 1000,
-            "--eval-per-difficulty", 60, "--seed", 7]
+    args = [
+        "synthetic",
+        "--out",
+        tmp_path / "w2",
+        "--train-samples",
+        3000,
+        "--samples-per-part",
+        1000,
+        "--eval-per-difficulty",
+        60,
+        "--seed",
+        7,
+    ]
     assert run_cli(*args, "--workers", 2) == 0
     for split in ("train", "eval"):
         assert manifest(tmp_path / "w2" / split)["index_sha256"] == manifest(s3_data / split)["index_sha256"]
@@ -124,12 +149,30 @@ def _solve_arith(words, modulus):
     return str(value), (len(words) - 2) // 2
 
 
-@pytest.mark.parametrize("task, params", [("pointer", ["--params", "distractors=3"]),
-                                          ("arith", ["--params", "modulus=7"])])
+@pytest.mark.parametrize(
+    "task, params", [("pointer", ["--params", "distractors=3"]), ("arith", ["--params", "modulus=7"])]
+)
 def test_other_tasks_answers_by_independent_solver(tmp_path, task, params):
     out = tmp_path / task
-    assert run_cli("synthetic", "--task", task, "--out", out, "--train-samples", 400, "--eval-per-difficulty", 20,
-                   "--min-difficulty", 2, "--max-difficulty", 5, *params) == 0
+    assert (
+        run_cli(
+            "synthetic",
+            "--task",
+            task,
+            "--out",
+            out,
+            "--train-samples",
+            400,
+            "--eval-per-difficulty",
+            20,
+            "--min-difficulty",
+            2,
+            "--max-difficulty",
+            5,
+            *params,
+        )
+        == 0
+    )
     tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
     for split in ("train", "eval"):
         m = manifest(out / split)

@@ -33,16 +33,19 @@ def test_concat_counts_windows_and_round_trip(tmp_path, tokenizer_dir, tokenizer
     assert len(samples) == m["windows"]
     assert all(s["input_ids"].shape == (32,) and s["input_ids"].dtype == np.uint16 for s in samples)
     read_back = np.concatenate([s["input_ids"] for s in samples]).tolist()
-    assert read_back == stream[:len(read_back)]
+    assert read_back == stream[: len(read_back)]
     # The text survives: every complete document decodes back to itself.
     decoded = tokenizer.decode(read_back).split(tokenizer.eos_token)[:-1]
-    assert decoded == docs[:len(decoded)] and len(decoded) > 100
+    assert decoded == docs[: len(decoded)] and len(decoded) > 100
 
 
 def test_same_samples_and_index_whatever_the_workers_and_task_size(tmp_path, tokenizer_dir):
     data = write_jsonl(tmp_path / "docs.jsonl", make_docs(400, seed=2))
-    runs = {"w1": ["--workers", 1], "w2": ["--workers", 2, "--part-chars", 700],
-            "w2b": ["--workers", 2, "--part-chars", 5000]}
+    runs = {
+        "w1": ["--workers", 1],
+        "w2": ["--workers", 2, "--part-chars", 700],
+        "w2b": ["--workers", 2, "--part-chars", 5000],
+    }
     for name, extra in runs.items():  # a small shard size makes several output parts
         assert run_cli(*text_args(data, tokenizer_dir, tmp_path / name, 16, "--shard-size", 4096, *extra)) == 0
     reference = manifest(tmp_path / "w1")
@@ -51,8 +54,9 @@ def test_same_samples_and_index_whatever_the_workers_and_task_size(tmp_path, tok
     for name in ("w2", "w2b"):
         assert manifest(tmp_path / name)["index_sha256"] == reference["index_sha256"]
         assert [s["input_ids"].tolist() for s in read_samples(tmp_path / name)] == samples
-        assert (tmp_path / name / "part-00001" / "shard.00000.mds").read_bytes() == \
-            (tmp_path / "w1" / "part-00001" / "shard.00000.mds").read_bytes()
+        assert (tmp_path / name / "part-00001" / "shard.00000.mds").read_bytes() == (
+            tmp_path / "w1" / "part-00001" / "shard.00000.mds"
+        ).read_bytes()
 
 
 def test_txt_jsonl_gz_parquet_and_datasets_give_the_same_windows(tmp_path, tokenizer_dir):
@@ -70,9 +74,13 @@ def test_txt_jsonl_gz_parquet_and_datasets_give_the_same_windows(tmp_path, token
     (tmp_path / "data_dir").mkdir()  # a plain data folder, loaded by datasets.load_dataset
     shutil.copy(tmp_path / "docs.parquet", tmp_path / "data_dir" / "train.parquet")
 
-    sources = {"txt": ["--input", txt], "gz": ["--input", tmp_path / "docs.jsonl.gz"],
-               "parquet": ["--input", tmp_path / "docs.parquet"],
-               "saved": ["--dataset", tmp_path / "saved"], "hf_dir": ["--dataset", tmp_path / "data_dir"]}
+    sources = {
+        "txt": ["--input", txt],
+        "gz": ["--input", tmp_path / "docs.jsonl.gz"],
+        "parquet": ["--input", tmp_path / "docs.parquet"],
+        "saved": ["--dataset", tmp_path / "saved"],
+        "hf_dir": ["--dataset", tmp_path / "data_dir"],
+    }
     hashes = {}
     for name, source in sources.items():
         out = tmp_path / f"out_{name}"

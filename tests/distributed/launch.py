@@ -15,25 +15,51 @@ DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 
-def train(config: str, run_dir: Path, *overrides: str, ranks: int = 2, env: dict | None = None,
-          timeout: float = 300, launcher: bool = True, torchrun: bool = False) -> subprocess.CompletedProcess:
+def train(
+    config: str,
+    run_dir: Path,
+    *overrides: str,
+    ranks: int = 2,
+    env: dict | None = None,
+    timeout: float = 300,
+    launcher: bool = True,
+    torchrun: bool = False,
+) -> subprocess.CompletedProcess:
     """Run one training invocation; its own process group, so a SIGKILL from inside ends only it.
     torchrun: launch with torchrun instead of the deepspeed launcher."""
     from pipeline.distributed import free_port
+
     args = ["--config", str(REPO / config), f"run_dir={run_dir}", *overrides]
     if launcher and torchrun:
-        cmd = [str(TORCHRUN), "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1", "--master_port",
-               str(free_port()), str(REPO / "pipeline/train.py"), *args]
+        cmd = [
+            str(TORCHRUN),
+            "--nproc_per_node",
+            str(ranks),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            str(REPO / "pipeline/train.py"),
+            *args,
+        ]
     elif launcher:
-        cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()),
-               str(REPO / "pipeline/train.py"), *args]
+        cmd = [
+            str(DEEPSPEED),
+            "--num_gpus",
+            str(ranks),
+            "--master_port",
+            str(free_port()),
+            str(REPO / "pipeline/train.py"),
+            *args,
+        ]
     else:  # one plain process (the trainer's refusals happen before any process group)
         cmd = [sys.executable, str(REPO / "pipeline/train.py"), *args]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), **(env or {})}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(key, None)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -58,6 +84,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def tensorboard(run_dir: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(str(Path(run_dir) / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     return acc
@@ -65,8 +92,11 @@ def tensorboard(run_dir: Path):
 
 def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
     """Every file under `directory` with its size and modification time."""
-    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(Path(directory).rglob("*"))
+        if p.is_file()
+    }
 
 
 def write_tiny_looplm(path: Path, seed: int = 0) -> Path:
@@ -75,6 +105,7 @@ def write_tiny_looplm(path: Path, seed: int = 0) -> Path:
     import yaml
 
     from pipeline.models import LoopLMConfig, LoopLMForCausalLM
+
     torch.manual_seed(seed)
     config = LoopLMConfig(**yaml.safe_load((REPO / "configs/model/looplm-tiny.yaml").read_text()))
     LoopLMForCausalLM(config).save_pretrained(path)

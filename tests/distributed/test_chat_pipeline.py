@@ -26,13 +26,31 @@ def test_chat_traces_through_every_phase_and_the_math_evaluation(tmp_path):
     from pipeline.data import build_train_loader
 
     chats, held_out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
-    assert run_cli("synthetic-chat", "--out", chats, "--eval-out", held_out, "--train-samples", 400,
-                   "--eval-per-difficulty", 1, "--max-difficulty", 4) == 0
+    assert (
+        run_cli(
+            "synthetic-chat",
+            "--out",
+            chats,
+            "--eval-out",
+            held_out,
+            "--train-samples",
+            400,
+            "--eval-per-difficulty",
+            1,
+            "--max-difficulty",
+            4,
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in chats.read_text().splitlines()]
     corpus = write_jsonl(tmp_path / "corpus.jsonl", [m["content"] for r in rows for m in r["messages"]])
     tok_dir = tmp_path / "tokenizer"
-    assert run_cli("train-tokenizer", "--input", corpus, "--vocab-size", 320, "--out", tok_dir,
-                   "--chat-template", "chatml") == 0
+    assert (
+        run_cli(
+            "train-tokenizer", "--input", corpus, "--vocab-size", 320, "--out", tok_dir, "--chat-template", "chatml"
+        )
+        == 0
+    )
     data = tmp_path / "data"
     assert run_cli("chat", "--input", chats, "--tokenizer", tok_dir, "--seq-len", 48, "--out", data) == 0
     manifest = json.loads((data / "manifest.json").read_text())
@@ -51,18 +69,55 @@ def test_chat_traces_through_every_phase_and_the_math_evaluation(tmp_path):
     pretrain, transition, distill = (tmp_path / name for name in ("pretrain", "transition", "distill"))
     one = {"launcher": False, "env": {"OMP_NUM_THREADS": "2"}}
     ok(train("configs/smoke/pretrain.yaml", pretrain, f"data.path={data}", *vocab, *STEPS, **one))
-    ok(train("configs/smoke/transition.yaml", transition, f"data.path={data}",
-             f"model.init_from={pretrain / 'export'}", *STEPS, **one))
-    ok(train("configs/smoke/distill.yaml", distill, f"data.path={data}", f"model.init_from={transition / 'export'}",
-             f"teacher.init_from={pretrain / 'export'}", *STEPS, **one))
+    ok(
+        train(
+            "configs/smoke/transition.yaml",
+            transition,
+            f"data.path={data}",
+            f"model.init_from={pretrain / 'export'}",
+            *STEPS,
+            **one,
+        )
+    )
+    ok(
+        train(
+            "configs/smoke/distill.yaml",
+            distill,
+            f"data.path={data}",
+            f"model.init_from={transition / 'export'}",
+            f"teacher.init_from={pretrain / 'export'}",
+            *STEPS,
+            **one,
+        )
+    )
 
     out = tmp_path / "math.json"
     looplm, melt = pretrain / "export", distill / "export"
-    proc = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--model", f"looplm={looplm}",
-                           "--model", f"looplm_lastkv={looplm}", "--model", f"melt={melt}",
-                           "--math", f"gsm8k={held_out}", "--math-instruction", "", "--max-new-tokens", "12",
-                           "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.evaluate",
+            "--model",
+            f"looplm={looplm}",
+            "--model",
+            f"looplm_lastkv={looplm}",
+            "--model",
+            f"melt={melt}",
+            "--math",
+            f"gsm8k={held_out}",
+            "--math-instruction",
+            "",
+            "--max-new-tokens",
+            "12",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(out.read_text())["results"]
     problems = len(held_out.read_text().splitlines())

@@ -15,29 +15,54 @@ from .launch import DEEPSPEED, REPO
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-MODEL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, total_ut_steps=2, max_position_embeddings=64)
+MODEL = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    total_ut_steps=2,
+    max_position_embeddings=64,
+)
 
 
 def tiny_run_config(run_dir: str) -> dict:
     from pipeline.training.config import load_yaml_with_includes
+
     ds = load_yaml_with_includes(REPO / "configs/deepspeed/zero3_cpu.yaml")
     # small buckets so that the partitions, not the buckets, dominate; norms (64 elements) persistent
-    ds["zero_optimization"].update(reduce_bucket_size=20000, stage3_prefetch_bucket_size=20000,
-                                   stage3_param_persistence_threshold=64)
-    return {"run_dir": run_dir, "seed": 0, "model": {"config": MODEL},
-            "data": {"path": "unused", "micro_batch_size": 2, "global_batch_size": 4},
-            "phase": {"name": "pretrain"}, "schedule": {"total_steps": 2},
-            "engine": {"precision": "fp32", "deepspeed": ds}}
+    ds["zero_optimization"].update(
+        reduce_bucket_size=20000, stage3_prefetch_bucket_size=20000, stage3_param_persistence_threshold=64
+    )
+    return {
+        "run_dir": run_dir,
+        "seed": 0,
+        "model": {"config": MODEL},
+        "data": {"path": "unused", "micro_batch_size": 2, "global_batch_size": 4},
+        "phase": {"name": "pretrain"},
+        "schedule": {"total_steps": 2},
+        "engine": {"precision": "fp32", "deepspeed": ds},
+    }
 
 
 def run_workers(tmp_path, raw: dict, ranks: int = 2) -> list[dict]:
     from pipeline.distributed import free_port
+
     config = tmp_path / "config.json"
     config.write_text(json.dumps(raw))
     out = tmp_path / "held.json"
-    cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module",
-           "tests.distributed.zero_state_worker", str(out), str(config)]
+    cmd = [
+        str(DEEPSPEED),
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "tests.distributed.zero_state_worker",
+        str(out),
+        str(config),
+    ]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
@@ -62,7 +87,7 @@ def test_planned_zero3_state_matches_two_real_ranks(tmp_path):
     with torch.device("meta"):
         teacher = count_model(LoopLMForCausalLM(LoopLMConfig(**MODEL)))
     planned = zero3_state(student, teacher, 2, torch.float32, ZeroSettings.from_ds_config(cfg.engine.deepspeed))
-    assert planned.params < student.total * 4 * 0.6          # really sharded (plus the persistent norms)
+    assert planned.params < student.total * 4 * 0.6  # really sharded (plus the persistent norms)
     for key in ("params", "grads", "optimizer", "teacher"):
         real = max(h[key] for h in held)
         assert abs(getattr(planned, key) - real) <= 0.10 * real, (key, getattr(planned, key), held)

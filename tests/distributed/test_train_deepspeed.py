@@ -41,6 +41,7 @@ def looplm_init(tmp_path_factory):
     from pipeline.models import LoopLMConfig, LoopLMForCausalLM
 
     from .launch import REPO
+
     torch.manual_seed(0)
     config = LoopLMConfig(**yaml.safe_load((REPO / "configs/model/looplm-tiny.yaml").read_text()))
     path = tmp_path_factory.mktemp("looplm")
@@ -67,8 +68,17 @@ def test_pretrain_trains_logs_and_partitions(pretrain):
     assert "[pretrain] step 12/12 loss" in stdout and " eta " in stdout and "tok/s" in stdout
     tb = tensorboard(run_dir)
     tags = set(tb.Tags()["scalars"])
-    for tag in ("train/loss", "train/ce_loop1", "train/ce_loop2", "train/exit_entropy", "lr/all",
-                "train/grad_norm", "perf/tokens_per_s", "train/samples_seen", "memory/rss_bytes"):
+    for tag in (
+        "train/loss",
+        "train/ce_loop1",
+        "train/ce_loop2",
+        "train/exit_entropy",
+        "lr/all",
+        "train/grad_norm",
+        "perf/tokens_per_s",
+        "train/samples_seen",
+        "memory/rss_bytes",
+    ):
         assert tag in tags, tag
     assert [e.step for e in tb.Scalars("train/loss")] == list(range(1, STEPS + 1))
     assert [e.value for e in tb.Scalars("train/samples_seen")][-1] == STEPS * 16
@@ -91,14 +101,19 @@ def test_checkpoints_are_complete_rotated_and_latest_is_atomic(pretrain):
     assert (root / "latest").read_text() == "step_00000012"
     for tag in tags:
         files = {p.name for p in (root / tag).iterdir()}
-        assert {"COMPLETE", "trainer_state.json", "zero_pp_rank_0_mp_rank_00_model_states.pt",
-                "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files
+        assert {
+            "COMPLETE",
+            "trainer_state.json",
+            "zero_pp_rank_0_mp_rank_00_model_states.pt",
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        } <= files
     state = json.loads((root / "step_00000012" / "trainer_state.json").read_text())
     assert state["step"] == 12 and state["fingerprint"]["global_batch_size"] == 16
     assert state["data"]["streaming"]["sample_in_epoch"] == 12 * 16
     assert state["data"]["fingerprint"] == state["fingerprint"]
-    client = torch.load(root / "step_00000012" / "zero_pp_rank_1_mp_rank_00_model_states.pt",
-                        weights_only=False)["trainer"]
+    client = torch.load(root / "step_00000012" / "zero_pp_rank_1_mp_rank_00_model_states.pt", weights_only=False)[
+        "trainer"
+    ]
     assert client["step"] == 12 and set(client["rng"]) >= {"python", "numpy", "torch"}
     assert client["data"] == state["data"] and client["fingerprint"] == state["fingerprint"]
 
@@ -108,6 +123,7 @@ def test_export_equals_zero_to_fp32_and_generates(which, request):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from pipeline.models import LoopLMForCausalLM, MeltForCausalLM
+
     run_dir, _ = request.getfixturevalue(which)
     export = run_dir / "export"
     recovered = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag="step_00000012")
@@ -202,11 +218,22 @@ def test_a_lost_rank_stops_the_run_with_a_clear_error_not_a_hang(data, tmp_path)
     waits engine.collective_timeout_s, then the run exits 4 naming the cause and the key; the
     checkpoint of step 2 is there to resume from."""
     began = time.time()
-    proc = train(PRETRAIN, tmp_path / "run", f"data.path={data}", "engine.collective_timeout_s=5",
-                 "checkpointing.every=2", env={"MELT_DEBUG_KILL": "lose_rank@3"}, torchrun=True, timeout=150)
+    proc = train(
+        PRETRAIN,
+        tmp_path / "run",
+        f"data.path={data}",
+        "engine.collective_timeout_s=5",
+        "checkpointing.every=2",
+        env={"MELT_DEBUG_KILL": "lose_rank@3"},
+        torchrun=True,
+        timeout=150,
+    )
     assert proc.returncode != 0
-    assert ("error: rank 0: lost contact with another rank" in proc.stdout
-            and "engine.collective_timeout_s=5 s" in proc.stdout and "exitcode  : 4" in proc.stdout), proc.stdout[-3000:]
+    assert (
+        "error: rank 0: lost contact with another rank" in proc.stdout
+        and "engine.collective_timeout_s=5 s" in proc.stdout
+        and "exitcode  : 4" in proc.stdout
+    ), proc.stdout[-3000:]
     assert time.time() - began < 120  # the timeout, not a hang (the test's own limit would kill it at 150 s)
     assert (tmp_path / "run" / "checkpoints" / "step_00000002").is_dir()
 
@@ -215,10 +242,21 @@ def test_nonfinite_skip_and_frozen_parameters(data, looplm_init, tmp_path):
     """guards.nonfinite=skip: the step is skipped and training goes on. trainable=gates: only the gates
     move, the frozen LoopLM weights come out unchanged in the export."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
     run_dir = tmp_path / "run"
-    ok(train(TRANSITION, run_dir, f"data.path={data}", f"model.init_from={looplm_init}", "phase.trainable=gates",
-             "guards.nonfinite=skip", "guards.inject_nonfinite_at_step=2", "schedule.total_steps=4",
-             "schedule.warmup_steps=1"))
+    ok(
+        train(
+            TRANSITION,
+            run_dir,
+            f"data.path={data}",
+            f"model.init_from={looplm_init}",
+            "phase.trainable=gates",
+            "guards.nonfinite=skip",
+            "guards.inject_nonfinite_at_step=2",
+            "schedule.total_steps=4",
+            "schedule.warmup_steps=1",
+        )
+    )
     records = metrics(run_dir)
     assert [r["train/step_applied"] for r in records] == [1.0, 0.0, 1.0, 1.0]
     assert all(r["train/loss"] == r["train/loss"] for r in records[2:])  # finite again

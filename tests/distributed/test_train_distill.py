@@ -37,6 +37,7 @@ def looplms(tmp_path_factory):
 
     from pipeline.models import LoopLMConfig, LoopLMForCausalLM
     from pipeline.training.losses import ouro_stage1_loss
+
     root = tmp_path_factory.mktemp("looplm")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: one thread is much faster than two contending
@@ -81,11 +82,28 @@ def test_distill_trains_logs_every_loss_and_partitions_both_models(distill):
     assert "unknown inputs or outputs type" not in stdout  # ZeRO-3's hooks see every tensor of the outputs
     tb = tensorboard(run_dir)
     tags = set(tb.Tags()["scalars"])
-    expected = {"train/loss", "train/align", "train/align/layer0", "train/align/layer1", "train/kl",
-                "train/kl_loop1", "train/kl_loop2", "train/ce", "train/ce_loop1", "train/ce_loop2",
-                "perf/teacher_tokens_per_s", "perf/student_tokens_per_s", "perf/teacher_forward_s",
-                "perf/student_forward_backward_s", "perf/tokens_per_s", "memory/rss_bytes", "train/grad_norm",
-                "lr/gates", "lr/attention", "lr/other"}
+    expected = {
+        "train/loss",
+        "train/align",
+        "train/align/layer0",
+        "train/align/layer1",
+        "train/kl",
+        "train/kl_loop1",
+        "train/kl_loop2",
+        "train/ce",
+        "train/ce_loop1",
+        "train/ce_loop2",
+        "perf/teacher_tokens_per_s",
+        "perf/student_tokens_per_s",
+        "perf/teacher_forward_s",
+        "perf/student_forward_backward_s",
+        "perf/tokens_per_s",
+        "memory/rss_bytes",
+        "train/grad_norm",
+        "lr/gates",
+        "lr/attention",
+        "lr/other",
+    }
     expected |= {f"gates/layer{layer}/{stat}" for layer in (0, 1) for stat in ("mean", "min", "max")}
     assert expected <= tags, sorted(expected - tags)
     series = {tag: [e.value for e in tb.Scalars(tag)] for tag in expected}
@@ -96,12 +114,16 @@ def test_distill_trains_logs_every_loss_and_partitions_both_models(distill):
         first, last = mean(series[tag][:3]), mean(series[tag][-3:])
         assert last < ratio * first and series[tag][-1] < series[tag][0], (tag, series[tag])
     for step in range(STEPS):
-        assert series["train/loss"][step] == pytest.approx(series["train/align"][step] + series["train/kl"][step],
-                                                           rel=1e-4)
+        assert series["train/loss"][step] == pytest.approx(
+            series["train/align"][step] + series["train/kl"][step], rel=1e-4
+        )
         assert series["train/align"][step] == pytest.approx(
-            mean([series["train/align/layer0"][step], series["train/align/layer1"][step]]), rel=1e-4)
-    assert all(0 <= lo <= m <= hi <= 1 for lo, m, hi in zip(series["gates/layer0/min"], series["gates/layer0/mean"],
-                                                            series["gates/layer0/max"]))
+            mean([series["train/align/layer0"][step], series["train/align/layer1"][step]]), rel=1e-4
+        )
+    assert all(
+        0 <= lo <= m <= hi <= 1
+        for lo, m, hi in zip(series["gates/layer0/min"], series["gates/layer0/mean"], series["gates/layer0/max"])
+    )
     assert all(v > 0 for v in series["perf/teacher_tokens_per_s"] + series["perf/student_tokens_per_s"])
     # the same records in metrics.jsonl
     records = metrics(run_dir)
@@ -118,7 +140,8 @@ def test_distill_trains_logs_every_loss_and_partitions_both_models(distill):
     assert all(s["teacher"]["optimizer_state_bytes"] == 0 and s["teacher"]["master_bytes"] == 0 for s in stats)
     assert all(s["optimizer_state_bytes"] >= 2 * 4 * s["local_numel"] for s in stats)
     assert stats[0]["teacher"]["total_numel"] == stats[0]["total_numel"] - sum(  # the student adds the gates
-        t.numel() for n, t in load_file(run_dir / "export" / "model.safetensors").items() if ".kv_gate." in n)
+        t.numel() for n, t in load_file(run_dir / "export" / "model.safetensors").items() if ".kv_gate." in n
+    )
 
 
 def test_teacher_weights_are_unchanged_bit_for_bit(distill, looplms):
@@ -136,14 +159,16 @@ def test_teacher_weights_are_unchanged_bit_for_bit(distill, looplms):
     # and the student did move away from its start: distillation is not a no-op
     start = load_file(looplms[0] / "model.safetensors")
     exported = load_file(run_dir / "export" / "model.safetensors")
-    assert not torch.equal(exported["model.layers.0.self_attn.q_proj.weight"],
-                           start["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        exported["model.layers.0.self_attn.q_proj.weight"], start["model.layers.0.self_attn.q_proj.weight"]
+    )
 
 
 def test_checkpoints_hold_the_student_only_and_the_export_is_melt(distill):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from pipeline.models import MeltForCausalLM
+
     run_dir, _ = distill
     root = run_dir / "checkpoints"
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_00000008", "step_00000012"]
@@ -156,9 +181,14 @@ def test_checkpoints_hold_the_student_only_and_the_export_is_melt(distill):
     assert sum(t.numel() for t in recovered.values()) == student_numel  # no teacher tensor in the checkpoint
     for tag in ("step_00000008", "step_00000012"):
         files = sorted(p.name for p in (root / tag).iterdir())
-        assert files == ["COMPLETE", "trainer_state.json", "zero_pp_rank_0_mp_rank_00_model_states.pt",
-                         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt",
-                         "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+        assert files == [
+            "COMPLETE",
+            "trainer_state.json",
+            "zero_pp_rank_0_mp_rank_00_model_states.pt",
+            "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "zero_pp_rank_1_mp_rank_00_model_states.pt",
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        ]
     state = json.loads((root / "step_00000012" / "trainer_state.json").read_text())
     assert state["phase"] == "distill" and state["step"] == STEPS
     model = MeltForCausalLM.from_pretrained(run_dir / "export").eval()
@@ -175,8 +205,9 @@ def test_stop_and_rerun_gives_identical_losses(distill, data, looplms, tmp_path)
     memory (teacher.offload_params), which changes where they live, not what they compute."""
     reference = metrics(distill[0])
     run_dir = tmp_path / "run"
-    first = ok(train(DISTILL, run_dir, *distill_args(data, looplms), "schedule.stop_at_step=6",
-                     "teacher.offload_params=true"))
+    first = ok(
+        train(DISTILL, run_dir, *distill_args(data, looplms), "schedule.stop_at_step=6", "teacher.offload_params=true")
+    )
     assert "stopped at step 6 of 12" in first.stdout and not (run_dir / "export").exists()
     assert "(parameters offloaded to CPU)" in first.stdout
     second = ok(train(DISTILL, run_dir, *distill_args(data, looplms)))
@@ -184,8 +215,16 @@ def test_stop_and_rerun_gives_identical_losses(distill, data, looplms, tmp_path)
     got = metrics(run_dir)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     for mine, theirs in zip(got, reference):
-        for key in ("train/loss", "train/align", "train/kl", "train/kl_loop1", "train/align/layer1", "train/ce",
-                    "gates/layer1/mean", "train/grad_norm"):
+        for key in (
+            "train/loss",
+            "train/align",
+            "train/kl",
+            "train/kl_loop1",
+            "train/align/layer1",
+            "train/ce",
+            "gates/layer1/mean",
+            "train/grad_norm",
+        ):
             assert mine[key] == theirs[key], (mine["step"], key)
     assert json.loads((run_dir / "teacher_check.json").read_text())["unchanged"]
 
@@ -194,13 +233,23 @@ def test_one_rank_with_more_accumulation_matches_two_ranks(distill, data, looplm
     """Every loss is normalised by the global token count: 1 rank x 4 micro-steps = 2 ranks x 2."""
     reference = metrics(distill[0])
     run_dir = tmp_path / "run"
-    ok(train(DISTILL, run_dir, *distill_args(data, looplms), "schedule.stop_at_step=3", launcher=False,
-             env={"OMP_NUM_THREADS": "1"}))  # one process: two threads would contend with the others
+    ok(
+        train(
+            DISTILL,
+            run_dir,
+            *distill_args(data, looplms),
+            "schedule.stop_at_step=3",
+            launcher=False,
+            env={"OMP_NUM_THREADS": "1"},
+        )
+    )  # one process: two threads would contend with the others
     got = metrics(run_dir)
     assert len(got) == 3
     for mine, theirs in zip(got, reference):
         for key in ("train/loss", "train/align", "train/kl", "train/ce", "train/align/layer0", "train/grad_norm"):
             assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), (mine["step"], key)
     stats = json.loads((run_dir / "ranks" / "rank0.json").read_text())
-    assert stats["local_numel"] == stats["total_numel"] and stats["teacher"]["local_numel"] == \
-        stats["teacher"]["total_numel"]
+    assert (
+        stats["local_numel"] == stats["total_numel"]
+        and stats["teacher"]["local_numel"] == stats["teacher"]["total_numel"]
+    )

@@ -21,8 +21,11 @@ from .launch import REPO, losses, metrics, ok, tensorboard, train, write_tiny_lo
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-PRETRAIN, TRANSITION, DISTILL = "configs/smoke/pretrain.yaml", "configs/smoke/transition.yaml", \
-    "configs/smoke/distill.yaml"
+PRETRAIN, TRANSITION, DISTILL = (
+    "configs/smoke/pretrain.yaml",
+    "configs/smoke/transition.yaml",
+    "configs/smoke/distill.yaml",
+)
 STEPS = 12
 FSDP = ("engine.name=fsdp", "engine.activation_checkpointing=true")
 
@@ -45,8 +48,7 @@ def looplm(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pretrain(data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("pretrain") / "run"
-    proc = ok(fsdp_train(PRETRAIN, run_dir, f"data.path={data}", "checkpointing.every=3",
-                         "checkpointing.keep_last=3"))
+    proc = ok(fsdp_train(PRETRAIN, run_dir, f"data.path={data}", "checkpointing.every=3", "checkpointing.keep_last=3"))
     return run_dir, proc.stdout
 
 
@@ -55,8 +57,19 @@ def deepspeed_first_step(data, tmp_path_factory):
     """The same smoke pretrain, one step under DeepSpeed ZeRO-3 on 1 rank (a plain process) with a
     learning rate of 1e-12: its export holds the initial weights."""
     run_dir = tmp_path_factory.mktemp("deepspeed_first_step") / "run"
-    ok(train(PRETRAIN, run_dir, f"data.path={data}", "schedule.total_steps=1", "schedule.warmup_steps=0",
-             "schedule.min_lr=0", "optimizer.lr=1e-12", "logging.tensorboard=false", launcher=False))
+    ok(
+        train(
+            PRETRAIN,
+            run_dir,
+            f"data.path={data}",
+            "schedule.total_steps=1",
+            "schedule.warmup_steps=0",
+            "schedule.min_lr=0",
+            "optimizer.lr=1e-12",
+            "logging.tensorboard=false",
+            launcher=False,
+        )
+    )
     return run_dir
 
 
@@ -71,16 +84,31 @@ def transition(data, looplm, tmp_path_factory):
 def transition_deepspeed(data, looplm, tmp_path_factory):
     """The DeepSpeed engine on the same transition (also under torchrun), 4 steps."""
     run_dir = tmp_path_factory.mktemp("transition_ds") / "run"
-    ok(train(TRANSITION, run_dir, f"data.path={data}", f"model.init_from={looplm}", "schedule.stop_at_step=4",
-             torchrun=True))
+    ok(
+        train(
+            TRANSITION,
+            run_dir,
+            f"data.path={data}",
+            f"model.init_from={looplm}",
+            "schedule.stop_at_step=4",
+            torchrun=True,
+        )
+    )
     return run_dir
 
 
 @pytest.fixture(scope="module")
 def distill(data, looplm, transition, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("distill") / "run"
-    proc = ok(fsdp_train(DISTILL, run_dir, f"data.path={data}", f"model.init_from={transition[0] / 'export'}",
-                         f"teacher.init_from={looplm}"))
+    proc = ok(
+        fsdp_train(
+            DISTILL,
+            run_dir,
+            f"data.path={data}",
+            f"model.init_from={transition[0] / 'export'}",
+            f"teacher.init_from={looplm}",
+        )
+    )
     return run_dir, proc.stdout
 
 
@@ -108,6 +136,7 @@ def rank_stats(run_dir):
 def dcp_model_state(checkpoint, tmp_path) -> dict[str, torch.Tensor]:
     """The model tensors of a torch.distributed.checkpoint directory, consolidated offline."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
     dcp_to_torch_save(str(checkpoint), str(tmp_path / "full.pt"))
     return torch.load(tmp_path / "full.pt", weights_only=False)["model"]
 
@@ -118,9 +147,18 @@ def test_pretrain_trains_logs_and_shards(pretrain):
     assert "engine fsdp" in stdout and "[pretrain] step 12/12 loss" in stdout and " eta " in stdout
     tb = tensorboard(run_dir)
     tags = set(tb.Tags()["scalars"])
-    for tag in ("train/loss", "train/ce_loop1", "train/ce_loop2", "train/exit_entropy", "lr/all",
-                "train/grad_norm", "train/step_applied", "perf/tokens_per_s", "train/samples_seen",
-                "memory/rss_bytes"):
+    for tag in (
+        "train/loss",
+        "train/ce_loop1",
+        "train/ce_loop2",
+        "train/exit_entropy",
+        "lr/all",
+        "train/grad_norm",
+        "train/step_applied",
+        "perf/tokens_per_s",
+        "train/samples_seen",
+        "memory/rss_bytes",
+    ):
         assert tag in tags, tag
     assert [e.step for e in tb.Scalars("train/loss")] == list(range(1, STEPS + 1))
     assert "config/text_summary" in tb.Tags()["tensors"]
@@ -151,12 +189,18 @@ def test_same_seed_same_start_whatever_the_engine_and_the_ranks(pretrain, deepsp
 def test_checkpoints_are_sharded_dcp_complete_and_rotated(pretrain):
     run_dir, _ = pretrain
     root = run_dir / "checkpoints"
-    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_00000006", "step_00000009",
-                                                                     "step_00000012"]
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_00000006", "step_00000009", "step_00000012"]
     assert (root / "latest").read_text() == "step_00000012"
     files = {p.name for p in (root / "step_00000012").iterdir()}
-    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "client_rank0.pt", "client_rank1.pt", "COMPLETE",
-            "trainer_state.json"} <= files
+    assert {
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+        "client_rank0.pt",
+        "client_rank1.pt",
+        "COMPLETE",
+        "trainer_state.json",
+    } <= files
     state = json.loads((root / "step_00000012" / "trainer_state.json").read_text())
     assert state["step"] == 12 and state["engine"] == "fsdp"
     assert state["data"]["streaming"]["sample_in_epoch"] == 12 * 16
@@ -169,6 +213,7 @@ def test_checkpoints_are_sharded_dcp_complete_and_rotated(pretrain):
 
 def test_export_equals_the_checkpoint_and_loads(pretrain, tmp_path):
     from pipeline.models import LoopLMForCausalLM
+
     run_dir, _ = pretrain
     exported = load_file(run_dir / "export" / "model.safetensors")
     held = dcp_model_state(run_dir / "checkpoints" / "step_00000012", tmp_path)
@@ -190,8 +235,7 @@ def test_half_then_rerun_gives_identical_losses_and_weights(pretrain, data, tmp_
     for tag in ("step_00000009", "step_00000012"):
         shutil.rmtree(run_dir / "checkpoints" / tag)
     shutil.rmtree(run_dir / "export")
-    rerun = ok(fsdp_train(PRETRAIN, run_dir, f"data.path={data}", "checkpointing.every=3",
-                          "checkpointing.keep_last=3"))
+    rerun = ok(fsdp_train(PRETRAIN, run_dir, f"data.path={data}", "checkpointing.every=3", "checkpointing.keep_last=3"))
     assert "resumed from" in rerun.stdout and "at step 6" in rerun.stdout
     assert losses(run_dir) == losses(reference)
     assert [e.step for e in tensorboard(run_dir).Scalars("train/loss")] == list(range(1, STEPS + 1))
@@ -201,6 +245,7 @@ def test_half_then_rerun_gives_identical_losses_and_weights(pretrain, data, tmp_
 
 def test_transition_trains_logs_gates_and_shards(transition):
     from pipeline.models import MeltForCausalLM
+
     run_dir, stdout = transition
     assert_decreasing(run_dir)
     assert "[transition] step 12/12" in stdout and "alpha 1.000" in stdout

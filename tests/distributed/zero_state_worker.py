@@ -62,8 +62,11 @@ def main(out: str, config_json: str) -> None:
     ids = torch.randint(0, vocab, (cfg.data.micro_batch_size, 32), generator=torch.Generator().manual_seed(env.rank))
     frozen(input_ids=ids, use_cache=False)
     tokens = float(ids.numel() * env.world_size)
-    out_step = phase.micro_step(engine.forward, {"input_ids": ids, "labels": ids},
-                                TokenCounts(labelled=31.0 * ids.shape[0] * env.world_size, real=tokens))
+    out_step = phase.micro_step(
+        engine.forward,
+        {"input_ids": ids, "labels": ids},
+        TokenCounts(labelled=31.0 * ids.shape[0] * env.world_size, real=tokens),
+    )
     engine.backward(out_step.losses.total)
     engine.optimizer_step()
 

@@ -48,8 +48,10 @@ def test_lastkv_baseline_in_ouro_setting(tmp_path):
     assert tokens.tolist() == ouro_lastkv_greedy(lm, prompt, 6).tolist()
     full = lm.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)[:, 7:]
     assert tokens[:, 0].tolist() == full[:, 0].tolist()  # the first token comes from the full-cache prompt
-    assert cache.nbytes * lm.config.total_ut_steps == lm(torch.cat([prompt, tokens[:, :-1]], 1),
-                                                         use_cache=True).past_key_values.nbytes
+    assert (
+        cache.nbytes * lm.config.total_ut_steps
+        == lm(torch.cat([prompt, tokens[:, :-1]], 1), use_cache=True).past_key_values.nbytes
+    )
 
 
 def _split(lm, n=24, prompt_len=6, answer_len=3):
@@ -58,8 +60,15 @@ def _split(lm, n=24, prompt_len=6, answer_len=3):
     prompts = torch.randint(3, 97, (n, prompt_len))
     prompts[: n // 3, :2] = 0  # some left padding
     mask = leading_pad_mask(prompts, 0)
-    out = lm.generate(prompts, attention_mask=mask, max_new_tokens=answer_len, min_new_tokens=answer_len,
-                      do_sample=False, pad_token_id=0, eos_token_id=None)[:, prompt_len:]
+    out = lm.generate(
+        prompts,
+        attention_mask=mask,
+        max_new_tokens=answer_len,
+        min_new_tokens=answer_len,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )[:, prompt_len:]
     answers = out.clone()
     answers[1::2, -1] = (answers[1::2, -1] + 1) % 97  # odd rows: wrong last answer token
     ids = torch.cat([prompts, answers], 1)
@@ -84,15 +93,31 @@ def test_accuracy_by_generation_counts_exact_answers():
 
 def test_cli_writes_json_and_table_with_cache_ratios(tmp_path):
     from tests.model_helpers import write_eval_split
+
     lm = tiny_looplm()
     data = write_eval_split(tmp_path / "eval", _split(lm))
     lm.save_pretrained(tmp_path / "lm")
     tiny_looplm(total_ut_steps=1).save_pretrained(tmp_path / "std")
     MeltForCausalLM.from_looplm(lm, chunk_size=2).save_pretrained(tmp_path / "melt")
     out = tmp_path / "report.json"
-    evaluate_main(["--model", f"standard={tmp_path / 'std'}", "--model", f"looplm={tmp_path / 'lm'}",
-                   "--model", f"looplm_lastkv={tmp_path / 'lm'}", "--model", f"melt={tmp_path / 'melt'}",
-                   "--data", str(data), "--out", str(out), "--batch-size", "8"])
+    evaluate_main(
+        [
+            "--model",
+            f"standard={tmp_path / 'std'}",
+            "--model",
+            f"looplm={tmp_path / 'lm'}",
+            "--model",
+            f"looplm_lastkv={tmp_path / 'lm'}",
+            "--model",
+            f"melt={tmp_path / 'melt'}",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--batch-size",
+            "8",
+        ]
+    )
     results = json.loads(out.read_text())["results"]
     assert results["looplm"]["accuracy"] == 0.5
     kv = {name: r["kv_cache_bytes"] for name, r in results.items()}
@@ -102,14 +127,40 @@ def test_cli_writes_json_and_table_with_cache_ratios(tmp_path):
     assert results["melt"]["scoring_chunking"] == "decode" and results["looplm"]["scoring_chunking"] == "unchunked"
     # --scoring-chunking forward: MELT's rows re-chunked with its own chunk size, and said so
     forward = tmp_path / "forward.json"
-    evaluate_main(["--model", f"melt={tmp_path / 'melt'}", "--data", str(data), "--out", str(forward),
-                   "--batch-size", "8", "--scoring-chunking", "forward"])
+    evaluate_main(
+        [
+            "--model",
+            f"melt={tmp_path / 'melt'}",
+            "--data",
+            str(data),
+            "--out",
+            str(forward),
+            "--batch-size",
+            "8",
+            "--scoring-chunking",
+            "forward",
+        ]
+    )
     melt = json.loads(forward.read_text())["results"]["melt"]
     assert melt["scoring_chunking"] == "forward" and melt["perplexity"] != results["melt"]["perplexity"]
     # --dtype bfloat16 (what --dtype auto picks on a GPU): the model and its cache in bf16, half the bytes
     half = tmp_path / "bf16.json"
-    evaluate_main(["--model", f"melt={tmp_path / 'melt'}", "--data", str(data), "--out", str(half),
-                   "--batch-size", "8", "--device", "cpu", "--dtype", "bfloat16"])
+    evaluate_main(
+        [
+            "--model",
+            f"melt={tmp_path / 'melt'}",
+            "--data",
+            str(data),
+            "--out",
+            str(half),
+            "--batch-size",
+            "8",
+            "--device",
+            "cpu",
+            "--dtype",
+            "bfloat16",
+        ]
+    )
     melt = json.loads(half.read_text())["results"]["melt"]
     assert (melt["device"], melt["dtype"]) == ("cpu", "bfloat16") and results["melt"]["dtype"] == "float32"
     assert melt["kv_cache_bytes"] * 2 == results["melt"]["kv_cache_bytes"]

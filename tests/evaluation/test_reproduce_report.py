@@ -30,11 +30,19 @@ def test_report_has_a_row_per_loop_count(tmp_path):
         lm = tiny_looplm(total_ut_steps=t)
         lm.save_pretrained(run / f"pretrain_t{t}" / "export")
         MeltForCausalLM.from_looplm(lm, chunk_size=1).save_pretrained(run / f"distill_t{t}" / "export")
-        _evaluate(run, f"evaluate_t{t}", data, {"looplm": run / f"pretrain_t{t}" / "export",
-                                                 "looplm_lastkv": run / f"pretrain_t{t}" / "export",
-                                                 "melt": run / f"distill_t{t}" / "export"})
-    (run / "pretrain_t2" / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 1 / s}) + "\n"
-                                                               for s in range(1, 5)))
+        _evaluate(
+            run,
+            f"evaluate_t{t}",
+            data,
+            {
+                "looplm": run / f"pretrain_t{t}" / "export",
+                "looplm_lastkv": run / f"pretrain_t{t}" / "export",
+                "melt": run / f"distill_t{t}" / "export",
+            },
+        )
+    (run / "pretrain_t2" / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "train/loss": 1 / s}) + "\n" for s in range(1, 5))
+    )
     (run / "local").mkdir()
     (run / "local" / "pretrain_t2.log").write_text("[local] pretrain_t2: exit 0 after 30s, at 2026-01-01T10:00:30\n")
     (run / "local" / "pretrain_t4.log").write_text("[local] pretrain_t4: exit 0 after 20s, at 2026-01-01T10:00:40\n")
@@ -50,7 +58,7 @@ def test_report_has_a_row_per_loop_count(tmp_path):
         assert saved["targets"][str(t)]["melt_kv_is_1_over_T_of_looplm"]["met"]
         row = next(r for r in saved["summary"] if r["loops"] == t)
         assert row["melt"] == entry["melt"]["accuracy"] and row["kv_looplm"] == t * kv_standard
-    assert saved["wall_seconds"] == 40.0                        # 10:00:00 (first start) -> 10:00:40
+    assert saved["wall_seconds"] == 40.0  # 10:00:00 (first start) -> 10:00:40
     assert "| 4 |" in report["markdown"] and "| 1 (standard) |" in report["markdown"]
     for png in ("accuracy_vs_loops.png", "accuracy_by_difficulty.png", "training_curves.png"):
         assert (run / png).stat().st_size > 1000

@@ -10,9 +10,16 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def looplm(dtype, loops=4):
     torch.manual_seed(0)
-    cfg = LoopLMConfig(vocab_size=4096, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
-                       num_attention_heads=8, num_key_value_heads=4, total_ut_steps=loops,
-                       max_position_embeddings=4096)
+    cfg = LoopLMConfig(
+        vocab_size=4096,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        total_ut_steps=loops,
+        max_position_embeddings=4096,
+    )
     return LoopLMForCausalLM(cfg).to("cuda", dtype).eval()
 
 

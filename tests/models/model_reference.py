@@ -16,7 +16,7 @@ def rope(x, pos, theta):
     inv = 1.0 / theta ** (torch.arange(0, d, 2).float() / d)
     ang = pos.float()[:, None] * inv[None]
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
-    rot = torch.cat([-x[..., d // 2:], x[..., : d // 2]], -1)
+    rot = torch.cat([-x[..., d // 2 :], x[..., : d // 2]], -1)
     return x * cos + rot * sin
 
 
@@ -49,7 +49,7 @@ def reference_loop_states(sd, cfg, ids, kv_of_loop=None):
             a = (scores.softmax(-1) @ v).transpose(0, 1).reshape(S, nh * hd)
             h = h + rms(a @ sd[p + "self_attn.o_proj.weight"].T, sd[p + "input_layernorm_2.weight"], eps)
             y = rms(h, sd[p + "post_attention_layernorm.weight"], eps)
-            m = (torch.nn.functional.silu(y @ sd[p + "mlp.gate_proj.weight"].T) * (y @ sd[p + "mlp.up_proj.weight"].T))
+            m = torch.nn.functional.silu(y @ sd[p + "mlp.gate_proj.weight"].T) * (y @ sd[p + "mlp.up_proj.weight"].T)
             h = h + rms(m @ sd[p + "mlp.down_proj.weight"].T, sd[p + "post_attention_layernorm_2.weight"], eps)
         h = rms(h, sd["model.norm.weight"], eps)
         states.append(h)

@@ -65,8 +65,9 @@ def test_stage1_loss_by_hand_with_masking():
     assert out.num_tokens.item() == count == 2 * (S - 1) - 1
     torch.testing.assert_close(out.total, total / count)
     # a global normaliser divides the same sum
-    torch.testing.assert_close(ouro_stage1_loss(loop_logits, exit_logits, labels, beta, normalizer=4.0).total,
-                               total / 4.0)
+    torch.testing.assert_close(
+        ouro_stage1_loss(loop_logits, exit_logits, labels, beta, normalizer=4.0).total, total / 4.0
+    )
 
 
 def test_stage1_loss_trains_the_model_and_the_gate():

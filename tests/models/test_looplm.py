@@ -46,12 +46,15 @@ def test_loads_through_auto_class_without_remote_code(reference):
     assert isinstance(model, LoopLMForCausalLM)
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(),                                                    # GQA, 3 loops
-    dict(num_key_value_heads=1, total_ut_steps=2, num_hidden_layers=3),
-    dict(total_ut_steps=1, num_key_value_heads=4),             # a standard transformer
-    dict(head_dim=12, hidden_size=40, num_attention_heads=4, num_key_value_heads=2),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),  # GQA, 3 loops
+        dict(num_key_value_heads=1, total_ut_steps=2, num_hidden_layers=3),
+        dict(total_ut_steps=1, num_key_value_heads=4),  # a standard transformer
+        dict(head_dim=12, hidden_size=40, num_attention_heads=4, num_key_value_heads=2),
+    ],
+)
 def test_matches_independent_reference(overrides):
     model = tiny_looplm(**overrides)
     ids = torch.randint(0, 97, (11,))
@@ -98,15 +101,16 @@ def test_cached_decoding_equals_uncached_forward():
         steps = [out]
         cache = out.past_key_values
         for i in range(5, 12):
-            out = model(ids[:, i:i + 1], past_key_values=cache, use_cache=True, output_loop_logits=True)
+            out = model(ids[:, i : i + 1], past_key_values=cache, use_cache=True, output_loop_logits=True)
             steps.append(out)
         two = model(ids[:, :9], use_cache=True)  # multi-token continuation on a cache
         rest = model(ids[:, 9:], past_key_values=two.past_key_values, use_cache=True)
     stepped = torch.cat([s.logits for s in steps], dim=1)
     torch.testing.assert_close(stepped, full.logits, atol=1e-5, rtol=1e-5)
     for t in range(3):
-        torch.testing.assert_close(torch.cat([s.loop_logits[t] for s in steps], 1), full.loop_logits[t],
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            torch.cat([s.loop_logits[t] for s in steps], 1), full.loop_logits[t], atol=1e-5, rtol=1e-5
+        )
     torch.testing.assert_close(rest.logits, full.logits[:, 9:], atol=1e-5, rtol=1e-5)
 
 
@@ -118,17 +122,17 @@ def test_left_padded_batch_decodes_as_each_sequence_alone():
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = p
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = p
+        mask[i, width - len(p) :] = 1
     batch = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     with torch.no_grad():
         padded_logits = model(ids, attention_mask=mask).logits
     for i, p in enumerate(prompts):
         alone = model.generate(p[None], max_new_tokens=8, do_sample=False)
-        assert batch[i, width:].tolist() == alone[0, len(p):].tolist()
+        assert batch[i, width:].tolist() == alone[0, len(p) :].tolist()
         with torch.no_grad():
             alone_logits = model(p[None]).logits[0]
-        torch.testing.assert_close(padded_logits[i, width - len(p):], alone_logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(padded_logits[i, width - len(p) :], alone_logits, atol=1e-5, rtol=1e-5)
 
 
 def test_sampling_is_reproducible_and_uses_the_distribution():
@@ -208,8 +212,11 @@ def test_missing_and_unexpected_tensors_are_listed(tmp_path):
     del sd["model.norm.weight"]
     sd["model.extra.weight"] = torch.zeros(3)
     save_file(sd, ckpt / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"missing tensors: \['model.norm.weight'\].*unexpected tensors: "
-                                         r"\['model.extra.weight'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing tensors: \['model.norm.weight'\].*unexpected tensors: "
+        r"\['model.extra.weight'\]",
+    ):
         LoopLMForCausalLM.from_pretrained(ckpt)
 
 

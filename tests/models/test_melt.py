@@ -36,7 +36,7 @@ def lastkv_looplm_logits(lm, ids):
     logits = []
     with torch.no_grad():
         for i in range(ids.shape[1]):
-            logits.append(lm(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits)
+            logits.append(lm(ids[:, i : i + 1], past_key_values=cache, use_cache=True).logits)
             for layer in range(cfg.num_hidden_layers):
                 last = cache.layers[cache.slot(cfg.total_ut_steps - 1, layer)]
                 for loop in range(cfg.total_ut_steps - 1):
@@ -68,7 +68,7 @@ def test_incremental_decoding_equals_chunk1_forward(gate, alpha):
         cache = None
         steps = []
         for i in range(10):
-            out = melt(ids[:, i:i + 1], past_key_values=cache, use_cache=True, output_loop_logits=True)
+            out = melt(ids[:, i : i + 1], past_key_values=cache, use_cache=True, output_loop_logits=True)
             cache = out.past_key_values
             steps.append(out)
     torch.testing.assert_close(torch.cat([s.logits for s in steps], 1), whole.logits, **TOL)
@@ -80,11 +80,11 @@ def test_prefill_chunked_then_decode_equals_forward_with_same_chunks(alpha):
     melt = random_gates(melt_from(tiny_looplm(), chunk_size=4, alpha=alpha))
     ids = torch.randint(0, 97, (2, 13))
     with torch.no_grad():
-        prefill = melt(ids[:, :10], use_cache=True)           # chunks 2, 4, 4 (aligned to the end)
+        prefill = melt(ids[:, :10], use_cache=True)  # chunks 2, 4, 4 (aligned to the end)
         steps = [prefill.logits]
         cache = prefill.past_key_values
         for i in range(10, 13):
-            out = melt(ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+            out = melt(ids[:, i : i + 1], past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             steps.append(out.logits)
         reference = melt(ids, chunk_size=[2, 4, 4, 1, 1, 1], use_cache=False)
@@ -99,18 +99,21 @@ def test_cache_bytes_do_not_depend_on_loops_and_equal_a_standard_transformer():
     for loops in (1, 2, 4, 8):
         melt = melt_from(tiny_looplm(total_ut_steps=loops), chunk_size=4)
         with torch.no_grad():
-            cache = melt.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True,
-                                  pad_token_id=0).past_key_values
+            cache = melt.generate(
+                ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True, pad_token_id=0
+            ).past_key_values
         assert isinstance(cache, MeltCache)
         sizes[loops] = cache.nbytes
     standard = tiny_looplm(total_ut_steps=1)
     with torch.no_grad():
-        std_cache = standard.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True,
-                                      pad_token_id=0).past_key_values
+        std_cache = standard.generate(
+            ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True, pad_token_id=0
+        ).past_key_values
     looplm = tiny_looplm(total_ut_steps=4)
     with torch.no_grad():
-        loop_cache = looplm.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True,
-                                     pad_token_id=0).past_key_values
+        loop_cache = looplm.generate(
+            ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True, pad_token_id=0
+        ).past_key_values
     assert len(set(sizes.values())) == 1
     assert sizes[1] == std_cache.nbytes > 0
     assert loop_cache.nbytes == 4 * sizes[4]
@@ -122,7 +125,7 @@ def test_gradients_reach_gates_and_earlier_chunks_unless_truncated():
         melt = random_gates(melt_from(lm, chunk_size=4, alpha=1.0, truncate_chunk_gradients=truncate)).train()
         embeds = melt.model.embed_tokens(torch.randint(0, 97, (1, 8))).detach().requires_grad_(True)
         out = melt(inputs_embeds=embeds)
-        out.logits[:, 4:].sum().backward()   # loss on the second chunk only
+        out.logits[:, 4:].sum().backward()  # loss on the second chunk only
         grad_first_chunk = embeds.grad[:, :4].abs().sum().item()
         gate_grad = melt.model.layers[0].kv_gate.proj.weight.grad.abs().sum().item()
         assert gate_grad > 0
@@ -155,8 +158,10 @@ def _single_layer_slot(gate, loops):
     ids = torch.randint(0, 97, (1, 6))
     layer = melt.model.layers[0]
     keys, inputs = [], []
-    hooks = [layer.self_attn.k_proj.register_forward_hook(lambda m, i, o: keys.append(o)),
-             layer.input_layernorm.register_forward_hook(lambda m, i, o: inputs.append(o))]
+    hooks = [
+        layer.self_attn.k_proj.register_forward_hook(lambda m, i, o: keys.append(o)),
+        layer.input_layernorm.register_forward_hook(lambda m, i, o: inputs.append(o)),
+    ]
     with torch.no_grad():
         out = melt(ids, use_cache=True)
     for h in hooks:
@@ -164,6 +169,7 @@ def _single_layer_slot(gate, loops):
     cfg = lm.config
     cos, sin = melt.model.rotary_emb(keys[0], torch.arange(6)[None])
     from pipeline.models.layers import apply_rotary
+
     rot = [apply_rotary(k.view(1, 6, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2), cos, sin) for k in keys]
     return out.past_key_values.layers[0].keys, rot, inputs, melt
 
@@ -216,8 +222,7 @@ def test_exit_at_loop_and_q_exit_freeze_the_slot():
         q0 = melt(ids, exit_threshold=0.0, use_cache=True)
         one = melt(ids, exit_at_loop=1, use_cache=True)
         torch.testing.assert_close(q0.logits, one.logits, **TOL)
-        torch.testing.assert_close(q0.past_key_values.layers[1].values, one.past_key_values.layers[1].values,
-                                   **TOL)
+        torch.testing.assert_close(q0.past_key_values.layers[1].values, one.past_key_values.layers[1].values, **TOL)
         assert (q0.exit_loop == 1).all()
         q1 = melt(ids, exit_threshold=1.0)
         assert (q1.exit_loop == 3).all()
@@ -234,12 +239,12 @@ def test_generate_greedy_sampling_and_left_padded_batches():
     ids = torch.zeros(3, width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = p
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = p
+        mask[i, width - len(p) :] = 1
     batch = melt.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     for i, p in enumerate(prompts):
         alone = melt.generate(p[None], max_new_tokens=6, do_sample=False)
-        assert batch[i, width:].tolist() == alone[0, len(p):].tolist()
+        assert batch[i, width:].tolist() == alone[0, len(p) :].tolist()
     torch.manual_seed(0)
     a = melt.generate(prompts[0][None], max_new_tokens=6, do_sample=True, top_k=0)
     torch.manual_seed(0)
@@ -258,8 +263,9 @@ def test_generate_without_cache_matches_with_cache():
 def test_save_load_round_trip_and_from_looplm_path(tmp_path):
     lm = tiny_looplm()
     lm.save_pretrained(tmp_path / "looplm")
-    melt = random_gates(MeltForCausalLM.from_looplm(tmp_path / "looplm", gate="headwise", chunk_size=2,
-                                                    alpha=0.25, gate_init_bias=-2.0))
+    melt = random_gates(
+        MeltForCausalLM.from_looplm(tmp_path / "looplm", gate="headwise", chunk_size=2, alpha=0.25, gate_init_bias=-2.0)
+    )
     assert melt.config.gate == "headwise" and melt.config.alpha == 0.25 and melt.config.model_type == "melt"
     melt.save_pretrained(tmp_path / "melt")
     again = MeltForCausalLM.from_pretrained(tmp_path / "melt")
@@ -297,10 +303,10 @@ def test_configured_chunk_sizes_apply_to_inputs_they_cover():
         configured = melt(ids).logits
         explicit = melt(ids, chunk_size=[5, 1, 1]).logits
         default = melt(ids, chunk_size=4).logits
-        prefill = melt(ids[:, :5], use_cache=True)          # 5 tokens: prompt_chunk_size, one chunk
+        prefill = melt(ids[:, :5], use_cache=True)  # 5 tokens: prompt_chunk_size, one chunk
         cache, steps = prefill.past_key_values, [prefill.logits]
         for i in (5, 6):
-            out = melt(ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+            out = melt(ids[:, i : i + 1], past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             steps.append(out.logits)
     torch.testing.assert_close(configured, explicit, atol=0, rtol=0)

@@ -29,13 +29,22 @@ def left_padded(lengths, seed=3):
     width = max(lengths)
     ids = torch.zeros(len(lengths), width, dtype=torch.long)
     for row, n in enumerate(lengths):
-        ids[row, width - n:] = torch.randint(3, 97, (n,), generator=gen)
+        ids[row, width - n :] = torch.randint(3, 97, (n,), generator=gen)
     return ids, (ids != 0).long()
 
 
 def greedy(melt, ids, mask, new_tokens, use_cache):
-    return melt.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                         eos_token_id=None, use_cache=use_cache, return_dict_in_generate=True, output_logits=True)
+    return melt.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        use_cache=use_cache,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
 
 
 def cached_decoding_logits(melt, ids, mask, prompt):
@@ -43,22 +52,26 @@ def cached_decoding_logits(melt, ids, mask, prompt):
     out = melt(ids[:, :prompt], attention_mask=mask[:, :prompt], use_cache=True)
     logits = [out.logits[:, -1:]]
     for i in range(prompt, ids.shape[1]):
-        out = melt(ids[:, i:i + 1], attention_mask=mask[:, :i + 1], past_key_values=out.past_key_values,
-                   use_cache=True)
+        out = melt(
+            ids[:, i : i + 1], attention_mask=mask[:, : i + 1], past_key_values=out.past_key_values, use_cache=True
+        )
         logits.append(out.logits)
     return torch.cat(logits, 1)
 
 
-@pytest.mark.parametrize("gate, options", [
-    ("elementwise", dict(chunk_size=1)),
-    ("elementwise", dict(chunk_size=4)),
-    ("elementwise", dict(chunk_size=7)),
-    ("elementwise", dict(chunk_size=4, chunk_sizes=[5, 4])),     # covers the 9-token prompt: prefill uses it
-    ("elementwise", dict(chunk_size=4, prompt_chunk_size=3)),
-    ("headwise", dict(chunk_size=4)),
-    ("mean", dict(chunk_size=7)),
-    ("overwrite", dict(chunk_size=4)),
-])
+@pytest.mark.parametrize(
+    "gate, options",
+    [
+        ("elementwise", dict(chunk_size=1)),
+        ("elementwise", dict(chunk_size=4)),
+        ("elementwise", dict(chunk_size=7)),
+        ("elementwise", dict(chunk_size=4, chunk_sizes=[5, 4])),  # covers the 9-token prompt: prefill uses it
+        ("elementwise", dict(chunk_size=4, prompt_chunk_size=3)),
+        ("headwise", dict(chunk_size=4)),
+        ("mean", dict(chunk_size=7)),
+        ("overwrite", dict(chunk_size=4)),
+    ],
+)
 def test_uncached_generation_and_decode_chunked_forward_equal_cached_decoding(gate, options):
     melt = melt_model(gate, **options)
     ids, mask = left_padded((9, 5, 7))
@@ -82,9 +95,9 @@ def test_uncached_generation_and_decode_chunked_forward_equal_cached_decoding(ga
 def test_decode_from_chunk_plan():
     sizes = lambda melt, *args: melt.model._chunk_sizes(*args)  # noqa: E731
     melt = melt_model(chunk_size=4)
-    assert sizes(melt, 12, 0, None, 9) == [1, 4, 4, 1, 1, 1]     # prompt as prefill (aligned to its end)
-    assert sizes(melt, 1, 10, None, 9) == [1]                    # a decoding step
-    assert sizes(melt, 3, 10, None, 9) == [1, 1, 1]              # several answer tokens after a cache
+    assert sizes(melt, 12, 0, None, 9) == [1, 4, 4, 1, 1, 1]  # prompt as prefill (aligned to its end)
+    assert sizes(melt, 1, 10, None, 9) == [1]  # a decoding step
+    assert sizes(melt, 3, 10, None, 9) == [1, 1, 1]  # several answer tokens after a cache
     assert sizes(melt, 3, 0, None, 0) == [1, 1, 1]
     assert sizes(melt, 9, 0, None, 9) == sizes(melt, 9, 0, None, None) == [1, 4, 4]
     assert sizes(melt_model(chunk_size=4, chunk_sizes=[5, 4]), 11, 0, None, 9) == [5, 4, 1, 1]
@@ -112,8 +125,8 @@ def cached_answer_ce(melt, split) -> torch.Tensor:
     ces = []
     with torch.no_grad():
         for row in range(len(split)):
-            ids, width = split.input_ids[row:row + 1], int(split.prompt_length[row])
-            mask = (ids.cumsum(-1) > 0).long()                    # the leading zeros are padding
+            ids, width = split.input_ids[row : row + 1], int(split.prompt_length[row])
+            mask = (ids.cumsum(-1) > 0).long()  # the leading zeros are padding
             logits = cached_decoding_logits(melt, ids[:, :-1], mask[:, :-1], width)
             ces.append(token_cross_entropy(logits, ids[:, width:])[0])
     return torch.cat(ces).double()
@@ -143,6 +156,7 @@ def test_teacher_forced_scores_answers_as_decoding_and_says_so():
 
 # -- item 2: early exit with a cache while alpha < 1
 
+
 def prefilled(melt, ids):
     return melt(ids, use_cache=True).past_key_values
 
@@ -155,7 +169,7 @@ def test_exit_at_loop_step_between_full_depth_steps_at_alpha_below_one():
     with torch.no_grad():
         cache = prefilled(melt, ids[:, :10])
         stopped = melt(ids[:, 10:11], past_key_values=cache, use_cache=True, exit_at_loop=2)
-        after = melt(ids[:, 11:12], past_key_values=cache, use_cache=True)   # crashed before the fix
+        after = melt(ids[:, 11:12], past_key_values=cache, use_cache=True)  # crashed before the fix
         assert {layer.get_seq_length() for layer in cache.layers} == {12}
         # the same token with a Q-exit threshold between its exit CDF after loops 1 and 2
         probe = melt(ids[:, 10:11], past_key_values=prefilled(melt, ids[:, :10]), use_cache=True)
@@ -172,8 +186,7 @@ def test_exit_at_loop_step_between_full_depth_steps_at_alpha_below_one():
     for layer in range(melt.config.num_hidden_layers):
         at_exit = cache.layers[cache.loop_entry(1, layer)].keys[:, :, 10]
         for loop in (2, 3):
-            torch.testing.assert_close(cache.layers[cache.loop_entry(loop, layer)].keys[:, :, 10], at_exit,
-                                       **EXACT)
+            torch.testing.assert_close(cache.layers[cache.loop_entry(loop, layer)].keys[:, :, 10], at_exit, **EXACT)
 
 
 def test_q_exit_cached_decoding_equals_the_decode_chunked_forward_at_alpha_below_one():
@@ -186,14 +199,19 @@ def test_q_exit_cached_decoding_equals_the_decode_chunked_forward_at_alpha_below
         out = melt(prompt, attention_mask=mask, use_cache=True, exit_threshold=q)
         logits, exits = [out.logits], [out.exit_loop]
         for i in range(7, 10):
-            out = melt(ids[:, i:i + 1], attention_mask=full_mask[:, :i + 1], past_key_values=out.past_key_values,
-                       use_cache=True, exit_threshold=q)
+            out = melt(
+                ids[:, i : i + 1],
+                attention_mask=full_mask[:, : i + 1],
+                past_key_values=out.past_key_values,
+                use_cache=True,
+                exit_threshold=q,
+            )
             logits.append(out.logits)
             exits.append(out.exit_loop)
         whole = melt(ids[:, :10], attention_mask=full_mask[:, :10], decode_from=7, exit_threshold=q)
     exits = torch.cat(exits, 1)
     real = full_mask[:, :10].bool()
-    assert exits[real].min() < 3 and exits[real].max() == 3   # some tokens exit early, some run every loop
+    assert exits[real].min() < 3 and exits[real].max() == 3  # some tokens exit early, some run every loop
     torch.testing.assert_close(whole.exit_loop, exits)
     torch.testing.assert_close(whole.logits[real], torch.cat(logits, 1)[real], **EXACT)
 
@@ -207,7 +225,7 @@ def looplm_exit_with_frozen_kv(lm, ids, q):
     logits, exits = [], []
     with torch.no_grad():
         for i in range(ids.shape[1]):
-            out = lm(ids[:, i:i + 1], past_key_values=cache, use_cache=True, exit_threshold=q)
+            out = lm(ids[:, i : i + 1], past_key_values=cache, use_cache=True, exit_threshold=q)
             logits.append(out.logits)
             exits.append(out.exit_loop)
             for row, e in enumerate(out.exit_loop[:, 0].tolist()):

@@ -20,11 +20,13 @@ def naive_prefix_attention(q, own, spec):
     """The same attention through plain autograd: the prefix rebuilt by concatenating the pieces (the
     graph-carrying aliases of earlier chunks' writes), a copy per call, kept by autograd."""
     import torch.nn.functional as F
+
     if spec.prefix == 0:
         return spec.attend(q, own[0], own[1])
     whole = lambda layer: torch.cat([p for _, _, p in layer.pieces_before(spec.prefix)], dim=3)  # noqa: E731
-    prefix = whole(spec.slots) if spec.loop_kv is None else torch.lerp(whole(spec.loop_kv), whole(spec.slots),
-                                                                       spec.alpha)
+    prefix = (
+        whole(spec.slots) if spec.loop_kv is None else torch.lerp(whole(spec.loop_kv), whole(spec.slots), spec.alpha)
+    )
     kv = torch.cat([prefix, own], dim=3)
     return F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=spec.mask, enable_gqa=spec.enable_gqa)
 
@@ -38,6 +40,7 @@ def test_gradients_equal_plain_autograd_over_a_copied_prefix(monkeypatch, alpha,
     kernel's own backward and with the recomputing backward that other devices use."""
     import pipeline.models.melt as melt_module
     import pipeline.models.prefix_attention as prefix_module
+
     if kernels == "recompute":
         monkeypatch.setattr(prefix_module, "_cpu_kernels", lambda q: False)
     lm = tiny_looplm().double()
@@ -81,9 +84,16 @@ def test_alpha_zero_gradients_equal_the_looplm_gradients():
 
 
 def tiny_config(seq: int, **overrides) -> LoopLMConfig:
-    kw: dict[str, Any] = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=4, total_ut_steps=4,
-                              max_position_embeddings=seq)
+    kw: dict[str, Any] = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        total_ut_steps=4,
+        max_position_embeddings=seq,
+    )
     kw.update(overrides)
     return LoopLMConfig(**kw)
 
@@ -92,8 +102,11 @@ def step_activation_bytes(kind: str, seq: int, alpha: float = 1.0, chunk: int = 
     """Peak live bytes of one training step (forward + backward, checkpointing) above the parameters."""
     torch.manual_seed(0)
     config = tiny_config(seq)
-    model = LoopLMForCausalLM(config) if kind == "looplm" else \
-        MeltForCausalLM(MeltConfig.from_looplm_config(config, chunk_size=chunk, alpha=alpha))
+    model = (
+        LoopLMForCausalLM(config)
+        if kind == "looplm"
+        else MeltForCausalLM(MeltConfig.from_looplm_config(config, chunk_size=chunk, alpha=alpha))
+    )
     model.train().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids = torch.randint(0, 128, (1, seq))
     with LiveBytes() as live:
@@ -117,8 +130,9 @@ def test_training_step_memory_is_linear_in_sequence_length(alpha):
 def prefill_bytes(layers: int) -> tuple[int, int]:
     """(peak live bytes, cache bytes) of prefilling 256 tokens in chunks of 16."""
     torch.manual_seed(0)
-    melt = MeltForCausalLM(MeltConfig.from_looplm_config(tiny_config(256, num_hidden_layers=layers),
-                                                         chunk_size=16)).eval()
+    melt = MeltForCausalLM(
+        MeltConfig.from_looplm_config(tiny_config(256, num_hidden_layers=layers), chunk_size=16)
+    ).eval()
     ids = torch.randint(0, 128, (1, 256))
     with torch.no_grad(), LiveBytes() as live:
         params = live.adopt(melt.parameters())

@@ -51,7 +51,9 @@ else:
 """
 
 # one process for both checks (its imports of torch, transformers and lm_eval are most of its time)
-PACKAGE_FREE_CHECKS = PACKAGE_FREE + """
+PACKAGE_FREE_CHECKS = (
+    PACKAGE_FREE
+    + """
 import torch
 from transformers import AutoModelForCausalLM
 args = json.loads(sys.argv[1])
@@ -73,14 +75,22 @@ from lm_eval.__main__ import cli_evaluate
 sys.argv = ["lm_eval"] + args["lm_eval"]
 cli_evaluate()
 """
+)
 
 
 def run_package_free(code: str, args: list[str], cwd: Path) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_HOME=str(cwd / "hf_home"), HF_MODULES_CACHE=str(cwd / "hf_modules"), HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    done = subprocess.run([sys.executable, "-S", "-c", code, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    env.update(
+        HF_HOME=str(cwd / "hf_home"),
+        HF_MODULES_CACHE=str(cwd / "hf_modules"),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -92,26 +102,47 @@ def exports(tmp_path_factory):
     melt = random_gates(MeltForCausalLM.from_looplm(LoopLMForCausalLM.from_pretrained(DEMO), chunk_size=2)).eval()
     run_dir = root / "distill"
     (run_dir / "checkpoints" / "step_00000010").mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({
-        "run_dir": str(run_dir), "model": {"init_from": str(DEMO)}, "data": {"path": str(root / "data"),
-        "global_batch_size": 8}, "phase": {"name": "distill"}, "schedule": {"total_steps": 10},
-        "optimizer": {"lr": 0.001}, "teacher": {"init_from": str(DEMO)}}))
+    (run_dir / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": str(run_dir),
+                "model": {"init_from": str(DEMO)},
+                "data": {"path": str(root / "data"), "global_batch_size": 8},
+                "phase": {"name": "distill"},
+                "schedule": {"total_steps": 10},
+                "optimizer": {"lr": 0.001},
+                "teacher": {"init_from": str(DEMO)},
+            }
+        )
+    )
     (run_dir / "checkpoints" / "step_00000010" / "trainer_state.json").write_text(
-        json.dumps({"step": 10, "fingerprint": {"index_sha256": INDEX_SHA}}))
+        json.dumps({"step": 10, "fingerprint": {"index_sha256": INDEX_SHA}})
+    )
     # the tokenizer source is a model dir: its config.json and weights must not replace the export's
-    save_hf(MeltForCausalLM, melt.config, melt.state_dict(), run_dir / "export", torch.float32, tokenizer=str(DEMO),
-            info={"step": 10, "phase": "distill", "checkpoint": "step_00000010"}, run_dir=run_dir)
+    save_hf(
+        MeltForCausalLM,
+        melt.config,
+        melt.state_dict(),
+        run_dir / "export",
+        torch.float32,
+        tokenizer=str(DEMO),
+        info={"step": 10, "phase": "distill", "checkpoint": "step_00000010"},
+        run_dir=run_dir,
+    )
     assert export_hub([str(DEMO), "--out", str(root / "looplm")]) == 0
     return {"melt": run_dir / "export", "looplm": root / "looplm", "root": root}
 
 
 def test_exports_hold_code_auto_map_and_card(exports):
-    for name, path, cls, filename in (("melt", exports["melt"], "MeltForCausalLM", "modeling_melt.py"),
-                                      ("looplm", exports["looplm"], "LoopLMForCausalLM", "modeling_looplm.py")):
+    for name, path, cls, filename in (
+        ("melt", exports["melt"], "MeltForCausalLM", "modeling_melt.py"),
+        ("looplm", exports["looplm"], "LoopLMForCausalLM", "modeling_looplm.py"),
+    ):
         config = json.loads((path / "config.json").read_text())
         assert config["auto_map"]["AutoModelForCausalLM"] == f"{filename[:-3]}.{cls}"
-        assert {"model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md", filename} <= \
-            {p.name for p in path.iterdir()}
+        assert {"model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md", filename} <= {
+            p.name for p in path.iterdir()
+        }
         # no drift: the export's file is what the package's code generates now, and it compiles
         written = (path / filename).read_text()
         assert written == generate_source(config["model_type"])
@@ -119,8 +150,16 @@ def test_exports_hold_code_auto_map_and_card(exports):
         assert "DO NOT EDIT" in written and not get_relative_imports(path / filename)
         assert set(get_imports(path / filename)) <= ALLOWED_IMPORTS
     card = (exports["melt"] / "README.md").read_text()
-    for fact in ("# MELT: distill", "| gate | elementwise |", "| chunk size | 2 |", INDEX_SHA, "| 10 / 10 |",
-                 "| this MELT | 1,024 | 1 |", "| the LoopLM, 4 loops | 4,096 | 4 |", "trust_remote_code=True"):
+    for fact in (
+        "# MELT: distill",
+        "| gate | elementwise |",
+        "| chunk size | 2 |",
+        INDEX_SHA,
+        "| 10 / 10 |",
+        "| this MELT | 1,024 | 1 |",
+        "| the LoopLM, 4 loops | 4,096 | 4 |",
+        "trust_remote_code=True",
+    ):
         assert fact in card, fact
     assert "| this LoopLM, 4 loops | 4,096 | 4 |" in (exports["looplm"] / "README.md").read_text()
 
@@ -137,9 +176,16 @@ def test_our_package_loads_exports_as_before(exports):
 def test_export_hub_of_a_run_dir_cards_its_evaluation(exports, tmp_path):
     run_dir = exports["melt"].parent
     (exports["root"] / "evaluate").mkdir(exist_ok=True)
-    (exports["root"] / "evaluate" / "results.json").write_text(json.dumps({"results": {
-        "looplm": {"model_path": str(DEMO), "loops": 4, "accuracy": 0.75},
-        "melt": {"model_path": str(exports["melt"]), "loops": 4, "accuracy": 0.5}}}))
+    (exports["root"] / "evaluate" / "results.json").write_text(
+        json.dumps(
+            {
+                "results": {
+                    "looplm": {"model_path": str(DEMO), "loops": 4, "accuracy": 0.75},
+                    "melt": {"model_path": str(exports["melt"]), "loops": 4, "accuracy": 0.5},
+                }
+            }
+        )
+    )
     (tmp_path / "lm_eval.json").write_text(json.dumps({"task": TASK, "samples": 12, "exact_match": 0.5}))
     assert export_hub([str(run_dir), "--out", str(tmp_path / "found")]) == 0
     card = (tmp_path / "found" / "README.md").read_text()
@@ -173,8 +219,15 @@ def task_split(melt) -> EvalSplit:
     torch.manual_seed(3)
     prompts = torch.randint(4, 14, (12, 7))
     prompts[:4, :2] = 0  # left padding
-    answers = melt.generate(prompts, attention_mask=leading_pad_mask(prompts, 0), max_new_tokens=3,
-                            min_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)[:, 7:]
+    answers = melt.generate(
+        prompts,
+        attention_mask=leading_pad_mask(prompts, 0),
+        max_new_tokens=3,
+        min_new_tokens=3,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )[:, 7:]
     assert bool(((answers >= 4) & (answers <= 13)).all()), answers  # words, no special token
     answers[1::2, -1] = 4 + (answers[1::2, -1] - 3) % 10
     ids = torch.cat([prompts, answers], 1)
@@ -189,17 +242,39 @@ def package_free(exports):
     root = exports["root"]
     split = task_split(AutoModelForCausalLM.from_pretrained(exports["melt"]).eval())
     write_task(split, AutoTokenizer.from_pretrained(exports["melt"]), root / "task")
-    lm_eval_args = ["--model", "hf", "--model_args", f"pretrained={exports['melt']},trust_remote_code=True",
-                    "--tasks", TASK, "--include_path", str(root / "task"), "--device", "cpu", "--batch_size", "4",
-                    "--output_path", str(root / "lm_eval_out")]
-    args = {"ids": IDS, "mask": leading_pad_mask(torch.tensor(IDS), 0).tolist(), "new": NEW_TOKENS,
-            "exports": {"melt": str(exports["melt"]), "looplm": str(exports["looplm"])}, "lm_eval": lm_eval_args}
+    lm_eval_args = [
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={exports['melt']},trust_remote_code=True",
+        "--tasks",
+        TASK,
+        "--include_path",
+        str(root / "task"),
+        "--device",
+        "cpu",
+        "--batch_size",
+        "4",
+        "--output_path",
+        str(root / "lm_eval_out"),
+    ]
+    args = {
+        "ids": IDS,
+        "mask": leading_pad_mask(torch.tensor(IDS), 0).tolist(),
+        "new": NEW_TOKENS,
+        "exports": {"melt": str(exports["melt"]), "looplm": str(exports["looplm"])},
+        "lm_eval": lm_eval_args,
+    }
     (root / "cwd").mkdir()
     printed = run_package_free(PACKAGE_FREE_CHECKS, [json.dumps(args)], root / "cwd")
     [generated] = [line for line in printed.splitlines() if line.startswith("GENERATED ")]
     [results] = (root / "lm_eval_out").rglob("results_*.json")
-    return {"generated": json.loads(generated.removeprefix("GENERATED ")), "printed": printed, "split": split,
-            "lm_eval": json.loads(results.read_text())["results"][TASK]}
+    return {
+        "generated": json.loads(generated.removeprefix("GENERATED ")),
+        "printed": printed,
+        "split": split,
+        "lm_eval": json.loads(results.read_text())["results"][TASK],
+    }
 
 
 @pytest.mark.slow
@@ -208,8 +283,14 @@ def test_package_free_generate_equals_ours_and_melt_cache_is_constant(exports, p
     remote = package_free["generated"]
     for name in ("melt", "looplm"):
         ours = AutoModelForCausalLM.from_pretrained(exports[name]).eval()
-        expected = ours.generate(input_ids=ids, attention_mask=leading_pad_mask(ids, 0), max_new_tokens=NEW_TOKENS,
-                                 do_sample=False, pad_token_id=0, use_cache=True)
+        expected = ours.generate(
+            input_ids=ids,
+            attention_mask=leading_pad_mask(ids, 0),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
+            use_cache=True,
+        )
         assert remote[name]["module"].startswith("transformers_modules.")
         assert remote[name]["tokens"] == expected.tolist()
     one_set = 2 * 7 * 2 * 4 * 16 * 2 * 4  # batch x tokens x layers x KV heads x head dim x (K, V) x float32

@@ -18,8 +18,17 @@ from pipeline.planning.step import extrapolate, measure_step
 from pipeline.training.config import ConfigError, load_run_config
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, total_ut_steps=2, max_position_embeddings=512, rope_theta=10000.0)
+TINY = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    total_ut_steps=2,
+    max_position_embeddings=512,
+    rope_theta=10000.0,
+)
 SEQ = 64
 
 
@@ -27,14 +36,19 @@ SEQ = 64
 def looplm_dir(tmp_path_factory):
     """A LoopLM checkpoint directory with its config.json (the planner reads no weights)."""
     from pipeline.models import LoopLMConfig
+
     path = tmp_path_factory.mktemp("looplm")
     LoopLMConfig(**TINY).save_pretrained(path)
     return path
 
 
 def run_config(phase: str, looplm_dir: Path, *overrides: str):
-    common = ["engine.precision=fp32", "engine.activation_checkpointing=true", "data.micro_batch_size=2",
-              "data.path=/nonexistent/data"]
+    common = [
+        "engine.precision=fp32",
+        "engine.activation_checkpointing=true",
+        "data.micro_batch_size=2",
+        "data.path=/nonexistent/data",
+    ]
     if phase == "pretrain":
         common += [f"model.config.{k}={v}" for k, v in TINY.items()]
     else:
@@ -54,6 +68,7 @@ CASES = {
 
 # ----------------------------------------------------------------------------- step bytes
 
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_fake_step_bytes_equal_real_step_bytes(case, looplm_dir):
     """(a) The activation peak counted on fake tensors equals the same step on real CPU tensors."""
@@ -70,12 +85,14 @@ def test_fake_step_bytes_equal_real_step_bytes(case, looplm_dir):
     assert (fake.params, fake.grads, fake.frozen) == (real.params, real.grads, real.frozen)
     if phase == "distill":
         assert real.frozen == real.params - sum(  # the teacher: the student's parameters but the gates
-            p.numel() * 4 for n, p in _melt(cfg, inputs).named_parameters() if ".kv_gate." in n)
+            p.numel() * 4 for n, p in _melt(cfg, inputs).named_parameters() if ".kv_gate." in n
+        )
         assert "teacher" in real.regions
 
 
 def _melt(cfg, inputs):
     from pipeline.planning.step import build_models
+
     with torch.device("meta"):
         return build_models(cfg, inputs, None)[1]
 
@@ -83,14 +100,21 @@ def _melt(cfg, inputs):
 def test_mid_ramp_alpha_and_no_checkpointing_cost_more(looplm_dir):
     """Mid-ramp, the per-loop keys and values are kept as well; without activation checkpointing
     every chunk's activations are."""
-    half, one, off = (measure_step(run_config("transition", looplm_dir, *extra), seq_len=32) for extra in
-                      ((), ("phase.alpha.start=1.0",), ("engine.activation_checkpointing=false",)))
+    half, one, off = (
+        measure_step(run_config("transition", looplm_dir, *extra), seq_len=32)
+        for extra in ((), ("phase.alpha.start=1.0",), ("engine.activation_checkpointing=false",))
+    )
     assert one.activations < half.activations < off.activations
 
 
-@pytest.mark.parametrize("case, depths", [("transition_alpha_0.5", (3, 4)),
-                                          pytest.param("distill", (3,), marks=pytest.mark.slow),
-                                          pytest.param("pretrain", (4,), marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "case, depths",
+    [
+        ("transition_alpha_0.5", (3, 4)),
+        pytest.param("distill", (3,), marks=pytest.mark.slow),
+        pytest.param("pretrain", (4,), marks=pytest.mark.slow),
+    ],
+)
 def test_depth_extrapolation_equals_a_direct_run(case, depths, looplm_dir):
     """Runs at 1 and 2 layers, extrapolated linearly (region by region), equal direct runs at 3 / 4 layers."""
     phase, extra = CASES[case]
@@ -106,12 +130,12 @@ def test_depth_extrapolation_equals_a_direct_run(case, depths, looplm_dir):
 
 def test_live_bytes_counts_storages_once_and_frees_them():
     with LiveBytes() as live:
-        a = torch.empty(1000)                  # 4000 bytes
-        b = a.view(10, 100)                    # a view: nothing new
-        a.add_(1)                              # in place: nothing new
-        c = a * 2                              # 4000 more
+        a = torch.empty(1000)  # 4000 bytes
+        b = a.view(10, 100)  # a view: nothing new
+        a.add_(1)  # in place: nothing new
+        c = a * 2  # 4000 more
         assert live.current == 8000
-        del a, b                               # the last references to the first storage
+        del a, b  # the last references to the first storage
         assert live.current == 4000
     assert live.peak == 8000 and live.current == 4000
     del c
@@ -121,13 +145,14 @@ def test_live_bytes_counts_storages_once_and_frees_them():
 def test_live_bytes_charges_a_storage_resize():
     with LiveBytes() as live:
         t = torch.empty(0)
-        t.resize_(250)                         # same storage, now 1000 bytes
+        t.resize_(250)  # same storage, now 1000 bytes
         assert live.current == 1000
         del t
     assert live.current == 0 and live.peak == 1000
 
 
 # ----------------------------------------------------------------------------- inputs, engine arithmetic
+
 
 def test_worst_alpha_of_the_ramp(looplm_dir):
     assert worst_alpha(run_config("transition", looplm_dir))[0] == 0.5
@@ -148,8 +173,14 @@ def _counts(layers=4, hidden=8, vocab=16):
     shapes = [(vocab, hidden)] + layer * layers + [(hidden,), (vocab, hidden)]
     inside = [False] + [True] * (len(layer) * layers) + [False, False]
     modules = [vocab * hidden] + [hidden * hidden] * (4 * layers) + [hidden] * (2 * layers + 1) + [vocab * hidden]
-    return ModelCounts(tuple(shapes), tuple([True] * len(shapes)), tuple(inside), tuple(modules),
-                       4 * hidden * hidden + 2 * hidden, layers)
+    return ModelCounts(
+        tuple(shapes),
+        tuple([True] * len(shapes)),
+        tuple(inside),
+        tuple(modules),
+        4 * hidden * hidden + 2 * hidden,
+        layers,
+    )
 
 
 def test_zero3_state_is_sharded_by_the_world_size():
@@ -181,6 +212,7 @@ def test_fsdp2_state_keeps_fp32_shards():
 
 # ----------------------------------------------------------------------------- command line
 
+
 def _cli(*args):
     return plan_cli.main(["--quiet", *[str(a) for a in args]])
 
@@ -188,14 +220,41 @@ def _cli(*args):
 def test_cli_writes_the_plan_as_json(looplm_dir, tmp_path, capsys):
     config = REPO / "configs/smoke/transition.yaml"
     out = tmp_path / "plan.json"
-    code = _cli("--config", config, "--nodes", 1, "--gpus-per-node", 2, "--gpu-memory", "80GB", "--seq-len", SEQ,
-                "--json", out, f"model.init_from={looplm_dir}", "phase.chunk_size=16", "data.micro_batch_size=2")
+    code = _cli(
+        "--config",
+        config,
+        "--nodes",
+        1,
+        "--gpus-per-node",
+        2,
+        "--gpu-memory",
+        "80GB",
+        "--seq-len",
+        SEQ,
+        "--json",
+        out,
+        f"model.init_from={looplm_dir}",
+        "phase.chunk_size=16",
+        "data.micro_batch_size=2",
+    )
     assert code == 0
     text = capsys.readouterr().out
     assert "fits" in text and "activations (step)" in text and "world size 2" in text
     data = json.loads(out.read_text())
-    for key in ("phase", "world_size", "per_gpu", "gpu_memory", "fits", "seq_len", "micro_batch", "chunk", "alpha",
-                "dtype", "layers_measured", "method"):
+    for key in (
+        "phase",
+        "world_size",
+        "per_gpu",
+        "gpu_memory",
+        "fits",
+        "seq_len",
+        "micro_batch",
+        "chunk",
+        "alpha",
+        "dtype",
+        "layers_measured",
+        "method",
+    ):
         assert key in data, key
     assert set(data["per_gpu"]) >= {"params", "grads", "optimizer", "teacher", "activations", "peak"}
     assert data["phase"] == "transition" and data["world_size"] == 2 and data["fits"] is True
@@ -206,9 +265,22 @@ def test_cli_writes_the_plan_as_json(looplm_dir, tmp_path, capsys):
 
 
 def test_cli_does_not_fit_and_require_fit(looplm_dir, tmp_path, capsys):
-    args = ["--config", REPO / "configs/smoke/distill.yaml", "--gpus-per-node", 2, "--gpu-memory", "2MB",
-            "--seq-len", SEQ, "--json", tmp_path / "plan.json", f"model.init_from={looplm_dir}",
-            f"teacher.init_from={looplm_dir}", "data.micro_batch_size=2", "phase.chunk_size=16"]
+    args = [
+        "--config",
+        REPO / "configs/smoke/distill.yaml",
+        "--gpus-per-node",
+        2,
+        "--gpu-memory",
+        "2MB",
+        "--seq-len",
+        SEQ,
+        "--json",
+        tmp_path / "plan.json",
+        f"model.init_from={looplm_dir}",
+        f"teacher.init_from={looplm_dir}",
+        "data.micro_batch_size=2",
+        "phase.chunk_size=16",
+    ]
     assert _cli(*args) == 0
     assert "does not fit" in capsys.readouterr().out
     data = json.loads((tmp_path / "plan.json").read_text())
@@ -218,22 +290,62 @@ def test_cli_does_not_fit_and_require_fit(looplm_dir, tmp_path, capsys):
 
 def test_cli_extrapolates_deeper_models(looplm_dir, tmp_path):
     out = tmp_path / "plan.json"
-    assert _cli("--config", REPO / "configs/smoke/pretrain.yaml", "--gpus-per-node", 8, "--gpu-memory", "80GiB",
-                "--seq-len", SEQ, "--json", out, "model.config.num_hidden_layers=6", "data.micro_batch_size=1") == 0
+    assert (
+        _cli(
+            "--config",
+            REPO / "configs/smoke/pretrain.yaml",
+            "--gpus-per-node",
+            8,
+            "--gpu-memory",
+            "80GiB",
+            "--seq-len",
+            SEQ,
+            "--json",
+            out,
+            "model.config.num_hidden_layers=6",
+            "data.micro_batch_size=1",
+        )
+        == 0
+    )
     data = json.loads(out.read_text())
     assert data["layers_measured"] == [1, 2] and data["num_layers"] == 6 and "extrapolated" in data["method"]
 
 
 def test_cli_without_a_sequence_length_names_the_flag(looplm_dir, capsys):
-    assert _cli("--config", REPO / "configs/smoke/transition.yaml", "--gpus-per-node", 8, "--gpu-memory", "80GB",
-                f"model.init_from={looplm_dir}", "data.path=/nonexistent/data") == 2
+    assert (
+        _cli(
+            "--config",
+            REPO / "configs/smoke/transition.yaml",
+            "--gpus-per-node",
+            8,
+            "--gpu-memory",
+            "80GB",
+            f"model.init_from={looplm_dir}",
+            "data.path=/nonexistent/data",
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "--seq-len" in err and "data.path" in err
 
 
 def test_cli_unknown_hub_name_is_a_clear_error(capsys):
-    assert _cli("--config", REPO / "configs/ouro/1.4b.yaml", "--phase", "transition", "--gpus-per-node", 8,
-                "--gpu-memory", "80GB", "--seq-len", 4096, "model.init_from=SomeOrg/NotAModel") == 2
+    assert (
+        _cli(
+            "--config",
+            REPO / "configs/ouro/1.4b.yaml",
+            "--phase",
+            "transition",
+            "--gpus-per-node",
+            8,
+            "--gpu-memory",
+            "80GB",
+            "--seq-len",
+            4096,
+            "model.init_from=SomeOrg/NotAModel",
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "model.init_from" in err and "SomeOrg/NotAModel" in err and "--model-config" in err
 
@@ -245,8 +357,9 @@ def test_known_hub_names_and_the_distill_student_fallback():
     inputs = step_inputs(cfg, seq_len=4096)
     assert inputs.teacher.num_layers == 48 and inputs.model.num_layers == 48
     assert "ouro-2.6b.yaml" in inputs.teacher.source and "not on disk" in inputs.model.source
-    thinking = load_run_config(REPO / "configs/ouro/1.4b.yaml", ["model.init_from=ByteDance/Ouro-1.4B-Thinking"],
-                               "transition")
+    thinking = load_run_config(
+        REPO / "configs/ouro/1.4b.yaml", ["model.init_from=ByteDance/Ouro-1.4B-Thinking"], "transition"
+    )
     assert step_inputs(thinking, seq_len=4096).model.config["hidden_size"] == 2048
     with pytest.raises(ConfigError, match="max_position_embeddings"):
         step_inputs(thinking, seq_len=10**6)

@@ -35,14 +35,16 @@ def ensure_packages() -> Optional[str]:
     if os.geteuid() != 0 and shutil.which("sudo") is None:
         return f"SLURM binaries missing ({', '.join(missing_binaries())}) and not root to install them"
     try:
-        out = subprocess.run(["bash", str(REPO / "scripts" / "install_debian_deps.sh")], capture_output=True,
-                             text=True, timeout=900)
+        out = subprocess.run(
+            ["bash", str(REPO / "scripts" / "install_debian_deps.sh")], capture_output=True, text=True, timeout=900
+        )
     except (OSError, subprocess.TimeoutExpired) as err:
         return f"scripts/install_debian_deps.sh did not finish: {err}"
     if missing_binaries():
         tail = (out.stdout + out.stderr).strip().splitlines()[-5:]
-        return (f"SLURM packages could not be installed (still missing {', '.join(missing_binaries())}): "
-                + " | ".join(tail))
+        return f"SLURM packages could not be installed (still missing {', '.join(missing_binaries())}): " + " | ".join(
+            tail
+        )
     return None
 
 
@@ -88,9 +90,9 @@ CredType=cred/munge
 AuthInfo=socket={munge_socket},cred_expire=5
 SlurmUser=root
 SlurmdUser=root
-StateSaveLocation={root / 'state'}
-SlurmctldPidFile={root / 'slurmctld.pid'}
-SlurmctldLogFile={root / 'slurmctld.log'}
+StateSaveLocation={root / "state"}
+SlurmctldPidFile={root / "slurmctld.pid"}
+SlurmctldLogFile={root / "slurmctld.log"}
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -174,25 +176,36 @@ class SlurmCluster:
             self._run([_sbin("mungekey"), "--create", "--bits", "1024", "--keyfile", str(key), "--force"])
         else:
             key.write_bytes(os.urandom(128))
-        os.chown(key, os.geteuid(), os.getegid())   # owned by the user munged runs as (root here)
+        os.chown(key, os.geteuid(), os.getegid())  # owned by the user munged runs as (root here)
         os.chmod(key, 0o600)
         pid = self.munge_dir / "munged.pid"
-        self._run([_sbin("munged"), "--force", f"--key-file={key}", f"--socket={self.socket}",
-                   f"--pid-file={pid}", f"--log-file={self.munge_dir / 'munged.log'}",
-                   f"--seed-file={self.munge_dir / 'munged.seed'}"])
+        self._run(
+            [
+                _sbin("munged"),
+                "--force",
+                f"--key-file={key}",
+                f"--socket={self.socket}",
+                f"--pid-file={pid}",
+                f"--log-file={self.munge_dir / 'munged.log'}",
+                f"--seed-file={self.munge_dir / 'munged.seed'}",
+            ]
+        )
         self.pids["munged"] = pid
         self._wait(self.socket.exists, 20, "munged's socket")
 
     def _write_conf(self) -> None:
         cpus = len(os.sched_getaffinity(0))
-        self.conf.write_text(common_conf(self.root, self.socket, "melttest", self.node, "127.0.0.1") + f"""\
-SlurmdSpoolDir={self.root / 'spool'}
-SlurmdPidFile={self.root / 'slurmd.pid'}
-SlurmdLogFile={self.root / 'slurmd.log'}
+        self.conf.write_text(
+            common_conf(self.root, self.socket, "melttest", self.node, "127.0.0.1")
+            + f"""\
+SlurmdSpoolDir={self.root / "spool"}
+SlurmdPidFile={self.root / "slurmd.pid"}
+SlurmdLogFile={self.root / "slurmd.log"}
 NodeName={self.node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb()} State=UNKNOWN
 # OverSubscribe: several jobs may share the cores (2-task jobs and the tests' own processes)
 PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
-""")
+"""
+        )
 
     def _node_idle(self) -> bool:
         state = self.call("sinfo", "-h", "-n", self.node, "-o", "%t").stdout.strip()

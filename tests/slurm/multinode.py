@@ -44,8 +44,8 @@ from typing import Optional, TextIO
 from tests.slurm.cluster import SlurmCluster, _pid_alive, _sbin, common_conf, memory_mb, missing_binaries
 
 NODES = ("mn1", "mn2")
-SUBNET = "10.231.0"                      # /24; the controller on .1, node i on .(10 + i)
-PREFIX = "meltmn"                        # namespaces meltmn-mn1, links meltmn-mn1 / meltmn-br
+SUBNET = "10.231.0"  # /24; the controller on .1, node i on .(10 + i)
+PREFIX = "meltmn"  # namespaces meltmn-mn1, links meltmn-mn1 / meltmn-br
 BRIDGE = f"{PREFIX}-br"
 MARKER = "# melt-two-node-test-cluster"  # tags this cluster's lines in /etc/hosts
 LOCK = Path("/run/lock/melt-two-node-cluster.lock")
@@ -58,8 +58,11 @@ def why_not_available() -> Optional[str]:
     """None when a two-node cluster can start here, else why not (a skip reason)."""
     if os.geteuid() != 0:
         return "the two-node SLURM cluster needs root (network namespaces, bind mounts, slurmd)"
-    missing = [t for t in TOOLS if shutil.which(t) is None and not Path("/usr/sbin", t).exists()
-               and not Path("/sbin", t).exists()]
+    missing = [
+        t
+        for t in TOOLS
+        if shutil.which(t) is None and not Path("/usr/sbin", t).exists() and not Path("/sbin", t).exists()
+    ]
     if missing:
         return f"the two-node SLURM cluster needs {', '.join(missing)} (iproute2, util-linux)"
     if missing_binaries():
@@ -70,8 +73,9 @@ def why_not_available() -> Optional[str]:
 
 
 def _tool(name: str) -> str:
-    return shutil.which(name) or next((str(p) for p in (Path("/usr/sbin", name), Path("/sbin", name)) if p.exists()),
-                                      name)
+    return shutil.which(name) or next(
+        (str(p) for p in (Path("/usr/sbin", name), Path("/sbin", name)) if p.exists()), name
+    )
 
 
 def _quiet(*cmd: str) -> subprocess.CompletedProcess:
@@ -221,14 +225,32 @@ class TwoNodeCluster(SlurmCluster):
     def start_node(self, node: str) -> None:
         """Start (or restart) the node's slurmd inside its namespaces; returns once it runs (not yet idle)."""
         (self.root / "spool" / node).mkdir(parents=True, exist_ok=True)
-        script = (f"hostname {node} && mount --bind {self.hosts} /etc/hosts && "
-                  f"mount -t tmpfs -o size=50% tmpfs /dev/shm && exec {_sbin('slurmd')} -D -N {node} -f {self.conf}")
+        script = (
+            f"hostname {node} && mount --bind {self.hosts} /etc/hosts && "
+            f"mount -t tmpfs -o size=50% tmpfs /dev/shm && exec {_sbin('slurmd')} -D -N {node} -f {self.conf}"
+        )
         log = open(self.root / f"slurmd-{node}.out", "ab")
         try:
             self._slurmd[node] = subprocess.Popen(
-                [_tool("nsenter"), f"--net=/run/netns/{namespace(node)}", _tool("unshare"), "--uts", "--ipc",
-                 "--mount", "--propagation", "private", "sh", "-c", script],
-                env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    _tool("nsenter"),
+                    f"--net=/run/netns/{namespace(node)}",
+                    _tool("unshare"),
+                    "--uts",
+                    "--ipc",
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "sh",
+                    "-c",
+                    script,
+                ],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         finally:
             log.close()
         (self.root / f"slurmd-{node}.pid").write_text(f"{self._slurmd[node].pid}\n")
@@ -279,19 +301,24 @@ class TwoNodeCluster(SlurmCluster):
     def _network(self) -> None:
         taken = _quiet("ip", "-4", "route", "show", f"{SUBNET}.0/24").stdout.strip()
         if taken:
-            raise RuntimeError(f"{SUBNET}.0/24 is already routed on this machine ({taken}): "
-                               f"change SUBNET in {__file__}")
-        steps = [("ip", "link", "add", BRIDGE, "type", "bridge"),
-                 ("ip", "addr", "add", f"{SUBNET}.1/24", "dev", BRIDGE),
-                 ("ip", "link", "set", BRIDGE, "up")]
+            raise RuntimeError(
+                f"{SUBNET}.0/24 is already routed on this machine ({taken}): change SUBNET in {__file__}"
+            )
+        steps = [
+            ("ip", "link", "add", BRIDGE, "type", "bridge"),
+            ("ip", "addr", "add", f"{SUBNET}.1/24", "dev", BRIDGE),
+            ("ip", "link", "set", BRIDGE, "up"),
+        ]
         for node in self.nodes:
             ns, host_end = namespace(node), f"{PREFIX}-{node}"
-            steps += [("ip", "netns", "add", ns),
-                      ("ip", "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", ns),
-                      ("ip", "link", "set", host_end, "master", BRIDGE, "up"),
-                      ("ip", "-n", ns, "addr", "add", f"{address(node)}/24", "dev", "eth0"),
-                      ("ip", "-n", ns, "link", "set", "eth0", "up"),
-                      ("ip", "-n", ns, "link", "set", "lo", "up")]
+            steps += [
+                ("ip", "netns", "add", ns),
+                ("ip", "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", ns),
+                ("ip", "link", "set", host_end, "master", BRIDGE, "up"),
+                ("ip", "-n", ns, "addr", "add", f"{address(node)}/24", "dev", "eth0"),
+                ("ip", "-n", ns, "link", "set", "eth0", "up"),
+                ("ip", "-n", ns, "link", "set", "lo", "up"),
+            ]
         for i, cmd in enumerate(steps):
             out = _quiet(*cmd)
             if out.returncode != 0 and i in (0, 3) and "not permitted" in out.stderr.lower():
@@ -301,28 +328,35 @@ class TwoNodeCluster(SlurmCluster):
 
     def _names(self) -> None:
         lines = [f"{address(node)} {node}" for node in self.nodes]
-        self.hosts.write_text("127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n"
-                              f"{SUBNET}.1 {self.controller}\n" + "\n".join(lines) + "\n")
+        self.hosts.write_text(
+            "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n"
+            f"{SUBNET}.1 {self.controller}\n" + "\n".join(lines) + "\n"
+        )
         remove_hosts_lines()
         text = HOSTS.read_text()
         with open(HOSTS, "a") as f:
-            f.write(("" if not text or text.endswith("\n") else "\n")
-                    + "".join(f"{line}  {MARKER}\n" for line in lines))
+            f.write(
+                ("" if not text or text.endswith("\n") else "\n") + "".join(f"{line}  {MARKER}\n" for line in lines)
+            )
 
     def _write_conf(self) -> None:
         cpus = len(os.sched_getaffinity(0))
         mem = memory_mb(0.9 / len(self.nodes))
-        nodes = "".join(f"NodeName={n} NodeAddr={address(n)} CPUs={cpus} RealMemory={mem} State=UNKNOWN\n"
-                        for n in self.nodes)
-        self.conf.write_text(common_conf(self.root, self.socket, "meltmulti", self.controller, f"{SUBNET}.1") + f"""\
-SlurmdSpoolDir={self.root / 'spool' / '%n'}
-SlurmdPidFile={self.root / 'slurmd-%n.daemon.pid'}
-SlurmdLogFile={self.root / 'slurmd-%n.log'}
+        nodes = "".join(
+            f"NodeName={n} NodeAddr={address(n)} CPUs={cpus} RealMemory={mem} State=UNKNOWN\n" for n in self.nodes
+        )
+        self.conf.write_text(
+            common_conf(self.root, self.socket, "meltmulti", self.controller, f"{SUBNET}.1")
+            + f"""\
+SlurmdSpoolDir={self.root / "spool" / "%n"}
+SlurmdPidFile={self.root / "slurmd-%n.daemon.pid"}
+SlurmdLogFile={self.root / "slurmd-%n.log"}
 # a killed node is "not responding" after ~SlurmdTimeout, DOWN after about twice that
 SlurmdTimeout=10
-{nodes}PartitionName={self.partition} Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP \
+{nodes}PartitionName={self.partition} Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE State=UP \
 OverSubscribe=FORCE:4
-""")
+"""
+        )
 
     def _nodes_idle(self) -> bool:
         out = self.call("sinfo", "-h", "-N", "-o", "%N %t").stdout.split()
@@ -337,5 +371,9 @@ OverSubscribe=FORCE:4
         self._wait(self._nodes_idle, timeout, f"nodes {', '.join(self.nodes)} to be idle", poll=0.2)
 
     def log_files(self) -> list[Path]:
-        return ([self.root / "slurmctld.log"] + [self.root / f"slurmd-{n}.log" for n in self.nodes]
-                + [self.root / f"slurmd-{n}.out" for n in self.nodes] + [self.munge_dir / "munged.log"])
+        return (
+            [self.root / "slurmctld.log"]
+            + [self.root / f"slurmd-{n}.log" for n in self.nodes]
+            + [self.root / f"slurmd-{n}.out" for n in self.nodes]
+            + [self.munge_dir / "munged.log"]
+        )

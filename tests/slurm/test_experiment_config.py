@@ -28,21 +28,45 @@ def gpu_experiment(**top) -> dict:
     """An Ouro-like production experiment (4 nodes x 8 GPUs)."""
     exp = {
         "name": "ouro-test",
-        "resources": {"partition": "gpu", "account": "melt", "qos": "high", "constraint": "h100", "nodes": 4,
-                      "gpus_per_node": 8, "cpus_per_task": 12, "mem_gb": 480, "time": "2-00:00:00",
-                      "signal_delay_s": 300, "max_requeues": 5,
-                      "setup": ["module load cuda/12.4", "source ~/miniforge3/bin/activate melt"],
-                      "env": {"NCCL_DEBUG": "WARN"}, "sbatch": {"exclusive": True}},
+        "resources": {
+            "partition": "gpu",
+            "account": "melt",
+            "qos": "high",
+            "constraint": "h100",
+            "nodes": 4,
+            "gpus_per_node": 8,
+            "cpus_per_task": 12,
+            "mem_gb": 480,
+            "time": "2-00:00:00",
+            "signal_delay_s": 300,
+            "max_requeues": 5,
+            "setup": ["module load cuda/12.4", "source ~/miniforge3/bin/activate melt"],
+            "env": {"NCCL_DEBUG": "WARN"},
+            "sbatch": {"exclusive": True},
+        },
         "stages": {
-            "data": {"kind": "data_prep", "args": ["synthetic", "--train-samples", 100], "resources": {"cpus_per_task": 32}},
-            "transition": {"kind": "train", "config": "configs/smoke/transition.yaml",
-                           "overrides": {"schedule": {"total_steps": 100}, "optimizer.lr": 1.0e-4},
-                           "inputs": {"data.path": "data/train"}},
-            "distill": {"kind": "train", "config": "configs/smoke/transition.yaml",
-                        "inputs": {"data.path": "data/train", "model.init_from": "transition/export"},
-                        "resources": {"nodes": 2, "time": 600}},
-            "evaluate": {"kind": "evaluate", "args": ["--model", "melt={distill/export}", "--data", "{data/eval}"],
-                         "resources": {"gpus_per_node": 1}},
+            "data": {
+                "kind": "data_prep",
+                "args": ["synthetic", "--train-samples", 100],
+                "resources": {"cpus_per_task": 32},
+            },
+            "transition": {
+                "kind": "train",
+                "config": "configs/smoke/transition.yaml",
+                "overrides": {"schedule": {"total_steps": 100}, "optimizer.lr": 1.0e-4},
+                "inputs": {"data.path": "data/train"},
+            },
+            "distill": {
+                "kind": "train",
+                "config": "configs/smoke/transition.yaml",
+                "inputs": {"data.path": "data/train", "model.init_from": "transition/export"},
+                "resources": {"nodes": 2, "time": 600},
+            },
+            "evaluate": {
+                "kind": "evaluate",
+                "args": ["--model", "melt={distill/export}", "--data", "{data/eval}"],
+                "resources": {"gpus_per_node": 1},
+            },
         },
     }
     exp.update(top)
@@ -59,12 +83,21 @@ def test_smoke_experiment_loads_and_resolves(tmp_path):
     plan = build_plan(exp, strict=False)
     transition = plan.stage("transition")
     assert transition.entry == "pipeline.train"
-    assert transition.argv == ["--config", str(REPO / "configs/smoke/transition.yaml"),
-                               f"data.path={tmp_path}/data/train", f"model.init_from={tmp_path}/pretrain/export",
-                               f"run_dir={tmp_path}/transition"]
+    assert transition.argv == [
+        "--config",
+        str(REPO / "configs/smoke/transition.yaml"),
+        f"data.path={tmp_path}/data/train",
+        f"model.init_from={tmp_path}/pretrain/export",
+        f"run_dir={tmp_path}/transition",
+    ]
     assert plan.stage("data").argv[-2:] == ["--out", str(tmp_path / "data")]
     evaluate = plan.stage("evaluate").argv
-    assert evaluate[:4] == ["--model", f"looplm={tmp_path}/pretrain/export", "--model", f"melt={tmp_path}/distill/export"]
+    assert evaluate[:4] == [
+        "--model",
+        f"looplm={tmp_path}/pretrain/export",
+        "--model",
+        f"melt={tmp_path}/distill/export",
+    ]
     assert evaluate[-2:] == ["--out", str(tmp_path / "evaluate" / "results.json")]
 
 
@@ -110,8 +143,11 @@ def test_signal_delay_below_120_needs_the_test_override():
 def test_inputs_must_come_from_earlier_stages():
     raw = gpu_experiment()
     raw["stages"]["transition"]["inputs"]["model.init_from"] = "pretrain/export"
-    with pytest.raises(ExperimentError, match=r"stages.transition.inputs.model.init_from: 'pretrain/export' names no "
-                                              r"stage"):
+    with pytest.raises(
+        ExperimentError,
+        match=r"stages.transition.inputs.model.init_from: 'pretrain/export' names no "
+        r"stage",
+    ):
         experiment_from_dict(raw)
     raw = gpu_experiment()
     raw["stages"]["transition"]["inputs"]["model.init_from"] = "distill/export"
@@ -124,9 +160,14 @@ def test_inputs_must_come_from_earlier_stages():
 
 
 def test_gpu_resources_one_task_per_gpu_and_overrides():
-    exp = experiment_from_dict(gpu_experiment(), ["stages.distill.resources.nodes=3",
-                                                  "stages.transition.overrides.schedule.warmup_steps=10",
-                                                  "resources.env.OMP_NUM_THREADS=8"])
+    exp = experiment_from_dict(
+        gpu_experiment(),
+        [
+            "stages.distill.resources.nodes=3",
+            "stages.transition.overrides.schedule.warmup_steps=10",
+            "resources.env.OMP_NUM_THREADS=8",
+        ],
+    )
     tr, di, ev, data = (exp.resources_of(n) for n in ("transition", "distill", "evaluate", "data"))
     assert (tr.nodes, tr.ntasks_per_node, tr.num_tasks, tr.time) == (4, 8, 32, 2880)
     assert (di.nodes, di.num_tasks, di.time) == (3, 24, 600)
@@ -156,8 +197,10 @@ def test_time_limits():
 def test_override_syntax():
     raw = apply_overrides({"stages": {"a": {"overrides": {"x.y": 1}}}}, ["stages.a.overrides.x.y=2", "run_dir=/r"])
     assert raw == {"stages": {"a": {"overrides": {"x.y": 1, "x": {"y": 2}}}}, "run_dir": "/r"}
-    exp = experiment_from_dict(gpu_experiment(), ["stages.transition.overrides.optimizer.lr=0.5",
-                                                  "stages.transition.inputs.model.init_from=data/model"])
+    exp = experiment_from_dict(
+        gpu_experiment(),
+        ["stages.transition.overrides.optimizer.lr=0.5", "stages.transition.inputs.model.init_from=data/model"],
+    )
     argv = build_plan(exp, run_dir=Path("/r"), strict=False).stage("transition").argv
     assert "optimizer.lr=0.5" in argv and "optimizer.lr=0.0001" not in argv
     assert "model.init_from=/r/data/model" in argv
@@ -195,7 +238,7 @@ def test_stage_subset_needs_complete_inputs_on_disk(tmp_path):
 def test_resume_skips_complete_stages(tmp_path):
     exp = experiment_from_dict(gpu_experiment(run_dir=str(tmp_path)))
     _touch(tmp_path / "data/train/index.json")
-    assert not is_complete(exp, tmp_path, "data")          # an index without its manifest: interrupted
+    assert not is_complete(exp, tmp_path, "data")  # an index without its manifest: interrupted
     _touch(tmp_path / "data/train/manifest.json")
     _touch(tmp_path / "data/eval/index.json")
     _touch(tmp_path / "data/eval/manifest.json")
@@ -213,14 +256,29 @@ def test_dry_run_prints_sbatch_dependencies_and_resources(tmp_path, monkeypatch,
     cfg.write_text(yaml.safe_dump(gpu_experiment(run_dir=str(tmp_path / "run")), sort_keys=False))
     assert slurm.main(["--config", str(cfg), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    for line in ["#   transition: afterok [data]", "#   distill: afterok [data, transition]",
-                 "#SBATCH --dependency='afterok:<data>:<transition>'", "#SBATCH --kill-on-invalid-dep=yes",
-                 "#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --cpus-per-task=12", "#SBATCH --mem=480GB", "#SBATCH --time=2880",
-                 "#SBATCH --partition=gpu", "#SBATCH --account=melt", "#SBATCH --qos=high",
-                 "#SBATCH --constraint=h100", "#SBATCH --signal=USR2@300", "#SBATCH --exclusive",
-                 "#SBATCH --requeue", "module load cuda/12.4", "export NCCL_DEBUG=WARN",
-                 "-u -m submitit.core._submit", f"--output {tmp_path}/run/slurm/transition/%j_%t_log.out"]:
+    for line in [
+        "#   transition: afterok [data]",
+        "#   distill: afterok [data, transition]",
+        "#SBATCH --dependency='afterok:<data>:<transition>'",
+        "#SBATCH --kill-on-invalid-dep=yes",
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --cpus-per-task=12",
+        "#SBATCH --mem=480GB",
+        "#SBATCH --time=2880",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=melt",
+        "#SBATCH --qos=high",
+        "#SBATCH --constraint=h100",
+        "#SBATCH --signal=USR2@300",
+        "#SBATCH --exclusive",
+        "#SBATCH --requeue",
+        "module load cuda/12.4",
+        "export NCCL_DEBUG=WARN",
+        "-u -m submitit.core._submit",
+        f"--output {tmp_path}/run/slurm/transition/%j_%t_log.out",
+    ]:
         assert line in out, line
     assert "--wckey" not in out
     assert not (tmp_path / "run").exists()  # nothing written, nothing submitted
@@ -236,7 +294,11 @@ def test_smoke_dry_run_from_the_command_line(tmp_path, capsys, monkeypatch):
     assert "signal_delay_s < 120" in captured.err
     assert local.main(["--config", str(SMOKE), "--dry-run", f"run_dir={tmp_path}", "--stages", "data,pretrain"]) == 0
     out = capsys.readouterr().out
-    assert "deepspeed.launcher.runner --num_gpus 2" in out and "pipeline/train.py" in out and "-m data_prep synthetic" in out
+    assert (
+        "deepspeed.launcher.runner --num_gpus 2" in out
+        and "pipeline/train.py" in out
+        and "-m data_prep synthetic" in out
+    )
 
 
 def test_submit_without_sbatch_is_a_clear_error(tmp_path, monkeypatch, capsys):
@@ -269,12 +331,16 @@ def test_ouro_experiments_plan_the_whole_chain(size, nodes, tmp_path):
     exp = load_experiment(REPO / "configs" / "experiments" / f"ouro-{size}-melt.yaml", [f"run_dir={tmp_path}"])
     plan = build_plan(exp, base=REPO, strict=False)
     graph = {p.name: p.upstream for p in plan.stages}
-    assert graph == {"data": [], "data_eval": [], "transition": ["data"], "distill": ["data", "transition"],
-                     "evaluate": ["data_eval", "distill"]}
+    assert graph == {
+        "data": [],
+        "data_eval": [],
+        "transition": ["data"],
+        "distill": ["data", "transition"],
+        "evaluate": ["data_eval", "distill"],
+    }
     transition = plan.stage("transition")
     assert transition.resources.gpus_per_node == 8 and transition.resources.nodes == nodes
-    assert transition.argv[:4] == ["--config", str(REPO / "configs" / "ouro" / f"{size}.yaml"), "--phase",
-                                   "transition"]
+    assert transition.argv[:4] == ["--config", str(REPO / "configs" / "ouro" / f"{size}.yaml"), "--phase", "transition"]
     assert f"model.init_from={tmp_path / 'transition' / 'export'}" in plan.stage("distill").argv
     assert exp.resources.signal_delay_s >= 120
 
@@ -290,8 +356,10 @@ def test_ouro_experiments_evaluate_all_three_contenders(name, tmp_path):
     assert models["melt"] == str(tmp_path / "distill" / "export")
 
 
-@pytest.mark.parametrize("name", ["smoke", "demo", "demo-from-scratch", "reproduce", "ouro-1.4b-melt", "ouro-2.6b-melt",
-                                  "ouro-1.4b-thinking-paper"])
+@pytest.mark.parametrize(
+    "name",
+    ["smoke", "demo", "demo-from-scratch", "reproduce", "ouro-1.4b-melt", "ouro-2.6b-melt", "ouro-1.4b-thinking-paper"],
+)
 def test_local_experiments_plan_and_their_run_configs_validate(name, tmp_path):
     """What `make demo` / `make reproduce` would launch: every train stage's run config, with the
     experiment's overrides and inputs, is a valid RunConfig (a typo fails here, not 30 minutes in)."""
@@ -316,7 +384,15 @@ def test_local_experiments_plan_and_their_run_configs_validate(name, tmp_path):
             assert cfg.data.global_batch_size * 10240 == 327_680  # ~320k tokens per step
             assert cfg.optimizer.lr == 8e-6 and cfg.optimizer.groups["gates"].lr == 5e-4
     if name == "reproduce":
-        assert {n: c.model.config["total_ut_steps"] for n, c in configs.items() if n.startswith("pretrain")} == \
-            {"pretrain_standard": 1, "pretrain_t2": 2, "pretrain_t4": 4, "pretrain_t8": 8}
-        assert {p.name for p in plan.stages if p.kind == "evaluate"} == \
-            {"evaluate_standard", "evaluate_t2", "evaluate_t4", "evaluate_t8"}
+        assert {n: c.model.config["total_ut_steps"] for n, c in configs.items() if n.startswith("pretrain")} == {
+            "pretrain_standard": 1,
+            "pretrain_t2": 2,
+            "pretrain_t4": 4,
+            "pretrain_t8": 8,
+        }
+        assert {p.name for p in plan.stages if p.kind == "evaluate"} == {
+            "evaluate_standard",
+            "evaluate_t2",
+            "evaluate_t4",
+            "evaluate_t8",
+        }

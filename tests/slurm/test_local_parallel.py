@@ -26,8 +26,11 @@ def _launch_side_by_side(tmp_path: Path, stages: dict):
 
 
 def test_independent_stages_run_side_by_side(tmp_path):
-    stages = {"a": toy(steps=6, sleep=0.5), "b": toy(steps=6, sleep=0.5),
-              "c": toy(steps=1, sleep=0, input="{a/export}", other="{b/export}")}
+    stages = {
+        "a": toy(steps=6, sleep=0.5),
+        "b": toy(steps=6, sleep=0.5),
+        "c": toy(steps=1, sleep=0, input="{a/export}", other="{b/export}"),
+    }
     out = _launch_side_by_side(tmp_path, stages)
     assert out.returncode == 0, out.stdout + out.stderr
     run = tmp_path / "run"
@@ -36,19 +39,23 @@ def test_independent_stages_run_side_by_side(tmp_path):
     assert c0 > max(a1, b1), "c reads both exports: it starts after them"
     ports = {events(run / n, 0)[0]["master_port"] for n in "abc"}
     assert len(ports) == 3, ports
-    assert "[a] " in out.stdout and "[b] " in out.stdout          # interleaved output says whose it is
+    assert "[a] " in out.stdout and "[b] " in out.stdout  # interleaved output says whose it is
     for n in "abc":
         assert "exit 0 after" in (run / "local" / f"{n}.log").read_text()
 
 
 def test_a_failure_starts_nothing_more_and_lets_running_stages_finish(tmp_path):
-    stages = {"a": toy(steps=1, sleep=0, fail="true"), "b": toy(steps=6, sleep=0.5),
-              "c": toy(steps=1, sleep=0, input="{a/export}"), "d": toy(steps=1, sleep=0, input="{b/export}")}
+    stages = {
+        "a": toy(steps=1, sleep=0, fail="true"),
+        "b": toy(steps=6, sleep=0.5),
+        "c": toy(steps=1, sleep=0, input="{a/export}"),
+        "d": toy(steps=1, sleep=0, input="{b/export}"),
+    }
     out = _launch_side_by_side(tmp_path, stages)
     assert out.returncode == 1
     assert "stage a failed (exit " in out.stderr and "not started: c, d" in out.stderr, out.stderr
     run = tmp_path / "run"
-    assert json.loads((run / "b" / "export" / "config.json").read_text())["steps"] == 6   # b finished
+    assert json.loads((run / "b" / "export" / "config.json").read_text())["steps"] == 6  # b finished
     assert not (run / "c").exists() and not (run / "d").exists()
 
 
@@ -67,9 +74,14 @@ def test_an_interrupt_stops_every_running_stage(tmp_path, signum):
         stage["resources"] = {"tasks_per_node": 1}
     cfg = toy_experiment(tmp_path, stages)
     # SIGINT back to its default: a shell ignores it in background jobs, and Python then keeps it ignored
-    launcher = subprocess.Popen([sys.executable, str(REPO / "launchers" / "local.py"), "--config", str(cfg),
-                                 "local.max_tasks=2"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    launcher = subprocess.Popen(
+        [sys.executable, str(REPO / "launchers" / "local.py"), "--config", str(cfg), "local.max_tasks=2"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     run = tmp_path / "run"
     starts = [run / n / "events" / "rank0.jsonl" for n in stages]
     wait_for(lambda: all(p.is_file() for p in starts), 120, "both stages to start")

@@ -16,8 +16,14 @@ from launchers.progress import RunProgress, Task, schedule_seconds, speed_probe,
 from .test_slurm_launcher import launch, toy, toy_experiment
 
 # the demo's graph: data -> two pretrainings side by side -> transition -> distill -> evaluate
-DEMO = [("data", 1, []), ("pretrain", 1, ["data"]), ("pretrain_standard", 1, ["data"]),
-        ("transition", 2, ["pretrain"]), ("distill", 2, ["transition", "pretrain"]), ("evaluate", 1, ["distill"])]
+DEMO = [
+    ("data", 1, []),
+    ("pretrain", 1, ["data"]),
+    ("pretrain_standard", 1, ["data"]),
+    ("transition", 2, ["pretrain"]),
+    ("distill", 2, ["transition", "pretrain"]),
+    ("evaluate", 1, ["distill"]),
+]
 SECONDS = {"data": 10, "pretrain": 100, "pretrain_standard": 40, "transition": 30, "distill": 35, "evaluate": 5}
 
 
@@ -45,8 +51,10 @@ def test_train_progress_reads_steps_against_the_schedule(tmp_path):
 
 
 def _plan(tmp_path, reference):
-    stages = [SimpleNamespace(name=n, kind="train", upstream=up, output_dir=tmp_path / n, procs=procs)
-              for n, procs, up in DEMO]
+    stages = [
+        SimpleNamespace(name=n, kind="train", upstream=up, output_dir=tmp_path / n, procs=procs)
+        for n, procs, up in DEMO
+    ]
     local = SimpleNamespace(reference_timing=reference, max_tasks=2)
     return SimpleNamespace(stages=stages, experiment=SimpleNamespace(local=local))
 
@@ -54,8 +62,9 @@ def _plan(tmp_path, reference):
 def test_expected_time_scales_the_reference_by_the_speed_probe_then_follows_progress(tmp_path):
     reference = SimpleNamespace(probe_s=0.5, stages=SECONDS, machine="ref")
     out = StringIO()
-    progress = RunProgress(_plan(tmp_path, reference), lambda plan, p: p.procs, out, threading.Lock(),
-                           probe=lambda: 1.5)  # this machine: 3x slower than the reference
+    progress = RunProgress(
+        _plan(tmp_path, reference), lambda plan, p: p.procs, out, threading.Lock(), probe=lambda: 1.5
+    )  # this machine: 3x slower than the reference
     assert "expected time: 9m00s (the reference machine took 3m00s" in out.getvalue()
     assert progress.remaining() == pytest.approx(3 * 180, rel=1e-3)
     # data took 20 s (2x its reference): the observed scale replaces the probe's
@@ -88,8 +97,9 @@ def test_the_local_launcher_prints_the_expected_time_and_an_eta(tmp_path):
     stages["a"]["resources"] = {"tasks_per_node": 1}
     cfg = toy_experiment(tmp_path, stages)
     raw = yaml.safe_load(cfg.read_text())
-    raw["local"].update(progress_every_s=0.5, reference_timing={"machine": "test", "probe_s": 1.0,
-                                                                "stages": {"a": 9.0}})
+    raw["local"].update(
+        progress_every_s=0.5, reference_timing={"machine": "test", "probe_s": 1.0, "stages": {"a": 9.0}}
+    )
     cfg.write_text(yaml.safe_dump(raw))
     out = launch("--config", cfg, launcher="local.py")
     assert out.returncode == 0, out.stdout + out.stderr
@@ -100,6 +110,7 @@ def test_the_local_launcher_prints_the_expected_time_and_an_eta(tmp_path):
 
 def test_reference_timing_must_name_stages(tmp_path):
     cfg = toy_experiment(tmp_path, {"a": toy()})
-    out = launch("--config", cfg, "local.reference_timing={probe_s: 1, stages: {z: 3}}", "--dry-run",
-                 launcher="local.py")
+    out = launch(
+        "--config", cfg, "local.reference_timing={probe_s: 1, stages: {z: 3}}", "--dry-run", launcher="local.py"
+    )
     assert out.returncode == 2 and "local.reference_timing.stages: 'z' name no stage" in out.stderr, out.stderr

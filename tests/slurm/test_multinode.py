@@ -29,8 +29,14 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 def launch(cluster, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
     """launchers/slurm.py against the two-node cluster (its SLURM_CONF, whatever os.environ holds)."""
     env = dict(cluster.env, PYTHONUNBUFFERED="1")
-    out = subprocess.run([sys.executable, str(REPO / "launchers" / "slurm.py"), *map(str, args)], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "launchers" / "slurm.py"), *map(str, args)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert out.returncode == 0 or not check, f"launcher failed ({out.returncode}):\n{out.stdout}\n{out.stderr}"
     return out
 
@@ -71,8 +77,15 @@ def test_toy_stage_runs_one_rank_per_node(two_node_cluster, tmp_path):
 def two_node_smoke(two_node_cluster, tmp_path_factory):
     """The whole smoke experiment, every training stage on both nodes (one rank per node)."""
     run_dir = tmp_path_factory.mktemp("smoke2n") / "run"
-    launch(two_node_cluster, "--config", SMOKE, f"run_dir={run_dir}", "resources.nodes=2",
-           "resources.tasks_per_node=1", "resources.mem_gb=1")
+    launch(
+        two_node_cluster,
+        "--config",
+        SMOKE,
+        f"run_dir={run_dir}",
+        "resources.nodes=2",
+        "resources.tasks_per_node=1",
+        "resources.mem_gb=1",
+    )
     jobs = jobs_of(run_dir)
     return run_dir, jobs, two_node_cluster.wait_jobs([j["job_id"] for j in jobs.values()], timeout=600)
 
@@ -91,8 +104,9 @@ def test_smoke_experiment_across_two_nodes(two_node_cluster, two_node_smoke):
     cluster = two_node_cluster
     run_dir, jobs, final = two_node_smoke
     for name, job in jobs.items():
-        assert final[job["job_id"]]["JobState"] == "COMPLETED", \
+        assert final[job["job_id"]]["JobState"] == "COMPLETED", (
             f"{name}: {final[job['job_id']]}\n{job_logs(job)}\n{cluster.log_tails()}"
+        )
     trained = [name for name, job in jobs.items() if job["kind"] == "train"]
     assert trained == ["pretrain", "transition", "distill"], list(jobs)
     order = sorted(jobs, key=lambda n: final[jobs[n]["job_id"]]["StartTime"])
@@ -119,9 +133,14 @@ def test_fsdp_stage_across_two_nodes(two_node_cluster, two_node_smoke, tmp_path)
 
     smoke_dir, jobs, final = two_node_smoke
     assert final[jobs["pretrain"]["job_id"]]["JobState"] == "COMPLETED"
-    stage = {"kind": "train", "config": str(REPO / "configs/smoke/fsdp/transition.yaml"),
-             "overrides": {"data.path": str(smoke_dir / "data" / "train"),
-                           "model.init_from": str(smoke_dir / "pretrain" / "export")}}
+    stage = {
+        "kind": "train",
+        "config": str(REPO / "configs/smoke/fsdp/transition.yaml"),
+        "overrides": {
+            "data.path": str(smoke_dir / "data" / "train"),
+            "model.init_from": str(smoke_dir / "pretrain" / "export"),
+        },
+    }
     exp = yaml.safe_load(SMOKE.read_text())
     exp.update(name="fsdp-two-nodes", run_dir=str(tmp_path / "run"), stages={"transition": stage})
     exp["resources"].update(nodes=2, tasks_per_node=1, mem_gb=1)
@@ -142,8 +161,9 @@ def test_fsdp_stage_across_two_nodes(two_node_cluster, two_node_smoke, tmp_path)
     assert melt.config.model_type == "melt" and melt.config.alpha == 1.0
 
 
-def rerun_smoke_stage(tmp_path: Path, smoke_dir: Path, name: str, env: dict[str, str],
-                      then: Optional[dict] = None) -> Path:
+def rerun_smoke_stage(
+    tmp_path: Path, smoke_dir: Path, name: str, env: dict[str, str], then: Optional[dict] = None
+) -> Path:
     """An experiment of one smoke stage, its inputs from the `two_node_smoke` run, on both nodes (and the
     stages `then`, after it)."""
     exp = yaml.safe_load(SMOKE.read_text())
@@ -194,9 +214,13 @@ def test_preempted_transition_requeues_and_resumes_across_two_nodes(two_node_clu
     smoke_dir, jobs, final = two_node_smoke
     assert final[jobs["transition"]["job_id"]]["JobState"] == "COMPLETED"
     held = tmp_path / "held"
-    cfg = rerun_smoke_stage(tmp_path, smoke_dir, "transition",
-                            {"MELT_DEBUG_KILL": "hold@5", "MELT_DEBUG_KILL_ONCE": str(held)},
-                            then={"after": toy(steps=1, input="{transition/export}")})
+    cfg = rerun_smoke_stage(
+        tmp_path,
+        smoke_dir,
+        "transition",
+        {"MELT_DEBUG_KILL": "hold@5", "MELT_DEBUG_KILL_ONCE": str(held)},
+        then={"after": toy(steps=1, input="{transition/export}")},
+    )
     launch(cluster, "--config", cfg)
     run = jobs_of(tmp_path / "run")
     job = run["transition"]
@@ -204,8 +228,9 @@ def test_preempted_transition_requeues_and_resumes_across_two_nodes(two_node_clu
     assert again.returncode == 2 and "still queued or running" in again.stderr, again.stderr
     wait_for_file(held, cluster, job)
     cluster.call("scancel", "--signal=USR2", job["job_id"], check=True)
-    rank0 = assert_resumed_like_the_uninterrupted_run(cluster, job, tmp_path / "run" / "transition",
-                                                      smoke_dir / "transition")
+    rank0 = assert_resumed_like_the_uninterrupted_run(
+        cluster, job, tmp_path / "run" / "transition", smoke_dir / "transition"
+    )
     assert "preempted or timed out, requeueing" in rank0, job_logs(job)
     assert not list(Path(job["stdout"]).parent.glob("*_requeued_node_failure"))  # submitit's requeue only
     after = cluster.wait_jobs([run["after"]["job_id"]], timeout=120)[run["after"]["job_id"]]
@@ -223,15 +248,15 @@ def test_node_failure_mid_distill_requeues_and_resumes(two_node_cluster, two_nod
     assert final[jobs["distill"]["job_id"]]["JobState"] == "COMPLETED"
     fired = tmp_path / "node-failure-fired"
     # rank 1 (on mn2) stops answering after step 5, once: step 4's checkpoint is complete by then
-    cfg = rerun_smoke_stage(tmp_path, smoke_dir, "distill",
-                            {"MELT_DEBUG_KILL": "lose_rank@5", "MELT_DEBUG_KILL_ONCE": str(fired)})
+    cfg = rerun_smoke_stage(
+        tmp_path, smoke_dir, "distill", {"MELT_DEBUG_KILL": "lose_rank@5", "MELT_DEBUG_KILL_ONCE": str(fired)}
+    )
     launch(cluster, "--config", cfg)
     job = jobs_of(tmp_path / "run")["distill"]
     wait_for_file(fired, cluster, job)
     assert cluster.kill_node("mn2"), "no process of mn2 to kill"
     cluster.start_node("mn2")  # back long before SlurmdTimeout: SLURM never marks it DOWN
-    rank0 = assert_resumed_like_the_uninterrupted_run(cluster, job, tmp_path / "run" / "distill",
-                                                      smoke_dir / "distill")
+    rank0 = assert_resumed_like_the_uninterrupted_run(cluster, job, tmp_path / "run" / "distill", smoke_dir / "distill")
     assert "requeued: the step ended with status" in rank0, job_logs(job)
     folder = Path(job["stdout"]).parent
     assert [p.name for p in folder.glob("*_requeued_node_failure")] == [f"{job['job_id']}_0_requeued_node_failure"]

@@ -27,10 +27,17 @@ pytestmark = pytest.mark.slurm
 
 # ----------------------------------------------------------------------------- helpers
 
+
 def launch(*args: str, launcher: str = "slurm.py", timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, str(REPO / "launchers" / launcher), *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / "launchers" / launcher), *map(str, args)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def toy(**args) -> dict:
@@ -38,10 +45,23 @@ def toy(**args) -> dict:
 
 
 def toy_experiment(tmp_path: Path, stages: dict, name: str = "toy") -> Path:
-    exp = {"name": name, "run_dir": str(tmp_path / "run"), "allow_short_signal_delay": True,
-           "resources": {"partition": "debug", "tasks_per_node": 2, "cpus_per_task": 1, "mem_gb": 1, "time": 10,
-                         "signal_delay_s": 30, "max_requeues": 2, "env": {"OMP_NUM_THREADS": 1}},
-           "local": {"launcher": "torchrun"}, "stages": stages}
+    exp = {
+        "name": name,
+        "run_dir": str(tmp_path / "run"),
+        "allow_short_signal_delay": True,
+        "resources": {
+            "partition": "debug",
+            "tasks_per_node": 2,
+            "cpus_per_task": 1,
+            "mem_gb": 1,
+            "time": 10,
+            "signal_delay_s": 30,
+            "max_requeues": 2,
+            "env": {"OMP_NUM_THREADS": 1},
+        },
+        "local": {"launcher": "torchrun"},
+        "stages": stages,
+    }
     path = tmp_path / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(exp, sort_keys=False))
@@ -80,9 +100,12 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.2) -> None:
 
 # ----------------------------------------------------------------------------- mechanics
 
+
 def test_chain_runs_in_dependency_order_with_slurm_ranks(slurm_cluster, tmp_path):
-    cfg = toy_experiment(tmp_path, {"a": toy(steps=2, sleep=0.5), "b": toy(steps=2, input="{a/export}"),
-                                    "c": toy(steps=2, input="{b/export}")})
+    cfg = toy_experiment(
+        tmp_path,
+        {"a": toy(steps=2, sleep=0.5), "b": toy(steps=2, input="{a/export}"), "c": toy(steps=2, input="{b/export}")},
+    )
     run_dir = tmp_path / "run"
     out = launch("--config", cfg)
     assert_launched(out)
@@ -133,8 +156,9 @@ def test_chain_runs_in_dependency_order_with_slurm_ranks(slurm_cluster, tmp_path
 
 
 def test_failing_stage_cancels_its_dependents(slurm_cluster, tmp_path):
-    cfg = toy_experiment(tmp_path, {"a": toy(fail="true"), "b": toy(input="{a/export}"),
-                                    "c": toy(input="{b/export}")}, name="failing")
+    cfg = toy_experiment(
+        tmp_path, {"a": toy(fail="true"), "b": toy(input="{a/export}"), "c": toy(input="{b/export}")}, name="failing"
+    )
     out = launch("--config", cfg)
     assert_launched(out)
     jobs = jobs_of(tmp_path / "run")
@@ -164,6 +188,7 @@ def test_clear_errors_before_submission(slurm_cluster, tmp_path):
 
 
 # ----------------------------------------------------------------------------- helpers of the real-pipeline tests
+
 
 def tensorboard_scalars(directory: Path) -> dict[str, list]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -54,12 +54,21 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args["run_dir"])
     steps, sleep = int(args.get("steps", 8)), float(args.get("sleep", 0.2))
     ckpt_every = int(args.get("ckpt_every", 1))
-    info = dict(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank, pid=os.getpid(),
-                local_world_size=env.local_world_size, master_addr=env.master_addr, master_port=env.master_port,
-                launcher=env.launcher, job_id=os.environ.get("SLURM_JOB_ID"),
-                restarts=int(os.environ.get("SLURM_RESTART_COUNT", "0")),
-                lws_env=os.environ.get("LOCAL_WORLD_SIZE"), cuda_visible=os.environ.get("CUDA_VISIBLE_DEVICES"),
-                host=os.uname().nodename)
+    info = dict(
+        rank=env.rank,
+        world_size=env.world_size,
+        local_rank=env.local_rank,
+        pid=os.getpid(),
+        local_world_size=env.local_world_size,
+        master_addr=env.master_addr,
+        master_port=env.master_port,
+        launcher=env.launcher,
+        job_id=os.environ.get("SLURM_JOB_ID"),
+        restarts=int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+        lws_env=os.environ.get("LOCAL_WORLD_SIZE"),
+        cuda_visible=os.environ.get("CUDA_VISIBLE_DEVICES"),
+        host=os.uname().nodename,
+    )
     if env.rank == 0:  # what the trainer writes first: the resolved config (its progress is step / total_steps)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(json.dumps({"schedule": {"total_steps": steps}}))
@@ -79,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group("gloo", rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=120))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, 4, generator=gen, dtype=torch.float64)
-    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64) + 0.1 * torch.randn(64, generator=gen,
-                                                                                         dtype=torch.float64)
-    xs, ys = x[env.rank::env.world_size], y[env.rank::env.world_size]
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64) + 0.1 * torch.randn(
+        64, generator=gen, dtype=torch.float64
+    )
+    xs, ys = x[env.rank :: env.world_size], y[env.rank :: env.world_size]
     w, start = torch.zeros(4, dtype=torch.float64), 0
     ckpt_dir = run_dir / "checkpoints"
     ckpts = sorted(ckpt_dir.glob("step_*.pt"))
@@ -93,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     for step in range(start, steps):
         residual = xs @ w - ys
         grad = 2 * xs.T @ residual
-        stats = torch.cat([grad, (residual ** 2).sum().reshape(1), torch.tensor([float(len(ys))], dtype=torch.float64)])
+        stats = torch.cat([grad, (residual**2).sum().reshape(1), torch.tensor([float(len(ys))], dtype=torch.float64)])
         dist.all_reduce(stats)
         count = stats[-1]
         loss = float(stats[-2] / count)
@@ -111,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     export = run_dir / "export"
     if env.rank == 0 and (start < steps or not (export / "config.json").is_file()):
         export.mkdir(parents=True, exist_ok=True)
-        (export / "config.json").write_text(json.dumps({"final_loss": loss, "steps": steps,
-                                                        "world_size": env.world_size}))
+        (export / "config.json").write_text(
+            json.dumps({"final_loss": loss, "steps": steps, "world_size": env.world_size})
+        )
     dist.barrier()
     dist.destroy_process_group()
     _event(run_dir, env.rank, event="end", loss=loss)

@@ -26,8 +26,8 @@ def test_padding_after_a_conversation_never_changes_it_and_packing_lets_the_next
     first, second = torch.randint(1, vocab, (7,)).tolist(), torch.randint(1, vocab, (6,)).tolist()
     pad = 0
     with torch.no_grad():
-        alone = melt_logits(melt, second + [pad] * 10)                   # rows of 16 tokens = 4 chunks
+        alone = melt_logits(melt, second + [pad] * 10)  # rows of 16 tokens = 4 chunks
         followed = melt_logits(melt, second + first + [pad] * 3)
-        packed = melt_logits(melt, first + second + [pad] * 3)           # the second starts mid-chunk
+        packed = melt_logits(melt, first + second + [pad] * 3)  # the second starts mid-chunk
     torch.testing.assert_close(alone[:6], followed[:6], rtol=0, atol=0)
     assert not torch.allclose(packed[7:13], alone[:6], atol=1e-3)  # it attends to the first conversation

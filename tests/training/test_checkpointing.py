@@ -37,8 +37,11 @@ def test_latest_is_the_newest_complete_tag_and_rotation_keeps_the_last_ones(tmp_
     assert manager.latest_tag() == "step_00000012"
     # the rerun redoes step 16 from scratch and then drops the oldest
     fake_save(manager, 16)
-    assert sorted(p.name for p in (manager.root / "step_00000016").iterdir()) == \
-        [COMPLETE, "engine_part.pt", "trainer_state.json"]
+    assert sorted(p.name for p in (manager.root / "step_00000016").iterdir()) == [
+        COMPLETE,
+        "engine_part.pt",
+        "trainer_state.json",
+    ]
     assert manager.complete_tags() == ["step_00000012", "step_00000016"]
     assert not list(manager.root.glob(".*tmp*"))  # temp files renamed away
 
@@ -53,8 +56,9 @@ def test_latest_naming_an_incomplete_tag_falls_back_to_the_newest_complete(tmp_p
 
 def test_run_logger_drops_records_after_the_resumed_step(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps({"step": s, "train/loss": 1.0 / s}) + "\n" for s in range(1, 8))
-                    + '{"step": 8, "train/lo')  # a line cut by a kill
+    path.write_text(
+        "".join(json.dumps({"step": s, "train/loss": 1.0 / s}) + "\n" for s in range(1, 8)) + '{"step": 8, "train/lo'
+    )  # a line cut by a kill
     logger = RunLogger(tmp_path, rank=0, phase="pretrain", total_steps=10, start_step=4, tensorboard=False)
     logger.log(5, {"train/loss": 0.5})
     logger.close()
@@ -65,8 +69,12 @@ def test_run_logger_drops_records_after_the_resumed_step(tmp_path):
 def test_step_metrics_weight_by_tokens_and_reduce_min_max():
     metrics = StepMetrics()
     for loss, n, ce, gate in [(0.3, 10, 1.0, 0.2), (0.1, 30, 2.0, 0.6)]:
-        metrics.add(MicroStepOutput(LossOutput(torch.tensor(loss), torch.tensor(n), {"ce": torch.tensor(ce)}),
-                                    {"g/mean": (gate, "mean"), "g/min": (gate, "min"), "g/max": (gate, "max")}))
+        metrics.add(
+            MicroStepOutput(
+                LossOutput(torch.tensor(loss), torch.tensor(n), {"ce": torch.tensor(ce)}),
+                {"g/mean": (gate, "mean"), "g/min": (gate, "min"), "g/max": (gate, "max")},
+            )
+        )
     out = metrics.reduce()
     assert out["train/loss"] == pytest.approx(0.4) and out["train/tokens"] == 40.0
     assert out["train/ce"] == pytest.approx((10 * 1.0 + 30 * 2.0) / 40)

@@ -22,50 +22,57 @@ SMOKE_TRANSITION = REPO / "configs/smoke/transition.yaml"
 
 
 def test_smoke_configs_load_with_includes_and_overrides():
-    cfg = load_run_config(SMOKE_PRETRAIN, ["optimizer.lr=5e-4", "run_dir=/x", "data.path=/d",
-                                           "model.config.total_ut_steps=3"])
+    cfg = load_run_config(
+        SMOKE_PRETRAIN, ["optimizer.lr=5e-4", "run_dir=/x", "data.path=/d", "model.config.total_ut_steps=3"]
+    )
     assert cfg.phase.name == "pretrain" and cfg.phase.loss.kind == "ouro_stage1"
     assert cfg.optimizer.lr == 5e-4 and cfg.run_dir == "/x" and cfg.data.path == "/d"
     assert cfg.model.config["hidden_size"] == 32 and cfg.model.config["total_ut_steps"] == 3  # from _base_
     zero = cfg.engine.deepspeed["zero_optimization"]
     assert zero["stage"] == 3 and zero["stage3_param_persistence_threshold"] == 0  # zero3_cpu over zero3
-    assert zero["stage3_max_live_parameters"] == 1e9                              # zero3.yaml underneath
+    assert zero["stage3_max_live_parameters"] == 1e9  # zero3.yaml underneath
 
     tr = load_run_config(SMOKE_TRANSITION, ["phase.alpha.shape=cosine", "phase.trainable=gates"])
     assert tr.phase.name == "transition" and tr.phase.alpha.shape == "cosine" and tr.phase.trainable == "gates"
     assert tr.optimizer.groups["gates"].lr == 1e-2 and tr.phase.loss.kind == "last_loop_ce"
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["optimizer.lrr=1e-3"], "optimizer.lrr"),
-    (["optimizer.lr=-1"], "optimizer.lr"),
-    (["optimizer.lr=fast"], "optimizer.lr"),
-    (["phase.alpha.end=1"], "phase.alpha"),  # pretrain has no alpha
-    (["schedule.total_steps=0"], "schedule.total_steps"),
-    (["data.micro_batch_size=3"], "data"),
-    (["bogus=1"], "bogus"),
-    (["model.config.hiden_size=8"], "model.config"),
-    (["model.config.num_attention_heads=3"], "model.config"),
-    (["engine.deepspeed.train_batch_size=8"], "engine.deepspeed"),
-    (["engine.deepspeed.zero_optimization.stage=2"], "engine.deepspeed"),
-    (["engine.name=fsdp9"], "engine.name"),
-    (["phase.name=distil"], "phase"),
-    (["model.init_from=/x"], "<top>"),  # pretrain builds from model.config, not a checkpoint
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["optimizer.lrr=1e-3"], "optimizer.lrr"),
+        (["optimizer.lr=-1"], "optimizer.lr"),
+        (["optimizer.lr=fast"], "optimizer.lr"),
+        (["phase.alpha.end=1"], "phase.alpha"),  # pretrain has no alpha
+        (["schedule.total_steps=0"], "schedule.total_steps"),
+        (["data.micro_batch_size=3"], "data"),
+        (["bogus=1"], "bogus"),
+        (["model.config.hiden_size=8"], "model.config"),
+        (["model.config.num_attention_heads=3"], "model.config"),
+        (["engine.deepspeed.train_batch_size=8"], "engine.deepspeed"),
+        (["engine.deepspeed.zero_optimization.stage=2"], "engine.deepspeed"),
+        (["engine.name=fsdp9"], "engine.name"),
+        (["phase.name=distil"], "phase"),
+        (["model.init_from=/x"], "<top>"),  # pretrain builds from model.config, not a checkpoint
+    ],
+)
 def test_bad_keys_and_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:
         load_run_config(SMOKE_PRETRAIN, overrides)
     assert f"config key '{key}'" in str(err.value)
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["phase.alpha.shape=quadratic"], "phase.alpha.shape"),
-    (["phase.alpha.end=2"], "phase.alpha.end"),
-    (["phase.gate=sigmoid"], "phase.gate"),
-    (["phase.trainable=mlp"], "phase.trainable"),
-    (["phase.loss.kind=kl"], "phase.loss.kind"),
-    (["model.config={hidden_size: 8}"], "<top>"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["phase.alpha.shape=quadratic"], "phase.alpha.shape"),
+        (["phase.alpha.end=2"], "phase.alpha.end"),
+        (["phase.gate=sigmoid"], "phase.gate"),
+        (["phase.trainable=mlp"], "phase.trainable"),
+        (["phase.loss.kind=kl"], "phase.loss.kind"),
+        (["model.config={hidden_size: 8}"], "<top>"),
+    ],
+)
 def test_bad_transition_keys_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:
         load_run_config(SMOKE_TRANSITION, overrides)
@@ -128,18 +135,32 @@ def test_experiment_configs_validate(name):
     # 8 GPUs per node: the batch divides into micro-steps on 1 or 2 nodes, DeepSpeed config in bf16 form
     for world in (8, 16):
         env = DistEnv(0, world, 0, 8, "127.0.0.1", 29500, "deepspeed")
-        engine = DeepSpeedEngine(cfg.model_copy(update={"engine": cfg.engine.model_copy(
-            update={"precision": "bf16"})}), env)
+        engine = DeepSpeedEngine(
+            cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"precision": "bf16"})}), env
+        )
         ds = engine.ds_config
-        assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * world * \
-            ds["gradient_accumulation_steps"] and ds["bf16"]["enabled"]
+        assert (
+            ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * world * ds["gradient_accumulation_steps"]
+            and ds["bf16"]["enabled"]
+        )
 
 
 def test_cli_refuses_a_bad_config_before_anything_starts(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(REPO / "pipeline/train.py"), "--config", str(SMOKE_PRETRAIN),
-                           f"run_dir={run_dir}", "optimizer.lrr=1"], capture_output=True, text=True, cwd=tmp_path,
-                          timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "pipeline/train.py"),
+            "--config",
+            str(SMOKE_PRETRAIN),
+            f"run_dir={run_dir}",
+            "optimizer.lrr=1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "config key 'optimizer.lrr': unknown key" in proc.stderr
     assert not run_dir.exists()
@@ -147,6 +168,7 @@ def test_cli_refuses_a_bad_config_before_anything_starts(tmp_path):
 
 def test_preflight_refuses_missing_inputs_and_writes_nothing(tmp_path, token_dataset):
     from pipeline.training.trainer import preflight
+
     env = DistEnv(0, 2, 0, 2, "127.0.0.1", 29500, "deepspeed")
     run_dir = tmp_path / "run"
     data = token_dataset(tmp_path / "data", num_samples=16, seq_len=8)
@@ -154,16 +176,31 @@ def test_preflight_refuses_missing_inputs_and_writes_nothing(tmp_path, token_dat
         (SMOKE_PRETRAIN, [f"data.path={tmp_path / 'missing'}"], "config key 'data.path': .* does not exist"),
         (SMOKE_PRETRAIN, [f"data.path={tmp_path}"], "config key 'data.path': .*no readable manifest.json"),
         (SMOKE_PRETRAIN, [f"data.path={data}", "data.global_batch_size=12"], "config key 'data.global_batch_size'"),
-        (SMOKE_PRETRAIN, [f"data.path={data}", "model.config.vocab_size=32"],
-         r"config key 'model.config.vocab_size': the model's vocabulary \(32\) is smaller"),
-        (SMOKE_PRETRAIN, [f"data.path={data}", "optimizer.groups={gates: {lr: 1.0}}"],
-         "config key 'optimizer.groups.gates'"),
-        (SMOKE_TRANSITION, [f"data.path={data}", f"model.init_from={tmp_path / 'nope'}"],
-         "config key 'model.init_from': .* does not exist"),
-        (SMOKE_TRANSITION, [f"data.path={data}", f"model.init_from={tmp_path}"],
-         "config key 'model.init_from': .* has no config.json"),
-        (SMOKE_TRANSITION, [f"data.path={data}", f"model.init_from={data}", "phase.trainable=gates",
-                            "phase.alpha.end=0"], "config key 'phase.trainable': gates only at alpha fixed to 0"),
+        (
+            SMOKE_PRETRAIN,
+            [f"data.path={data}", "model.config.vocab_size=32"],
+            r"config key 'model.config.vocab_size': the model's vocabulary \(32\) is smaller",
+        ),
+        (
+            SMOKE_PRETRAIN,
+            [f"data.path={data}", "optimizer.groups={gates: {lr: 1.0}}"],
+            "config key 'optimizer.groups.gates'",
+        ),
+        (
+            SMOKE_TRANSITION,
+            [f"data.path={data}", f"model.init_from={tmp_path / 'nope'}"],
+            "config key 'model.init_from': .* does not exist",
+        ),
+        (
+            SMOKE_TRANSITION,
+            [f"data.path={data}", f"model.init_from={tmp_path}"],
+            "config key 'model.init_from': .* has no config.json",
+        ),
+        (
+            SMOKE_TRANSITION,
+            [f"data.path={data}", f"model.init_from={data}", "phase.trainable=gates", "phase.alpha.end=0"],
+            "config key 'phase.trainable': gates only at alpha fixed to 0",
+        ),
     ]
     for path, overrides, match in cases:
         cfg = load_run_config(path, [f"run_dir={run_dir}", *overrides])

@@ -22,8 +22,17 @@ from .test_phases import batch  # random ids, a masked prompt
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE_DISTILL = REPO / "configs/smoke/distill.yaml"
-ARCH = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, total_ut_steps=3, max_position_embeddings=64, rope_theta=10000.0)
+ARCH = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    total_ut_steps=3,
+    max_position_embeddings=64,
+    rope_theta=10000.0,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -86,8 +95,16 @@ def other_dir(tmp_path_factory):
 
 
 def distill_cfg(student, teacher, *overrides):
-    return load_run_config(SMOKE_DISTILL, [f"model.init_from={student}", f"teacher.init_from={teacher}",
-                                           "data.path=/unused", "run_dir=/unused", *overrides])
+    return load_run_config(
+        SMOKE_DISTILL,
+        [
+            f"model.init_from={student}",
+            f"teacher.init_from={teacher}",
+            "data.path=/unused",
+            "run_dir=/unused",
+            *overrides,
+        ],
+    )
 
 
 def built(*overrides, student=None, teacher=None):
@@ -98,28 +115,41 @@ def built(*overrides, student=None, teacher=None):
 
 # ----------------------------------------------------------------------------- config
 
+
 def test_smoke_config_loads_with_the_launcher_keys():
-    cfg = load_run_config(SMOKE_DISTILL, ["model.init_from=/s", "teacher.init_from=/t", "data.path=/d",
-                                          "run_dir=/r", "phase.kd.kind=jsd", "phase.kd.top_k=8"])
+    cfg = load_run_config(
+        SMOKE_DISTILL,
+        [
+            "model.init_from=/s",
+            "teacher.init_from=/t",
+            "data.path=/d",
+            "run_dir=/r",
+            "phase.kd.kind=jsd",
+            "phase.kd.top_k=8",
+        ],
+    )
     assert cfg.phase.name == "distill" and cfg.model.init_from == "/s" and cfg.teacher.init_from == "/t"
     assert (cfg.phase.w_attn, cfg.phase.w_kd, cfg.phase.w_ce) == (1.0, 1.0, 0.0)
     assert cfg.phase.kd.kind == "jsd" and cfg.phase.kd.top_k == 8 and not cfg.teacher.offload_params
     assert cfg.engine.deepspeed["zero_optimization"]["stage3_param_persistence_threshold"] == 0
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (["teacher=null"], "phase distill needs a teacher: set teacher.init_from"),
-    (["teacher.offload=true"], "config key 'teacher.offload': unknown key"),
-    (["phase.kd.kind=kl"], "config key 'phase.kd.kind'"),
-    (["phase.kd.temperature=0"], "config key 'phase.kd.temperature'"),
-    (["phase.kd.top_k=0"], "config key 'phase.kd.top_k'"),
-    (["phase.w_attn=-1"], "config key 'phase.w_attn'"),
-    (["phase.w_attn=0", "phase.w_kd=0"], "w_attn, w_kd and w_ce are all 0"),
-    (["phase.alpha.end=1"], "config key 'phase.alpha': unknown key"),  # distill runs at alpha = 1
-    (["phase.melt_options={alpha: 0.5}"], r"melt_options may not set \['alpha'\]"),
-    (["model.init_from=null", "model.config={hidden_size: 8}"], "phase distill starts from a MELT"),
-    (["phase.per_loop_metrics=false", "phase.kd.all_loops=true"], "kd.all_loops needs every loop's logits"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["teacher=null"], "phase distill needs a teacher: set teacher.init_from"),
+        (["teacher.offload=true"], "config key 'teacher.offload': unknown key"),
+        (["phase.kd.kind=kl"], "config key 'phase.kd.kind'"),
+        (["phase.kd.temperature=0"], "config key 'phase.kd.temperature'"),
+        (["phase.kd.top_k=0"], "config key 'phase.kd.top_k'"),
+        (["phase.w_attn=-1"], "config key 'phase.w_attn'"),
+        (["phase.w_attn=0", "phase.w_kd=0"], "w_attn, w_kd and w_ce are all 0"),
+        (["phase.alpha.end=1"], "config key 'phase.alpha': unknown key"),  # distill runs at alpha = 1
+        (["phase.melt_options={alpha: 0.5}"], r"melt_options may not set \['alpha'\]"),
+        (["model.init_from=null", "model.config={hidden_size: 8}"], "phase distill starts from a MELT"),
+        (["phase.per_loop_metrics=false", "phase.kd.all_loops=true"], "kd.all_loops needs every loop's logits"),
+    ],
+)
 def test_bad_distill_configs_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
         distill_cfg("/s", "/t", *overrides)
@@ -130,11 +160,14 @@ def test_teacher_only_for_distill():
         load_run_config(REPO / "configs/smoke/transition.yaml", ["teacher.init_from=/t"])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("num_hidden_layers=3", "num_hidden_layers: teacher 2, student 3"),
-    ("total_ut_steps=2", "total_ut_steps: teacher 3, student 2"),
-    ("num_attention_heads=8", "num_attention_heads: teacher 4, student 8"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("num_hidden_layers=3", "num_hidden_layers: teacher 2, student 3"),
+        ("total_ut_steps=2", "total_ut_steps: teacher 3, student 2"),
+        ("num_attention_heads=8", "num_attention_heads: teacher 4, student 8"),
+    ],
+)
 def test_teacher_and_student_architectures_must_match(teacher_dir, tmp_path, override, message):
     key, value = override.split("=")
     student = save_looplm(tmp_path / "student", **{key: int(value)})
@@ -161,14 +194,16 @@ def test_experiment_configs_have_a_distill_section():
         runs = load_run_configs_by_phase(REPO / "configs/ouro" / f"{size}.yaml")
         cfg = runs["distill"]
         assert cfg.phase.name == "distill" and cfg.teacher.init_from == f"ByteDance/Ouro-{size.upper()}"
-        assert cfg.model.init_from == f"runs/ouro-{size}-melt/transition/export" == runs["transition"].run_dir + \
-            "/export"
+        assert (
+            cfg.model.init_from == f"runs/ouro-{size}-melt/transition/export" == runs["transition"].run_dir + "/export"
+        )
         assert cfg.run_dir == f"runs/ouro-{size}-melt/distill"
         assert cfg.engine.precision == "bf16" and cfg.engine.deepspeed["zero_optimization"]["stage"] == 3
         assert cfg.phase.chunk_size == runs["transition"].phase.chunk_size
 
 
 # ----------------------------------------------------------------------------- models and losses
+
 
 def test_student_from_a_looplm_gets_fresh_gates_and_the_teacher_is_frozen(teacher_dir):
     phase, student = built("phase.chunk_size=5", student=teacher_dir, teacher=teacher_dir)
@@ -204,8 +239,14 @@ def test_student_from_a_melt_checkpoint_keeps_its_gates_at_alpha_one(teacher_dir
 @pytest.mark.parametrize("forcing", [False, True])
 def test_a_student_identical_to_the_teacher_has_zero_alignment_and_kl(teacher_dir, forcing):
     """MELT at alpha = 0 from the teacher's weights is the teacher (any chunk size): both losses 0."""
-    phase, student = built("phase.chunk_size=5", "phase.w_ce=0.5", f"phase.teacher_forcing={forcing}",
-                           "phase.kd.all_loops=true", student=teacher_dir, teacher=teacher_dir)
+    phase, student = built(
+        "phase.chunk_size=5",
+        "phase.w_ce=0.5",
+        f"phase.teacher_forcing={forcing}",
+        "phase.kd.all_loops=true",
+        student=teacher_dir,
+        teacher=teacher_dir,
+    )
     student.set_alpha(0.0)
     b = batch()
     out = phase.micro_step(student, b, TokenCounts(57.0, 57.0))
@@ -228,9 +269,17 @@ def test_losses_are_weighted_sums_and_split_invariant(teacher_dir, other_dir, al
     """Each part normalised by the global count of its own tokens: micro-batches with the global counts
     sum to the whole batch's loss (and gradient), whatever the split, and the step's logged means
     (each part weighted by its own tokens) equal the whole batch's."""
-    phase, student = built("phase.w_attn=0.7", "phase.w_kd=1.3", "phase.w_ce=0.2", "phase.kd.temperature=2",
-                           "phase.kd.top_k=16", f"phase.align_tokens={align}", f"phase.kd_tokens={kd}",
-                           student=other_dir, teacher=teacher_dir)
+    phase, student = built(
+        "phase.w_attn=0.7",
+        "phase.w_kd=1.3",
+        "phase.w_ce=0.2",
+        "phase.kd.temperature=2",
+        "phase.kd.top_k=16",
+        f"phase.align_tokens={align}",
+        f"phase.kd_tokens={kd}",
+        student=other_dir,
+        teacher=teacher_dir,
+    )
     b = batch(size=(4, 24))
     counts = TokenCounts.of(b)
     assert counts == TokenCounts(labelled=4 * 23 - 4, real=4 * 24)
@@ -262,8 +311,9 @@ def test_losses_are_weighted_sums_and_split_invariant(teacher_dir, other_dir, al
 def test_unlabelled_tokens_are_aligned_by_default(teacher_dir, other_dir, align):
     """A row without any label (a prompt, the end of a document): its slots feed later tokens, so by
     default (align_tokens real) its attention is aligned; align_tokens labelled leaves it out."""
-    phase, student = built("phase.w_kd=0", "phase.w_ce=0", f"phase.align_tokens={align}", student=other_dir,
-                           teacher=teacher_dir)
+    phase, student = built(
+        "phase.w_kd=0", "phase.w_ce=0", f"phase.align_tokens={align}", student=other_dir, teacher=teacher_dir
+    )
     b = batch(size=(2, 24))
     b["labels"][0] = -100
     counts = TokenCounts.of(b)
@@ -283,8 +333,7 @@ def test_last_loop_logits_only_give_the_same_loss_and_gradient(teacher_dir, othe
     overrides = ("phase.w_attn=0.5", "phase.w_kd=1.0", "phase.w_ce=0.3")
     results = []
     for per_loop in (True, False):
-        phase, student = built(*overrides, f"phase.per_loop_metrics={per_loop}", student=other_dir,
-                               teacher=teacher_dir)
+        phase, student = built(*overrides, f"phase.per_loop_metrics={per_loop}", student=other_dir, teacher=teacher_dir)
         out = phase.micro_step(student, batch(size=(2, 24)), TokenCounts(40.0, 40.0))
         out.losses.total.backward()
         results.append((out.losses, {n: p.grad for n, p in student.named_parameters() if p.grad is not None}))
@@ -307,10 +356,12 @@ def test_left_padded_rows_are_masked_in_both_models(teacher_dir, other_dir):
     b["attention_mask"] = (torch.arange(24) >= 4).long().expand(3, 24)
     with torch.no_grad():
         masked = phase.micro_step(student, b, TokenCounts(10.0, 10.0)).losses
-        unmasked = phase.micro_step(student, {k: v for k, v in b.items() if k != "attention_mask"},
-                                    TokenCounts(10.0, 10.0)).losses
-        alone = phase.micro_step(student, {"input_ids": b["input_ids"][:, 4:], "labels": b["labels"][:, 4:]},
-                                 TokenCounts(10.0, 10.0)).losses
+        unmasked = phase.micro_step(
+            student, {k: v for k, v in b.items() if k != "attention_mask"}, TokenCounts(10.0, 10.0)
+        ).losses
+        alone = phase.micro_step(
+            student, {"input_ids": b["input_ids"][:, 4:], "labels": b["labels"][:, 4:]}, TokenCounts(10.0, 10.0)
+        ).losses
     for key in ("align", "kl", "ce"):
         torch.testing.assert_close(masked.metrics[key], alone.metrics[key], rtol=1e-5, atol=1e-6, msg=key)
         assert not torch.allclose(masked.metrics[key], unmasked.metrics[key]), key
@@ -371,6 +422,7 @@ def test_teacher_check_reports_an_unchanged_and_a_changed_teacher(teacher_dir, t
 def test_preflight_refuses_a_mismatched_teacher_before_writing(teacher_dir, tmp_path, token_dataset):
     from pipeline.distributed import DistEnv
     from pipeline.training.trainer import preflight
+
     data = token_dataset(tmp_path / "data", num_samples=16, seq_len=8)
     bad = save_looplm(tmp_path / "bad", total_ut_steps=2)
     copy = tmp_path / "copy"
@@ -390,6 +442,7 @@ def test_resuming_with_another_teacher_is_refused(teacher_dir, other_dir, tmp_pa
     from pipeline.training.checkpointing import CheckpointManager
     from pipeline.training.train_data import data_fingerprint, read_manifest
     from pipeline.training.trainer import preflight
+
     data = token_dataset(tmp_path / "data", num_samples=16, seq_len=8)
     run_dir = tmp_path / "run"
     env = DistEnv(0, 2, 0, 2, "127.0.0.1", 29500, "deepspeed")
@@ -398,14 +451,24 @@ def test_resuming_with_another_teacher_is_refused(teacher_dir, other_dir, tmp_pa
     manager = CheckpointManager(run_dir)  # what the trainer's save() leaves, without the engine's files
     manager.begin_save("step_00000004")
     (manager.root / "step_00000004").mkdir()
-    manager.finish_save("step_00000004", {"step": 4, "phase": "distill", "engine": "deepspeed",
-                                          "fingerprint": data_fingerprint(cfg, read_manifest(data)),
-                                          "phase_identity": phase.resume_identity()})
+    manager.finish_save(
+        "step_00000004",
+        {
+            "step": 4,
+            "phase": "distill",
+            "engine": "deepspeed",
+            "fingerprint": data_fingerprint(cfg, read_manifest(data)),
+            "phase_identity": phase.resume_identity(),
+        },
+    )
     assert preflight(cfg, env).resume_tag == "step_00000004"
     moved = tmp_path / "moved"  # the same teacher elsewhere is the same teacher
     shutil.copytree(teacher_dir, moved)
     assert preflight(distill_cfg(teacher_dir, moved, f"data.path={data}", f"run_dir={run_dir}"), env).resume_tag
     other = distill_cfg(teacher_dir, other_dir, f"data.path={data}", f"run_dir={run_dir}")
-    with pytest.raises(ConfigError, match=r"refusing to resume from .*step_00000004: config key 'teacher.init_from': "
-                                          r"checkpoint sha256:\w+, now sha256:\w+"):
+    with pytest.raises(
+        ConfigError,
+        match=r"refusing to resume from .*step_00000004: config key 'teacher.init_from': "
+        r"checkpoint sha256:\w+, now sha256:\w+",
+    ):
         preflight(other, env)

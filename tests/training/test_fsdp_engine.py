@@ -21,20 +21,25 @@ from pipeline.training.initialization import initialize
 from pipeline.training.weights import CheckpointTensors
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = [pytest.mark.filterwarnings("ignore:FSDP2-wrapped module"),
-              pytest.mark.filterwarnings("ignore:signal_delay_s < 120")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:FSDP2-wrapped module"),
+    pytest.mark.filterwarnings("ignore:signal_delay_s < 120"),
+]
 PRETRAIN = REPO / "configs/smoke/pretrain.yaml"
 
 
 def fsdp_cfg(*overrides, run_dir="/unused"):
-    return load_run_config(PRETRAIN, ["engine.name=fsdp", "data.path=/unused", f"run_dir={run_dir}",
-                                      "data.global_batch_size=4", *overrides])
+    return load_run_config(
+        PRETRAIN,
+        ["engine.name=fsdp", "data.path=/unused", f"run_dir={run_dir}", "data.global_batch_size=4", *overrides],
+    )
 
 
 @pytest.fixture(scope="module")
 def engine():
     """An FSDP engine on a one-process gloo group; the process environment is restored after."""
     import torch.distributed as dist
+
     saved = dict(os.environ)
     engine = FSDPEngine(fsdp_cfg(), DistEnv(0, 1, 0, 1, "127.0.0.1", free_port(), "single"))
     try:
@@ -49,8 +54,17 @@ def engine():
 
 def tiny_config():
     from pipeline.models import LoopLMConfig
-    return LoopLMConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, total_ut_steps=2, max_position_embeddings=64)
+
+    return LoopLMConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        total_ut_steps=2,
+        max_position_embeddings=64,
+    )
 
 
 def eager_init(seed: int) -> LoopLMForCausalLM:
@@ -96,6 +110,7 @@ def test_meta_init_is_deferred_to_the_shards_and_equals_the_eager_init(engine, t
     for name, tensor in reference.state_dict().items():
         assert torch.equal(state[name], tensor), name
     from torch.distributed.tensor import DTensor
+
     assert all(isinstance(p, DTensor) for p in model.parameters())
     stats = engine.partition_stats()
     assert stats.total_numel == stats.local_numel == sum(p.numel() for p in reference.parameters())
@@ -173,8 +188,10 @@ def test_engine_config_section():
     for ph in ("pretrain", "transition", "distill"):  # the FSDP variants of the smoke configs
         raw = (REPO / f"configs/smoke/fsdp/{ph}.yaml").read_text()
         assert "name: fsdp" in raw and f"_base_: ../{ph}.yaml" in raw
-    for override, key in [("engine.fsdp.reshard=1", "engine.fsdp.reshard"),
-                          ("engine.fsdp.reduce_dtype=fp8", "engine.fsdp.reduce_dtype")]:
+    for override, key in [
+        ("engine.fsdp.reshard=1", "engine.fsdp.reshard"),
+        ("engine.fsdp.reduce_dtype=fp8", "engine.fsdp.reduce_dtype"),
+    ]:
         with pytest.raises(ConfigError, match=f"config key '{key}'"):
             fsdp_cfg(override)
 
@@ -183,18 +200,19 @@ def test_resuming_another_engines_checkpoints_is_refused(tmp_path, token_dataset
     from pipeline.training.checkpointing import CheckpointManager
     from pipeline.training.train_data import data_fingerprint, read_manifest
     from pipeline.training.trainer import preflight
+
     data = token_dataset(tmp_path / "data", num_samples=32)
     cfg = fsdp_cfg(f"data.path={data}", run_dir=tmp_path / "run")
     manager = CheckpointManager(cfg.run_dir)
     manager.begin_save("step_00000004")
     (manager.root / "step_00000004").mkdir()
     fingerprint = data_fingerprint(cfg, read_manifest(data))
-    manager.finish_save("step_00000004", {"step": 4, "phase": "pretrain", "engine": "fsdp",
-                                          "fingerprint": fingerprint})
+    manager.finish_save("step_00000004", {"step": 4, "phase": "pretrain", "engine": "fsdp", "fingerprint": fingerprint})
     env = DistEnv(0, 1, 0, 1, "127.0.0.1", 1, "single")
     assert preflight(cfg, env).resume_tag == "step_00000004"
-    deepspeed = load_run_config(PRETRAIN, [f"data.path={data}", f"run_dir={tmp_path / 'run'}",
-                                           "data.global_batch_size=4"])
+    deepspeed = load_run_config(
+        PRETRAIN, [f"data.path={data}", f"run_dir={tmp_path / 'run'}", "data.global_batch_size=4"]
+    )
     with pytest.raises(ConfigError, match="written by engine fsdp, not deepspeed: use another run_dir"):
         preflight(deepspeed, env)
     state = json.loads((manager.root / "step_00000004" / "trainer_state.json").read_text())
@@ -208,12 +226,16 @@ def test_local_launcher_uses_torchrun_for_fsdp_phases(tmp_path):
     from launchers import local
     from launchers.experiment import load_experiment
     from launchers.plan import build_plan
+
     smoke = REPO / "configs/experiments/smoke.yaml"
     exp = load_experiment(smoke, [f"run_dir={tmp_path}", "stages.transition.overrides.engine.name=fsdp"])
     plan = build_plan(exp, base=REPO, strict=False)
     launcher = {p.name: local.command(plan, p, port=29500)[2] for p in plan.stages if p.kind == "train"}
-    assert launcher == {"pretrain": "deepspeed.launcher.runner", "transition": "torch.distributed.run",
-                        "distill": "deepspeed.launcher.runner"}
+    assert launcher == {
+        "pretrain": "deepspeed.launcher.runner",
+        "transition": "torch.distributed.run",
+        "distill": "deepspeed.launcher.runner",
+    }
     exp = load_experiment(smoke, [f"run_dir={tmp_path}", "local.launcher=torchrun"])
     plan = build_plan(exp, base=REPO, strict=False)
     assert {local.command(plan, p)[2] for p in plan.stages if p.kind == "train"} == {"torch.distributed.run"}

@@ -38,9 +38,19 @@ class LocalEngine:
 @pytest.fixture(scope="module")
 def looplm_dir(tmp_path_factory):
     torch.manual_seed(0)
-    model = LoopLMForCausalLM(LoopLMConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=4, num_key_value_heads=2, total_ut_steps=3,
-                                           max_position_embeddings=64, rope_theta=10000.0))
+    model = LoopLMForCausalLM(
+        LoopLMConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            total_ut_steps=3,
+            max_position_embeddings=64,
+            rope_theta=10000.0,
+        )
+    )
     with torch.no_grad():  # make every loop and the exit distribution matter
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -53,8 +63,10 @@ def looplm_dir(tmp_path_factory):
 
 
 def transition_cfg(looplm_dir, *overrides):
-    return load_run_config(REPO / "configs/smoke/transition.yaml",
-                           [f"model.init_from={looplm_dir}", "data.path=/unused", "run_dir=/unused", *overrides])
+    return load_run_config(
+        REPO / "configs/smoke/transition.yaml",
+        [f"model.init_from={looplm_dir}", "data.path=/unused", "run_dir=/unused", *overrides],
+    )
 
 
 def batch(seed=1, size=(3, 24)):
@@ -67,8 +79,9 @@ def batch(seed=1, size=(3, 24)):
 
 @pytest.mark.parametrize("kind", ["last_loop_ce", "ouro_stage1"])
 def test_transition_at_alpha_zero_gives_the_looplm_loss(looplm_dir, kind):
-    cfg = transition_cfg(looplm_dir, "phase.alpha.start=0", "phase.alpha.end=0", "phase.chunk_size=5",
-                         f"phase.loss.kind={kind}")
+    cfg = transition_cfg(
+        looplm_dir, "phase.alpha.start=0", "phase.alpha.end=0", "phase.chunk_size=5", f"phase.loss.kind={kind}"
+    )
     phase = build_phase(cfg)
     melt = phase.build_model(LocalEngine())
     assert phase.begin_step(melt, 7) == {"alpha": 0.0} and melt.config.alpha == 0.0
@@ -102,11 +115,14 @@ def test_transition_alpha_ramp_follows_the_config(looplm_dir):
     assert model.config.alpha == 1.0
 
 
-@pytest.mark.parametrize("trainable, roles", [("all", {"gates", "attention", "other"}), ("gates", {"gates"}),
-                                              ("gates+attention", {"gates", "attention"})])
+@pytest.mark.parametrize(
+    "trainable, roles",
+    [("all", {"gates", "attention", "other"}), ("gates", {"gates"}), ("gates+attention", {"gates", "attention"})],
+)
 def test_transition_parameter_groups(looplm_dir, trainable, roles):
-    cfg = transition_cfg(looplm_dir, f"phase.trainable={trainable}", "optimizer.weight_decay=0.1",
-                         "optimizer.groups.attention.lr=5e-4")
+    cfg = transition_cfg(
+        looplm_dir, f"phase.trainable={trainable}", "optimizer.weight_decay=0.1", "optimizer.groups.attention.lr=5e-4"
+    )
     phase = build_phase(cfg)
     model = phase.build_model(LocalEngine())
     groups = phase.parameter_groups(model)
@@ -123,8 +139,9 @@ def test_transition_parameter_groups(looplm_dir, trainable, roles):
     assert all(p.dim() == 1 for g in groups for p in g.no_decay)
     # LoopLM weights were loaded, gates initialised as MELT does (weight 0)
     looplm = LoopLMForCausalLM.from_pretrained(looplm_dir)
-    torch.testing.assert_close(model.model.layers[1].self_attn.q_proj.weight,
-                               looplm.model.layers[1].self_attn.q_proj.weight, rtol=0, atol=0)
+    torch.testing.assert_close(
+        model.model.layers[1].self_attn.q_proj.weight, looplm.model.layers[1].self_attn.q_proj.weight, rtol=0, atol=0
+    )
     assert float(model.model.layers[0].kv_gate.proj.weight.detach().abs().max()) == 0.0
 
 
@@ -132,6 +149,7 @@ def test_transition_refuses_a_checkpoint_that_does_not_fit(looplm_dir, tmp_path)
     import shutil
 
     from safetensors.torch import load_file, save_file
+
     bad = tmp_path / "bad"
     shutil.copytree(looplm_dir, bad)
     tensors = load_file(bad / "model.safetensors")
@@ -156,10 +174,12 @@ def test_phases_pass_the_batch_attention_mask(looplm_dir):
     b["attention_mask"] = (torch.arange(24) >= 4).long().expand(3, 24)
     with torch.no_grad():
         masked = reference.micro_step(looplm, b, TokenCounts(10.0, 10.0)).losses.total
-        unmasked = reference.micro_step(looplm, {k: v for k, v in b.items() if k != "attention_mask"},
-                                        TokenCounts(10.0, 10.0)).losses.total
-        alone = reference.micro_step(looplm, {"input_ids": b["input_ids"][:, 4:], "labels": b["labels"][:, 4:]},
-                                     TokenCounts(10.0, 10.0)).losses.total
+        unmasked = reference.micro_step(
+            looplm, {k: v for k, v in b.items() if k != "attention_mask"}, TokenCounts(10.0, 10.0)
+        ).losses.total
+        alone = reference.micro_step(
+            looplm, {"input_ids": b["input_ids"][:, 4:], "labels": b["labels"][:, 4:]}, TokenCounts(10.0, 10.0)
+        ).losses.total
     torch.testing.assert_close(masked, alone, rtol=1e-5, atol=1e-6)  # the padded rows score as if unpadded
     assert not torch.allclose(masked, unmasked)
 

@@ -15,7 +15,8 @@ def test_warmup_then_cosine_to_the_minimum_at_the_last_step():
     assert lrs[-1] == pytest.approx(floor)
     mid = 2 + (total - warmup - 1) / 2
     assert lr_multiplier(int(mid), total, warmup, "cosine", 0.0) == pytest.approx(
-        0.5 * (1 + math.cos(math.pi * (int(mid) - 2) / 9)))
+        0.5 * (1 + math.cos(math.pi * (int(mid) - 2) / 9))
+    )
 
 
 def test_linear_and_constant_decay():
@@ -30,7 +31,7 @@ def test_alpha_ramp_linear_cosine_and_flat_after():
     assert values[:6] == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0] and set(values[5:]) == {1.0}
     cos = [ramp(s, 10, 0.0, 1.0, 0.5, "cosine") for s in range(6)]
     assert cos[0] == 0.0 and cos[5] == 1.0 and cos[1] < values[1] and cos[4] > values[4]
-    assert ramp(3, 10, 0.0, 0.0, 0.5) == 0.0          # fixed alpha
-    assert ramp(0, 10, 0.2, 1.0, 0.0) == 1.0          # no ramp: at the end value at once
+    assert ramp(3, 10, 0.0, 0.0, 0.5) == 0.0  # fixed alpha
+    assert ramp(0, 10, 0.2, 1.0, 0.0) == 1.0  # no ramp: at the end value at once
     with pytest.raises(ValueError):
         ramp(1, 10, 0, 1, 0.5, "step")

@@ -9,9 +9,11 @@ def build_engine(cfg, env) -> Engine:
     name = cfg.engine.name
     if name == "deepspeed":
         from pipeline.training.engines.deepspeed import DeepSpeedEngine
+
         return DeepSpeedEngine(cfg, env)
     if name == "fsdp":
         from pipeline.training.engines.fsdp import FSDPEngine
+
         return FSDPEngine(cfg, env)
     raise ValueError(f"unknown engine {name!r}")  # the config schema rejects it first
 

@@ -30,8 +30,8 @@ from pipeline.training.weights import TensorSource, persistent_buffers
 
 @dataclass
 class ParamGroup:
-    name: str                         # e.g. "all", "gates", "attention" (optimizer.groups.<name> overrides)
-    params: list[nn.Parameter]        # trainable parameters only
+    name: str  # e.g. "all", "gates", "attention" (optimizer.groups.<name> overrides)
+    params: list[nn.Parameter]  # trainable parameters only
     lr: float
     weight_decay: float = 0.0
     no_decay: list[nn.Parameter] = field(default_factory=list)  # same lr, weight decay 0 (norms, biases)
@@ -39,19 +39,19 @@ class ParamGroup:
 
 @dataclass
 class StepResult:
-    applied: bool                     # False when the engine skipped it (non-finite gradients)
-    grad_norm: float                  # before clipping (inf / nan when skipped)
+    applied: bool  # False when the engine skipped it (non-finite gradients)
+    grad_norm: float  # before clipping (inf / nan when skipped)
 
 
 @dataclass
 class PartitionStats:
     rank: int
     world_size: int
-    total_numel: int                  # parameters of the whole model
-    local_numel: int                  # parameter elements held by this rank
-    param_bytes: int                  # this rank's parameter storage
-    master_bytes: int                 # this rank's fp32 master copy (0 when it is the parameter itself)
-    optimizer_state_bytes: int        # this rank's optimizer moments
+    total_numel: int  # parameters of the whole model
+    local_numel: int  # parameter elements held by this rank
+    param_bytes: int  # this rank's parameter storage
+    master_bytes: int  # this rank's fp32 master copy (0 when it is the parameter itself)
+    optimizer_state_bytes: int  # this rank's optimizer moments
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -160,8 +160,14 @@ class Engine(ABC):
         raise NotImplementedError(f"engine {self.name!r} cannot hold a frozen model (needed by phase distill)")
 
     @abstractmethod
-    def prepare(self, model: nn.Module, groups: list[ParamGroup], lr_lambda: Callable[[int], float],
-                betas: tuple[float, float], eps: float) -> None:
+    def prepare(
+        self,
+        model: nn.Module,
+        groups: list[ParamGroup],
+        lr_lambda: Callable[[int], float],
+        betas: tuple[float, float],
+        eps: float,
+    ) -> None:
         """Build the optimizer (AdamW over `groups`) and the schedule, and wrap the model."""
 
     @property
@@ -237,6 +243,7 @@ class Engine(ABC):
 
     def close(self) -> None:
         import torch.distributed as dist
+
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()

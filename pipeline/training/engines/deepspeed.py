@@ -23,12 +23,14 @@ from pipeline.training.weights import TensorSource, persistent_buffers
 
 def _on_gpu() -> bool:
     from deepspeed.accelerator import get_accelerator
+
     return get_accelerator().device_name() == "cuda"
 
 
 def gathered(param: nn.Parameter) -> torch.Tensor:
     """A copy of a (possibly ZeRO-3 partitioned) parameter's full value (collective)."""
     import deepspeed
+
     with deepspeed.zero.GatheredParameters([param]):
         return param.data.detach().clone()
 
@@ -73,14 +75,18 @@ class DeepSpeedEngine(Engine):
     def init_distributed(self) -> None:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
+
         self.env.export()
         backend = "nccl" if _on_gpu() else "gloo"
         if _on_gpu():
             get_accelerator().set_device(self.env.local_rank)
         else:
             share_cpu_cores(self.env)
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   timeout=timedelta(seconds=self.cfg.engine.collective_timeout_s))
+        deepspeed.init_distributed(
+            dist_backend=backend,
+            auto_mpi_discovery=False,
+            timeout=timedelta(seconds=self.cfg.engine.collective_timeout_s),
+        )
         if not _on_gpu():
             self._unlink_shm_buffer()
 
@@ -90,9 +96,12 @@ class DeepSpeedEngine(Engine):
         Once every rank has mapped every segment (init_distributed returned everywhere), each rank
         unlinks its own; the mappings stay valid until the processes exit, even by SIGKILL."""
         import torch.distributed as dist
+
         dist.barrier()
-        name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
-                f"{os.environ.get('MASTER_PORT')}_{self.rank}")
+        name = (
+            f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+            f"{os.environ.get('MASTER_PORT')}_{self.rank}"
+        )
         try:
             os.unlink(os.path.join("/dev/shm", name))
         except FileNotFoundError:
@@ -108,6 +117,7 @@ class DeepSpeedEngine(Engine):
         """zero.Init, without moving the run's RNG: the modules' constructors draw their (discarded)
         default initialisation from it, which FSDP's meta construction does not."""
         import deepspeed
+
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), deepspeed.zero.Init(config_dict_or_path=ds_config):
             yield
@@ -117,6 +127,7 @@ class DeepSpeedEngine(Engine):
         # rank, rank 0 computes their seeded values (initialization.py) and fills them, and
         # GatheredParameters re-partitions them; no rank holds more than one unit whole.
         import deepspeed
+
         for unit in init_units(root, prefix):
             with deepspeed.zero.GatheredParameters(list(unit.params.values()), modifier_rank=0):
                 if self.rank == 0:
@@ -129,6 +140,7 @@ class DeepSpeedEngine(Engine):
         # One parameter at a time: rank 0 reads it and fills the gathered tensor, which is then
         # re-partitioned; no rank ever holds more than one full parameter.
         import deepspeed
+
         for name, param in model.named_parameters():
             if name not in tensors:
                 continue
@@ -147,6 +159,7 @@ class DeepSpeedEngine(Engine):
     def build_frozen(self, model: nn.Module, offload_params: bool = False) -> FrozenModel:
         # ZeRO-3 without an optimizer: DeepSpeed's parameter-offload hooks only (ZeRO-Inference)
         import deepspeed
+
         model.requires_grad_(False)
         model.eval()
         inference, _, _, _ = deepspeed.initialize(model=model, config=self.build_frozen_ds_config(offload_params))
@@ -155,12 +168,14 @@ class DeepSpeedEngine(Engine):
 
     def prepare(self, model, groups: list[ParamGroup], lr_lambda, betas, eps) -> None:
         import deepspeed
+
         self._group_names, torch_groups = optimizer_groups(groups)
         optimizer = torch.optim.AdamW(torch_groups, betas=betas, eps=eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
         self._model = model
-        self._engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                     config=self.ds_config)
+        self._engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
+        )
 
     @property
     def module(self) -> nn.Module:
@@ -197,8 +212,10 @@ class DeepSpeedEngine(Engine):
 
     def optimizer_step(self) -> StepResult:
         if self._last is None:
-            raise RuntimeError("optimizer_step() before the last micro-step of the step was backpropagated "
-                               "(the number of micro-steps must equal gradient_accumulation_steps)")
+            raise RuntimeError(
+                "optimizer_step() before the last micro-step of the step was backpropagated "
+                "(the number of micro-steps must equal gradient_accumulation_steps)"
+            )
         result, self._last = self._last, None
         return result
 
@@ -210,8 +227,9 @@ class DeepSpeedEngine(Engine):
         self._engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
 
     def load_checkpoint(self, directory: str, tag: str) -> dict:
-        path, client_state = self._engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
-                                                          load_lr_scheduler_states=True)
+        path, client_state = self._engine.load_checkpoint(
+            directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(directory, tag)}")
         return client_state
@@ -220,6 +238,7 @@ class DeepSpeedEngine(Engine):
         # The fp32 master weights of trainable parameters (what zero_to_fp32 recovers from a
         # checkpoint, whatever the training precision); frozen ones as they are.
         from deepspeed.utils import safe_get_full_fp32_param
+
         state: dict[str, torch.Tensor] = {}  # kept by rank 0; the gathering is collective
         seen: dict[int, str] = {}
         for name, param in self.module.named_parameters(remove_duplicate=False):

@@ -82,18 +82,21 @@ def is_meta(module: nn.Module) -> bool:
 def local_part(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (the tensor itself otherwise)."""
     from torch.distributed.tensor import DTensor
+
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def write_full(param: torch.Tensor, full: torch.Tensor) -> None:
     """Copy this rank's part of the full value `full` into `param` (sharded or not)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
+
     if tuple(full.shape) != tuple(param.shape):
         raise ValueError(f"shape {list(full.shape)} given for a parameter of shape {list(param.shape)}")
     with torch.no_grad():
         if isinstance(param, DTensor):  # every rank holds `full`: cut locally, no communication
-            full = distribute_tensor(full.to(param.device_mesh.device_type), param.device_mesh, param.placements,
-                                     src_data_rank=None)
+            full = distribute_tensor(
+                full.to(param.device_mesh.device_type), param.device_mesh, param.placements, src_data_rank=None
+            )
             param.to_local().copy_(full.to_local())
         else:
             param.copy_(full)
@@ -109,8 +112,9 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 @dataclass
 class PendingWrite:
     """An init_weights / load_weights call on a model still on the meta device, run once it is sharded."""
+
     target: nn.Module
-    run: Callable[[], set[int]]       # writes the values; returns the ids of the parameters it wrote
+    run: Callable[[], set[int]]  # writes the values; returns the ids of the parameters it wrote
 
 
 class FSDPEngine(Engine):
@@ -132,18 +136,21 @@ class FSDPEngine(Engine):
     def init_distributed(self) -> None:
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
+
         self.env.export()
         if _on_gpu():
             torch.cuda.set_device(self.env.local_rank)
         else:
             share_cpu_cores(self.env)
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if _on_gpu() else "gloo",
-                                    timeout=timedelta(seconds=self.cfg.engine.collective_timeout_s))
+            dist.init_process_group(
+                backend="nccl" if _on_gpu() else "gloo", timeout=timedelta(seconds=self.cfg.engine.collective_timeout_s)
+            )
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
 
     def mp_policy(self):
         from torch.distributed.fsdp import MixedPrecisionPolicy
+
         if not self.bf16:
             return MixedPrecisionPolicy()
         reduce = {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -187,14 +194,19 @@ class FSDPEngine(Engine):
         else:
             load()
 
-    def shard(self, model: nn.Module, mp_policy, reshard_after_forward: bool, frozen: bool = False,
-              offload: bool = False) -> None:
+    def shard(
+        self, model: nn.Module, mp_policy, reshard_after_forward: bool, frozen: bool = False, offload: bool = False
+    ) -> None:
         """fully_shard each decoder layer, then the root (embeddings, final norm, exit gate, lm_head);
         gradients summed over ranks, not averaged. A trained root stays gathered from its forward to
         its backward (FSDP's default); a frozen one (no backward) is resharded after its forward."""
         from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
-        kwargs = dict(mesh=self.mesh, mp_policy=mp_policy,
-                      offload_policy=CPUOffloadPolicy(pin_memory=_on_gpu()) if offload else OffloadPolicy())
+
+        kwargs = dict(
+            mesh=self.mesh,
+            mp_policy=mp_policy,
+            offload_policy=CPUOffloadPolicy(pin_memory=_on_gpu()) if offload else OffloadPolicy(),
+        )
         for layer in decoder_layers(model):
             fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
         fully_shard(model, reshard_after_forward=True if frozen else None, **kwargs)
@@ -228,6 +240,7 @@ class FSDPEngine(Engine):
 
     def build_frozen(self, model: nn.Module, offload_params: bool = False) -> FrozenModel:
         from torch.distributed.fsdp import MixedPrecisionPolicy
+
         model.requires_grad_(False)
         model.eval()
         for module in model.modules():  # held in the compute dtype: no master copy to keep
@@ -294,6 +307,7 @@ class FSDPEngine(Engine):
 
     def gather_full(self, param: nn.Parameter) -> torch.Tensor:
         from torch.distributed.tensor import DTensor
+
         return param.full_tensor() if isinstance(param, DTensor) else param.detach()
 
     # -- steps
@@ -307,9 +321,12 @@ class FSDPEngine(Engine):
 
     def optimizer_step(self) -> StepResult:
         from torch.distributed.tensor import DTensor
+
         if self._micro_steps != self.grad_accum_steps:
-            raise RuntimeError(f"optimizer_step() after {self._micro_steps} micro-step(s); the step has "
-                               f"{self.grad_accum_steps} (gradient_accumulation_steps)")
+            raise RuntimeError(
+                f"optimizer_step() after {self._micro_steps} micro-step(s); the step has "
+                f"{self.grad_accum_steps} (gradient_accumulation_steps)"
+            )
         self._micro_steps = 0
         total_norm = torch.nn.utils.clip_grad_norm_(self._params, self.cfg.engine.grad_clip or float("inf"))
         norm = float(total_norm.full_tensor() if isinstance(total_norm, DTensor) else total_norm)
@@ -327,18 +344,22 @@ class FSDPEngine(Engine):
     def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
+
         path = Path(directory) / tag
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path))
         with open(path / CLIENT_STATE.format(rank=self.rank), "wb") as handle:
-            torch.save({"client": client_state, "scheduler": self.scheduler.state_dict(),
-                        "world_size": self.world_size}, handle)
+            torch.save(
+                {"client": client_state, "scheduler": self.scheduler.state_dict(), "world_size": self.world_size},
+                handle,
+            )
             handle.flush()
             os.fsync(handle.fileno())
 
     def load_checkpoint(self, directory: str, tag: str) -> dict:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
         path = Path(directory) / tag
         client_file = path / CLIENT_STATE.format(rank=self.rank)
         if not client_file.is_file():
@@ -346,14 +367,16 @@ class FSDPEngine(Engine):
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
         state: dict[str, Any] = {"model": model_state, "optimizer": optim_state}
         dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
+        set_state_dict(
+            self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+        )
         saved = torch.load(client_file, weights_only=False)
         self.scheduler.load_state_dict(saved["scheduler"])
         return saved["client"]
 
     def full_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
         state = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         # torch types the values as any state-dict value; a full state dict's are (CPU) tensors
         return cast(dict[str, torch.Tensor], state) if self.rank == 0 else None

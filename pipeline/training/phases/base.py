@@ -26,7 +26,7 @@ HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 @dataclass
 class MicroStepOutput:
-    losses: LossOutput                      # .total is backpropagated; .metrics are per-token means
+    losses: LossOutput  # .total is backpropagated; .metrics are per-token means
     stats: dict[str, tuple[float, str]] = field(default_factory=dict)  # name -> (value, "mean" | "min" | "max")
     # seconds spent in micro_step on work other than the trained model's forward, by name (e.g. "teacher")
     timings: dict[str, float] = field(default_factory=dict)
@@ -38,8 +38,7 @@ def lm_loss(cfg: LossSection, outputs, labels: torch.Tensor, normalizer) -> Loss
     if cfg.kind == "last_loop_ce":
         if not cfg.per_loop_metrics:  # the forward computed the last loop's logits only
             return causal_lm_loss(outputs.logits, labels, normalizer)
-        return last_loop_lm_loss(outputs.loop_logits, outputs.exit_logits, labels, beta=cfg.beta,
-                                 normalizer=normalizer)
+        return last_loop_lm_loss(outputs.loop_logits, outputs.exit_logits, labels, beta=cfg.beta, normalizer=normalizer)
     raise ValueError(f"unknown loss kind {cfg.kind!r}")
 
 
@@ -51,8 +50,10 @@ class Phase(ABC):
         self.cfg = cfg
         unknown = sorted(set(cfg.optimizer.groups) - set(self.group_names))
         if unknown:
-            raise ConfigError(f"config key 'optimizer.groups.{unknown[0]}': phase {self.name} has no parameter "
-                              f"group {unknown[0]!r} (groups: {list(self.group_names)})")
+            raise ConfigError(
+                f"config key 'optimizer.groups.{unknown[0]}': phase {self.name} has no parameter "
+                f"group {unknown[0]!r} (groups: {list(self.group_names)})"
+            )
 
     def check_inputs(self) -> None:
         """Raise ConfigError for an input that cannot exist (called before any process group)."""
@@ -110,11 +111,17 @@ class Phase(ABC):
     def check_resume(self, saved: dict[str, str], where: str) -> None:
         """ConfigError when an input named in resume_identity() differs from the checkpoint's."""
         current = self.resume_identity()
-        diffs = [f"config key {k!r}: checkpoint {saved[k]}, now {current[k]}" for k in sorted(saved)
-                 if k in current and saved[k] != current[k]]
+        diffs = [
+            f"config key {k!r}: checkpoint {saved[k]}, now {current[k]}"
+            for k in sorted(saved)
+            if k in current and saved[k] != current[k]
+        ]
         if diffs:
-            raise ConfigError(f"refusing to resume from {where}: " + "; ".join(diffs)
-                              + ". Resume with the original inputs, or use a new run_dir.")
+            raise ConfigError(
+                f"refusing to resume from {where}: "
+                + "; ".join(diffs)
+                + ". Resume with the original inputs, or use a new run_dir."
+            )
 
     def frozen_models(self) -> dict[str, FrozenModel]:
         """Frozen models this phase holds besides the trained one (e.g. {"teacher": ...}), by name."""

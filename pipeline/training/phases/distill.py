@@ -51,8 +51,7 @@ log = logging.getLogger("melt.train")
 
 # what teacher and student must share: alignment needs the same (loop, layer) grid and attention
 # width, distillation the same vocabulary, teacher forcing the same hidden size
-MATCHING_KEYS = ("num_hidden_layers", "total_ut_steps", "num_attention_heads", "head_dim", "hidden_size",
-                 "vocab_size")
+MATCHING_KEYS = ("num_hidden_layers", "total_ut_steps", "num_attention_heads", "head_dim", "hidden_size", "vocab_size")
 TEACHER_CHECK = "teacher_check.json"
 
 
@@ -65,21 +64,29 @@ def read_config_json(path: str) -> Optional[dict]:
 def load_config(directory, key: str):
     """LoopLMConfig or MeltConfig of a checkpoint directory, by its model_type."""
     from pipeline.models import LoopLMConfig, MeltConfig
+
     raw = read_config_json(str(directory)) or {}
     kind = raw.get("model_type")
     if kind not in (LoopLMConfig.model_type, MeltConfig.model_type):
-        raise ConfigError(f"config key {key!r}: {directory} holds a {kind!r} model, not a LoopLM "
-                          f"({LoopLMConfig.model_type!r}) or MELT ({MeltConfig.model_type!r}) checkpoint")
+        raise ConfigError(
+            f"config key {key!r}: {directory} holds a {kind!r} model, not a LoopLM "
+            f"({LoopLMConfig.model_type!r}) or MELT ({MeltConfig.model_type!r}) checkpoint"
+        )
     cls = MeltConfig if kind == MeltConfig.model_type else LoopLMConfig
     return cls.from_pretrained(str(directory))
 
 
 def check_architectures(student, teacher, student_src: str, teacher_src: str) -> None:
-    diffs = [f"{k}: teacher {getattr(teacher, k)}, student {getattr(student, k)}" for k in MATCHING_KEYS
-             if getattr(teacher, k) != getattr(student, k)]
+    diffs = [
+        f"{k}: teacher {getattr(teacher, k)}, student {getattr(student, k)}"
+        for k in MATCHING_KEYS
+        if getattr(teacher, k) != getattr(student, k)
+    ]
     if diffs:
-        raise ConfigError(f"config keys 'teacher.init_from' and 'model.init_from': the teacher ({teacher_src}) and "
-                          f"the student ({student_src}) architectures do not match: " + "; ".join(diffs))
+        raise ConfigError(
+            f"config keys 'teacher.init_from' and 'model.init_from': the teacher ({teacher_src}) and "
+            f"the student ({student_src}) architectures do not match: " + "; ".join(diffs)
+        )
 
 
 def checkpoint_identity(name_or_path: str, sample: int = 1 << 20) -> str:
@@ -121,6 +128,7 @@ class LayerInputRecorder:
         def hook(module, args):
             if self.active:
                 self.calls[index].append(args[0].detach())
+
         return hook
 
     def __enter__(self):
@@ -146,6 +154,7 @@ def synchronize(device: torch.device) -> None:
 
 class DistillPhase(MeltStudentPhase):
     """MELT student (alpha = 1) distilled from a frozen LoopLM teacher."""
+
     name = "distill"
 
     def __init__(self, cfg: RunConfig) -> None:
@@ -179,13 +188,18 @@ class DistillPhase(MeltStudentPhase):
 
     def check_pair(self, student, teacher) -> None:
         from pipeline.models import MeltConfig
+
         if teacher is not None and isinstance(teacher, MeltConfig):
-            raise ConfigError(f"config key 'teacher.init_from': {self.teacher_section.init_from} is a MELT checkpoint; "
-                              "the teacher must be a LoopLM (model_type 'ouro')")
+            raise ConfigError(
+                f"config key 'teacher.init_from': {self.teacher_section.init_from} is a MELT checkpoint; "
+                "the teacher must be a LoopLM (model_type 'ouro')"
+            )
         gate = self.section.gate
         if isinstance(student, MeltConfig) and gate is not None and gate != student.gate:
-            raise ConfigError(f"config key 'phase.gate': {gate!r}, but the MELT checkpoint {self.init_from} "
-                              f"has gate {student.gate!r} (leave phase.gate unset to keep it)")
+            raise ConfigError(
+                f"config key 'phase.gate': {gate!r}, but the MELT checkpoint {self.init_from} "
+                f"has gate {student.gate!r} (leave phase.gate unset to keep it)"
+            )
         if student is not None and teacher is not None:
             check_architectures(student, teacher, self.init_from, self.teacher_section.init_from)
 
@@ -197,6 +211,7 @@ class DistillPhase(MeltStudentPhase):
     def melt_config(self, source):
         """The student's MeltConfig at alpha = 1 with this phase's chunk size (and melt_options)."""
         from pipeline.models import MeltConfig
+
         phase = self.section
         options = dict(chunk_size=phase.chunk_size, alpha=1.0, **phase.melt_options)
         if isinstance(source, MeltConfig):
@@ -206,6 +221,7 @@ class DistillPhase(MeltStudentPhase):
     def build_model(self, engine: Engine) -> MeltForCausalLM:
         """The student (returned, for the engine to train) and the frozen teacher (kept here)."""
         from pipeline.models import LoopLMForCausalLM, MeltConfig
+
         student_dir = resolve_checkpoint_dir(self.init_from)
         self.teacher_dir = resolve_checkpoint_dir(self.teacher_section.init_from)
         source = load_config(student_dir, "model.init_from")
@@ -224,9 +240,11 @@ class DistillPhase(MeltStudentPhase):
             # nn.Module types its submodules Tensor | Module: the backbone's decoder layers, as built
             self.recorder = LayerInputRecorder(cast(nn.ModuleList, teacher.model.layers))
         self.teacher = engine.build_frozen(teacher, offload_params=offload)
-        log.info(f"student: MELT from {'a MELT' if from_melt else 'a LoopLM'} checkpoint ({student_dir}), "
-                 f"gate {student.config.gate}, chunk {student.config.chunk_size}; teacher: {self.teacher_dir}"
-                 f"{' (parameters offloaded to CPU)' if offload else ''}")
+        log.info(
+            f"student: MELT from {'a MELT' if from_melt else 'a LoopLM'} checkpoint ({student_dir}), "
+            f"gate {student.config.gate}, chunk {student.config.chunk_size}; teacher: {self.teacher_dir}"
+            f"{' (parameters offloaded to CPU)' if offload else ''}"
+        )
         return student
 
     def frozen_models(self) -> dict[str, FrozenModel]:
@@ -248,12 +266,18 @@ class DistillPhase(MeltStudentPhase):
         assert frozen is not None  # build_model (or the memory planner) sets it
         teacher_config = cast("LoopLMForCausalLM", frozen.module).config  # the teacher is a LoopLM
         ids, labels = batch["input_ids"], batch["labels"]
-        positions = {"labelled": (labelled_positions(labels), counts.labelled),
-                     "real": (real_positions(ids, batch.get("attention_mask")), counts.real)}
+        positions = {
+            "labelled": (labelled_positions(labels), counts.labelled),
+            "real": (real_positions(ids, batch.get("attention_mask")), counts.real),
+        }
         # left-padded rows (synthetic tasks) carry an attention mask; both models see it
-        inputs: dict[str, Any] = dict(input_ids=ids, attention_mask=batch.get("attention_mask"),
-                                      output_loop_logits=phase.per_loop_metrics,
-                                      output_attention_outputs=phase.w_attn > 0, use_cache=False)
+        inputs: dict[str, Any] = dict(
+            input_ids=ids,
+            attention_mask=batch.get("attention_mask"),
+            output_loop_logits=phase.per_loop_metrics,
+            output_attention_outputs=phase.w_attn > 0,
+            use_cache=False,
+        )
         start = time.perf_counter()
         if self.recorder is not None:
             with self.recorder:
@@ -269,8 +293,14 @@ class DistillPhase(MeltStudentPhase):
         if phase.w_attn > 0:
             heads = teacher_config.num_attention_heads
             align_positions, align_count = positions[phase.align_tokens]
-            parts.append((phase.w_attn, attention_alignment_loss(
-                student.attention_outputs, teacher.attention_outputs, align_positions, heads, align_count)))
+            parts.append(
+                (
+                    phase.w_attn,
+                    attention_alignment_loss(
+                        student.attention_outputs, teacher.attention_outputs, align_positions, heads, align_count
+                    ),
+                )
+            )
         kd = phase.kd
         if phase.per_loop_metrics:
             student_logits, teacher_logits, loop_numbers = student.loop_logits, teacher.loop_logits, None
@@ -279,9 +309,22 @@ class DistillPhase(MeltStudentPhase):
             loop_numbers = [teacher_config.total_ut_steps]
         kd_positions, kd_count = positions[phase.kd_tokens]
         with torch.set_grad_enabled(phase.w_kd > 0 and torch.is_grad_enabled()):
-            parts.append((phase.w_kd, logit_distillation_loss(
-                student_logits, teacher_logits, kd_positions, temperature=kd.temperature, kind=kd.kind,
-                top_k=kd.top_k, all_loops=kd.all_loops, normalizer=kd_count, loop_numbers=loop_numbers)))
+            parts.append(
+                (
+                    phase.w_kd,
+                    logit_distillation_loss(
+                        student_logits,
+                        teacher_logits,
+                        kd_positions,
+                        temperature=kd.temperature,
+                        kind=kd.kind,
+                        top_k=kd.top_k,
+                        all_loops=kd.all_loops,
+                        normalizer=kd_count,
+                        loop_numbers=loop_numbers,
+                    ),
+                )
+            )
         with torch.set_grad_enabled(phase.w_ce > 0 and torch.is_grad_enabled()):
             ce = LossSection.model_validate({"kind": "last_loop_ce", "per_loop_metrics": phase.per_loop_metrics})
             parts.append((phase.w_ce, lm_loss(ce, student, labels, counts.labelled)))
@@ -292,8 +335,9 @@ class DistillPhase(MeltStudentPhase):
             metrics.update(part.metrics)
             metric_tokens.update({name: part.num_tokens for name in part.metrics})
         labelled = positions["labelled"][0].sum()
-        return MicroStepOutput(LossOutput(total, labelled, metrics, metric_tokens), gate_stats(student),
-                               {"teacher": teacher_s})
+        return MicroStepOutput(
+            LossOutput(total, labelled, metrics, metric_tokens), gate_stats(student), {"teacher": teacher_s}
+        )
 
     # -- the end
     def after_fit(self, run_dir: Path) -> None:
@@ -310,13 +354,15 @@ class DistillPhase(MeltStudentPhase):
             assert tensors is not None  # rank 0, which holds the full tensors, reads the checkpoint
             if name not in tensors:
                 continue
-            report[name] = {"held_sha256": tensor_digest(held),
-                            "checkpoint_sha256": tensor_digest(tensors(name).to(held.dtype)),
-                            "dtype": str(held.dtype).removeprefix("torch."), "shape": list(held.shape)}
+            report[name] = {
+                "held_sha256": tensor_digest(held),
+                "checkpoint_sha256": tensor_digest(tensors(name).to(held.dtype)),
+                "dtype": str(held.dtype).removeprefix("torch."),
+                "shape": list(held.shape),
+            }
         if comm.rank() == 0:
             changed = sorted(n for n, r in report.items() if r["held_sha256"] != r["checkpoint_sha256"])
-            result = {"teacher": str(self.teacher_dir), "unchanged": not changed, "changed": changed,
-                      "tensors": report}
+            result = {"teacher": str(self.teacher_dir), "unchanged": not changed, "changed": changed, "tensors": report}
             write_durable(Path(run_dir) / TEACHER_CHECK, json.dumps(result, indent=1, sort_keys=True))
             if changed:
                 log.error(f"the teacher's weights differ from {self.teacher_dir}: {changed}")

@@ -17,9 +17,9 @@ if TYPE_CHECKING:
 
 class MeltStudentPhase(Phase):
     """A MELT model trained from a checkpoint; parameter groups gates / attention / other."""
+
     group_names = ("gates", "attention", "other")
-    TRAINABLE = {"all": {"gates", "attention", "other"}, "gates": {"gates"},
-                 "gates+attention": {"gates", "attention"}}
+    TRAINABLE = {"all": {"gates", "attention", "other"}, "gates": {"gates"}, "gates+attention": {"gates", "attention"}}
 
     @property
     def section(self) -> TransitionPhaseSection | DistillPhaseSection:
@@ -49,6 +49,7 @@ class MeltStudentPhase(Phase):
         """MELT built partitioned; the checkpoint's tensors loaded by name; with fresh_gates (a LoopLM
         checkpoint) the gates are initialised instead."""
         from pipeline.models import MeltForCausalLM
+
         with engine.init_context():
             model = MeltForCausalLM(config)
         tensors = CheckpointTensors(directory)

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 class PretrainPhase(Phase):
     """A LoopLM from scratch, Ouro stage-I loss."""
+
     name = "pretrain"
     group_names = ("all",)
 
@@ -27,10 +28,12 @@ class PretrainPhase(Phase):
 
     def vocab_size(self) -> tuple[Optional[int], str]:
         from pipeline.models import LoopLMConfig
+
         return LoopLMConfig(**self.model_config).vocab_size, "model.config.vocab_size"
 
     def build_model(self, engine: Engine) -> LoopLMForCausalLM:
         from pipeline.models import LoopLMConfig, LoopLMForCausalLM
+
         config = LoopLMConfig(**self.model_config)
         with engine.init_context():
             model = LoopLMForCausalLM(config)
@@ -42,6 +45,10 @@ class PretrainPhase(Phase):
         # this phase's section, or a transition's (whose LM loss the tests reproduce on a LoopLM with this step)
         assert isinstance(section, (PretrainPhaseSection, TransitionPhaseSection))
         loss_cfg = section.loss
-        out = forward(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                      output_loop_logits=loss_cfg.per_loop_metrics, use_cache=False)
+        out = forward(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            output_loop_logits=loss_cfg.per_loop_metrics,
+            use_cache=False,
+        )
         return MicroStepOutput(lm_loss(loss_cfg, out, batch["labels"], counts.labelled))

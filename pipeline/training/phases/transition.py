@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 class TransitionPhase(MeltStudentPhase):
     """MELT initialised from a LoopLM checkpoint; alpha ramps start -> end; LM loss."""
+
     name = "transition"
 
     @property
@@ -32,8 +33,10 @@ class TransitionPhase(MeltStudentPhase):
     def check_inputs(self) -> None:
         phase = self.section
         if phase.trainable == "gates" and phase.alpha.start == phase.alpha.end == 0.0:
-            raise ConfigError("config key 'phase.trainable': gates only at alpha fixed to 0 trains nothing "
-                              "(the gates do not touch the output at alpha 0)")
+            raise ConfigError(
+                "config key 'phase.trainable': gates only at alpha fixed to 0 trains nothing "
+                "(the gates do not touch the output at alpha 0)"
+            )
         check_checkpoint_source(self.init_from, "model.init_from")
 
     def vocab_size(self) -> tuple[Optional[int], str]:
@@ -44,10 +47,15 @@ class TransitionPhase(MeltStudentPhase):
 
     def melt_config(self, directory):
         from pipeline.models import LoopLMConfig, MeltConfig
+
         phase = self.section
-        return MeltConfig.from_looplm_config(LoopLMConfig.from_pretrained(str(directory)), gate=phase.gate,
-                                             chunk_size=phase.chunk_size, alpha=phase.alpha.start,
-                                             **phase.melt_options)
+        return MeltConfig.from_looplm_config(
+            LoopLMConfig.from_pretrained(str(directory)),
+            gate=phase.gate,
+            chunk_size=phase.chunk_size,
+            alpha=phase.alpha.start,
+            **phase.melt_options,
+        )
 
     def build_model(self, engine: Engine) -> MeltForCausalLM:
         """MELT built partitioned; the LoopLM's tensors loaded by name; the new gates initialised."""
@@ -68,6 +76,10 @@ class TransitionPhase(MeltStudentPhase):
 
     def micro_step(self, forward, batch, counts: TokenCounts) -> MicroStepOutput:
         loss_cfg = self.section.loss
-        out = forward(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                      output_loop_logits=loss_cfg.per_loop_metrics, use_cache=False)
+        out = forward(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            output_loop_logits=loss_cfg.per_loop_metrics,
+            use_cache=False,
+        )
         return MicroStepOutput(lm_loss(loss_cfg, out, batch["labels"], counts.labelled), gate_stats(out))
