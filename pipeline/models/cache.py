@@ -168,15 +168,31 @@ class MeltCache(Cache):
     """MELT's cache: one final K/V slot per token per layer, whatever the loop count.
 
     Entries 0..N-1 hold the gated slots. Only while alpha < 1 (phase 1, interpolating
-    towards the LoopLM) does a token also need its own per-loop keys/values; those live
-    in entries N + loop * N + layer and exist only when `keep_loop_kv` is set. Every entry
-    is a SlotLayer: one buffer per entry for the whole sequence, written chunk by chunk.
+    towards the LoopLM) does a later chunk read more for a stored token at loop t: the mix
+    `lerp(its own loop-t keys/values, its final slot, alpha)`. Those mixes live in entries
+    N + loop * N + layer, which exist only when `keep_loop_kv` is set; they are stored mixed
+    (once per token, when its chunk is stored) so that no chunk re-mixes the whole prefix,
+    and hence hold one alpha (`loop_alpha`, set by the first write). Every entry is a SlotLayer:
+    one buffer per entry for the whole sequence, written chunk by chunk.
     """
 
     def __init__(self, num_layers: int, num_loops: int, keep_loop_kv: bool = False):
         entries = num_layers * (1 + (num_loops if keep_loop_kv else 0))
         super().__init__(layers=[SlotLayer() for _ in range(entries)])
         self.num_layers, self.num_loops, self.keep_loop_kv = num_layers, num_loops, keep_loop_kv
+        self.loop_alpha: Optional[float] = None  # the alpha the per-loop entries are mixed at
+
+    def check_alpha(self, alpha: float) -> None:
+        """The per-loop entries were mixed at one alpha: a forward at another would read wrong keys."""
+        if alpha < 1.0 and not self.keep_loop_kv:
+            raise ValueError(f"alpha={alpha} needs per-loop keys, but this MeltCache was built at alpha = 1")
+        if self.keep_loop_kv and self.get_seq_length() and self.loop_alpha != alpha:
+            raise ValueError(
+                f"this MeltCache's per-loop entries were mixed at alpha={self.loop_alpha}; a forward at "
+                f"alpha={alpha} cannot continue it (start a new cache)"
+            )
+        if self.keep_loop_kv:
+            self.loop_alpha = alpha
 
     @property
     def entries(self) -> list[SlotLayer]:

@@ -249,8 +249,7 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
         if cache is None:
             # a cache always carries the earlier chunks; it is returned only when asked for
             cache = MeltCache(cfg.num_hidden_layers, cfg.total_ut_steps, keep_loop_kv=alpha < 1.0)
-        elif alpha < 1.0 and not cache.keep_loop_kv:
-            raise ValueError(f"alpha={alpha} needs per-loop keys, but this MeltCache was built at alpha = 1")
+        cache.check_alpha(alpha)
         inputs = self.begin_forward(
             input_ids, inputs_embeds, attention_mask, position_ids, cache_position, cache.get_seq_length()
         )
@@ -455,16 +454,14 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
                         if frozen is not None:  # an exited token keeps its slot at its exit-loop state
                             slot = torch.where(frozen[None, :, None, :, None], slots[index], slot)
                     slots[index], owns[index] = slot, new
-                    loop_kv = None
                     if cache.keep_loop_kv:  # every loop of every token, so that the entries stay in step
                         new_loop_kv[cache.loop_entry(loop, index)] = new
-                    if alpha < 1.0:
-                        loop_kv = cache.entries[cache.loop_entry(loop, index)]
+                    # what earlier chunks offer at this loop: their final slots, or while alpha < 1 the
+                    # stored mixes of their loop-t keys with those slots
+                    read = cache.loop_entry(loop, index) if alpha < 1.0 else index
                     spec = PrefixSpec(
-                        cache.entries[index],
-                        loop_kv,
+                        cache.entries[read],
                         prefix,
-                        alpha,
                         mask,
                         is_causal,
                         layer.self_attn.num_kv_heads != layer.self_attn.num_heads,
@@ -497,6 +494,9 @@ class MeltModel(BackboneMixin, MeltPreTrainedModel):
             for loop in range(num_loops, cache.num_loops):
                 for index in range(num_layers):
                     new_loop_kv[cache.loop_entry(loop, index)] = owns[index]
+            # stored as later chunks read them: mixed with the token's final slot (MeltCache)
+            for entry in new_loop_kv:
+                new_loop_kv[entry] = mix(new_loop_kv[entry], slots[(entry - num_layers) % num_layers], alpha)
         return states, gates, slots, new_loop_kv, attn, exit_loop
 
 

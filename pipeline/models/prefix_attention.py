@@ -11,8 +11,9 @@ chunk grows with the prefix. On CPU the flash kernel's forward/backward ops are 
 directly (bit-identical to SDPA's autograd); on other devices the backward recomputes the
 attention forward first (one more attention forward per call).
 
-While alpha < 1 the prefix is `lerp(loop-t keys, slots, alpha)` (docs/melt.md, section 2.3), built in a
-temporary per call; its gradient goes to both, weighted (1 - alpha) and alpha.
+The prefix is one cache entry: the layer's final slots, or while alpha < 1 the loop-t entry
+that holds `lerp(loop-t keys, slots, alpha)` of every stored token (mixed once, when its chunk
+was stored: MeltCache), so a call never mixes or copies the prefix.
 """
 
 from __future__ import annotations
@@ -30,38 +31,33 @@ from .cache import SlotLayer
 class PrefixSpec:
     """Where a chunk's prefix lives and how to attend (everything but the tensors that need gradients)."""
 
-    slots: SlotLayer  # the layer's gated slots; tokens [0, prefix) are final
-    loop_kv: Optional[SlotLayer]  # the layer's loop-t keys/values (alpha < 1 only)
+    entry: SlotLayer  # the cache entry this chunk reads; its tokens [0, prefix) are final
     prefix: int  # P: tokens before this chunk
-    alpha: float
     mask: Optional[torch.Tensor]  # bool [B|1, 1, C, P + C], True = may attend
     is_causal: bool
     enable_gqa: bool
-    # filled by prefix_attention: each piece's region [start, end) and the weight of its gradient
+    # filled by prefix_attention: the region [start, end) of each piece it sends gradients to
     piece_regions: tuple = ()
 
     def keys_values(self, own: torch.Tensor):
         """Keys and values [B, kv_heads, P + C, D] for the chunk (own: [2, B, kv_heads, C, D]), and a
-        function that undoes any borrowing of the slot buffer."""
+        function that undoes the borrowing of the entry's buffer: the own keys/values are placed in
+        its next C positions for the call, so that keys and values are one view without a copy of
+        the prefix (what was there, later chunks during a checkpointed replay or the backward, is
+        put back)."""
         P, C = self.prefix, own.shape[3]
         if P == 0:
             return own[0], own[1], lambda: None
-        assert self.slots.data is not None  # the prefix is stored
-        if self.loop_kv is None:  # alpha = 1: borrow the slot buffer's next C positions for the own keys
-            work = self.slots.data[:, :, :, : P + C]
-            kept = work[:, :, :, P:].clone() if self.slots.length > P else None
-            work[:, :, :, P:].copy_(own)
-
-            def restore():
-                if kept is not None:
-                    work[:, :, :, P:].copy_(kept)
-
-            return work[0], work[1], restore
-        assert self.loop_kv.data is not None
-        work = own.new_empty(*own.shape[:3], P + C, own.shape[4])
-        torch.lerp(self.loop_kv.data[:, :, :, :P], self.slots.data[:, :, :, :P], self.alpha, out=work[:, :, :, :P])
+        assert self.entry.data is not None  # the prefix is stored
+        work = self.entry.data[:, :, :, : P + C]
+        kept = work[:, :, :, P:].clone() if self.entry.length > P else None
         work[:, :, :, P:].copy_(own)
-        return work[0], work[1], lambda: None
+
+        def restore():
+            if kept is not None:
+                work[:, :, :, P:].copy_(kept)
+
+        return work[0], work[1], restore
 
     @property
     def causal(self) -> bool:
@@ -125,15 +121,10 @@ class PrefixAttention(torch.autograd.Function):
         # autograd adds the piece's next contribution, which makes a fresh sum)
         full = torch.stack([grad_k, grad_v])
         grad_own = full[:, :, :, P:]
-        weighted: dict[float, torch.Tensor] = {1.0: full}
-        grads: list[Optional[torch.Tensor]] = []
-        for index, (start, end, weight) in enumerate(spec.piece_regions):
-            if not ctx.needs_input_grad[3 + index]:
-                grads.append(None)
-                continue
-            if weight not in weighted:
-                weighted[weight] = full[:, :, :, :P] * weight
-            grads.append(weighted[weight][:, :, :, start:end])
+        grads = [
+            full[:, :, :, start:end] if ctx.needs_input_grad[3 + index] else None
+            for index, (start, end) in enumerate(spec.piece_regions)
+        ]
         return (
             grad_q if ctx.needs_input_grad[0] else None,
             grad_own if ctx.needs_input_grad[1] else None,
@@ -146,16 +137,9 @@ def prefix_attention(q: torch.Tensor, own: torch.Tensor, spec: PrefixSpec) -> to
     """SDPA output [B, heads, C, D] of queries q [B, heads, C, D] over the prefix and own [2, B, kv, C, D]."""
     if spec.prefix == 0:
         return spec.attend(q, own[0], own[1])  # no prefix: plain autograd
-    # the prefix is lerp(loop-t keys, slots, alpha): each gets its share of the gradient (none at weight 0)
-    sources = (
-        [(spec.slots, 1.0)] if spec.loop_kv is None else [(spec.slots, spec.alpha), (spec.loop_kv, 1 - spec.alpha)]
-    )
     regions, pieces = [], []
-    for layer, weight in sources:
-        if weight == 0.0:
-            continue
-        for start, end, piece in layer.pieces_before(spec.prefix):
-            regions.append((start, end, weight))
-            pieces.append(piece)
+    for start, end, piece in spec.entry.pieces_before(spec.prefix):
+        regions.append((start, end))
+        pieces.append(piece)
     spec.piece_regions = tuple(regions)
     return PrefixAttention.apply(q, own, spec, *pieces)

@@ -294,6 +294,12 @@ def test_bad_input_is_refused():
     melt.set_alpha(0.5)
     with pytest.raises(ValueError, match="needs per-loop keys"):
         melt(torch.zeros(1, 1, dtype=torch.long), past_key_values=cache)
+    # the per-loop entries are stored mixed at one alpha: another alpha cannot continue them
+    cache = melt(torch.zeros(1, 3, dtype=torch.long), use_cache=True).past_key_values
+    melt.set_alpha(0.25)
+    with pytest.raises(ValueError, match=r"mixed at alpha=0.5; a forward at alpha=0.25 cannot continue it"):
+        melt(torch.zeros(1, 1, dtype=torch.long), past_key_values=cache)
+    assert cache.get_seq_length() == 3  # nothing was written
 
 
 def test_configured_chunk_sizes_apply_to_inputs_they_cover():
