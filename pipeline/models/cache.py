@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, cast
 
 import torch
@@ -36,10 +37,11 @@ class SlotLayer(CacheLayerMixin):
 
     Chunk after chunk, `write` copies the new tokens' keys/values after the stored ones: nothing
     ever holds a copy of the prefix (memory linear in the sequence length, in training as in
-    decoding). When the written tensor carries a graph (training), `write` returns a "piece":
-    a tensor that aliases the buffer region and carries the graph, kept in `pieces` so that the
-    attention of later chunks can send the prefix's gradient back to the chunk that wrote it
-    (see prefix_attention.py). Reserve the whole length up front (`reserve`) to avoid regrowth.
+    decoding). When the written tensor carries a graph (training), `write` keeps a `Piece`: the
+    region's keys and values as two aliases of the buffer that carry the graph, so that the
+    attention of later chunks can send the prefix's keys' and values' gradients back to the chunk
+    that wrote it, each as a view of the attention's own gradient (see prefix_attention.py).
+    Reserve the whole length up front (`reserve`) to avoid regrowth.
     """
 
     is_sliding = False
@@ -47,7 +49,7 @@ class SlotLayer(CacheLayerMixin):
     def __init__(self) -> None:  # no CacheLayerMixin.__init__: keys/values are views of the buffer
         self.data: Optional[torch.Tensor] = None
         self.length = 0
-        self.pieces: list[tuple[int, int, torch.Tensor]] = []  # (start, end, piece) written with a graph
+        self.pieces: list[Piece] = []  # the regions written with a graph
         self.is_initialized = False
 
     # -- storage (read-only views of the buffer, where CacheLayerMixin has plain attributes: every base method
@@ -83,23 +85,22 @@ class SlotLayer(CacheLayerMixin):
             data[:, :, :, : self.length].copy_(self.data[:, :, :, : self.length])
         self.data = data
 
-    def write(self, kv: torch.Tensor, keep_graph: bool = True) -> Optional[torch.Tensor]:
-        """Append kv [2, B, kv_heads, C, D]; returns the piece that carries kv's graph (or None)."""
+    def write(self, kv: torch.Tensor, keep_graph: bool = True) -> None:
+        """Append kv [2, B, kv_heads, C, D], keeping its graph as a Piece when it has one and keep_graph."""
         start, end = self.length, self.length + kv.shape[3]
         self.reserve(kv, end)
         self.length = end
         if keep_graph and kv.requires_grad and torch.is_grad_enabled():
-            piece = _WriteRegion.apply(kv, self.data, start)
-            self.pieces.append((start, end, piece))
-            return piece
+            keys, values = _WriteRegion.apply(kv, self.data, start)
+            self.pieces.append(Piece(start, end, keys, values))
+            return
         assert self.data is not None  # reserve allocated it (a write of no tokens to an empty entry fails here)
         with torch.no_grad():
             self.data[:, :, :, start:end].copy_(kv)
-        return None
 
-    def pieces_before(self, end: int) -> list[tuple[int, int, torch.Tensor]]:
+    def pieces_before(self, end: int) -> list["Piece"]:
         """The pieces written with a graph that lie inside [0, end)."""
-        return [p for p in self.pieces if p[1] <= end]
+        return [p for p in self.pieces if p.end <= end]
 
     # -- the transformers cache-layer API
     def update(self, key_states, value_states, cache_kwargs=None):
@@ -120,7 +121,7 @@ class SlotLayer(CacheLayerMixin):
             max_length = self.length - abs(max_length)
         if max_length < self.length:
             self.length = max(max_length, 0)
-            self.pieces = [p for p in self.pieces if p[1] <= self.length]
+            self.pieces = [p for p in self.pieces if p.end <= self.length]
 
     def _rebuild(self, data: torch.Tensor) -> None:
         self.data, self.pieces = data, []  # batch surgery is for inference: no graph survives it
@@ -149,19 +150,32 @@ class SlotLayer(CacheLayerMixin):
         self.length, self.pieces = 0, []
 
 
+@dataclass
+class Piece:
+    """Tokens [start, end) of a SlotLayer, written with a graph: their keys and values [B, kv_heads,
+    end - start, D], aliases of the buffer that carry the writer's graph."""
+
+    start: int
+    end: int
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
 class _WriteRegion(torch.autograd.Function):
-    """Copy kv into buffer[:, :, :, start:start + C] and return an alias of that region that carries
-    kv's graph (the identity for gradients): the stored slots cost their bytes once, not twice."""
+    """Copy kv into buffer[:, :, :, start:start + C] and return aliases of that region's keys and
+    values that carry kv's graph (the identity for gradients): the stored slots cost their bytes
+    once, not twice. Keys and values apart, so that a reader can hand back the attention's key and
+    value gradients as views, without stacking them."""
 
     @staticmethod
     def forward(ctx, kv, buffer, start):
         region = buffer[:, :, :, start : start + kv.shape[3]]
         region.copy_(kv)
-        return region.detach()
+        return region[0].detach(), region[1].detach()
 
     @staticmethod
-    def backward(ctx, grad):
-        return grad, None, None
+    def backward(ctx, grad_keys, grad_values):  # an unread output's gradient arrives as zeros (materialized)
+        return torch.stack([grad_keys, grad_values]), None, None
 
 
 class MeltCache(Cache):

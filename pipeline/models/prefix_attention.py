@@ -37,7 +37,7 @@ class PrefixSpec:
     is_causal: bool
     enable_gqa: bool
     # filled by prefix_attention: the region [start, end) of each piece it sends gradients to
-    piece_regions: tuple = ()
+    piece_regions: tuple[tuple[int, int], ...] = ()
 
     def keys_values(self, own: torch.Tensor):
         """Keys and values [B, kv_heads, P + C, D] for the chunk (own: [2, B, kv_heads, C, D]), and a
@@ -117,14 +117,14 @@ class PrefixAttention(torch.autograd.Function):
                     grad_q, grad_k, grad_v = torch.autograd.grad(spec.attend(*leaves), leaves, grad_out)
         restore()
         P = spec.prefix
-        # one tensor for every gradient; the pieces get views of it (a view keeps it alive only until
-        # autograd adds the piece's next contribution, which makes a fresh sum)
-        full = torch.stack([grad_k, grad_v])
-        grad_own = full[:, :, :, P:]
-        grads = [
-            full[:, :, :, start:end] if ctx.needs_input_grad[3 + index] else None
-            for index, (start, end) in enumerate(spec.piece_regions)
-        ]
+        grad_own = torch.stack([grad_k[:, :, P:], grad_v[:, :, P:]])
+        # the pieces' keys and values get views of the kernel's gradients, never a copy of the prefix (a
+        # view keeps its tensor alive only until autograd adds the piece's next contribution, a fresh sum)
+        grads: list[Optional[torch.Tensor]] = []
+        for index, (start, end) in enumerate(spec.piece_regions):
+            needed = ctx.needs_input_grad[3 + 2 * index], ctx.needs_input_grad[4 + 2 * index]
+            grads.append(grad_k[:, :, start:end] if needed[0] else None)
+            grads.append(grad_v[:, :, start:end] if needed[1] else None)
         return (
             grad_q if ctx.needs_input_grad[0] else None,
             grad_own if ctx.needs_input_grad[1] else None,
@@ -138,8 +138,8 @@ def prefix_attention(q: torch.Tensor, own: torch.Tensor, spec: PrefixSpec) -> to
     if spec.prefix == 0:
         return spec.attend(q, own[0], own[1])  # no prefix: plain autograd
     regions, pieces = [], []
-    for start, end, piece in spec.entry.pieces_before(spec.prefix):
-        regions.append((start, end))
-        pieces.append(piece)
+    for piece in spec.entry.pieces_before(spec.prefix):
+        regions.append((piece.start, piece.end))
+        pieces += [piece.keys, piece.values]
     spec.piece_regions = tuple(regions)
     return PrefixAttention.apply(q, own, spec, *pieces)
