@@ -4,7 +4,9 @@ manifest checked first and the loader state wrapped in a fingerprint (docs/data.
 Batches are dicts of LongTensors: ``input_ids`` [B, S] and ``labels`` [B, S] (HF convention,
 -100 ignored; from the ``labels`` column, or from ``loss_mask``, or a copy of the ids for
 concatenated text), plus ``difficulty`` and ``prompt_length`` [B] when the dataset has them, and
-``attention_mask`` [B, S] (0 on the left padding) when its rows are left-padded (synthetic tasks).
+``attention_mask`` [B, S] (0 on the left padding) when its rows are left-padded (synthetic tasks),
+and ``segment_ids`` [B, S] (a conversation's number in its row, 0 on the right padding) for
+right-padded rows (chat, text `--pack pad`): the losses read real tokens from them.
 """
 
 from __future__ import annotations
@@ -46,9 +48,12 @@ class LoaderFingerprint:
 class Collate:
     """Samples (dicts of numpy arrays) -> the batch contract above."""
 
-    def __init__(self, columns: dict[str, str], left_pad_id: int | None = None):
+    def __init__(self, columns: dict[str, str], left_pad_id: int | None = None, one_document_per_row: bool = False):
         self.columns = columns
         self.left_pad_id = left_pad_id  # rows padded on the left: the batch carries an attention_mask
+        # text `--pack pad`: one document per row, its loss_mask 1 on the document, 0 on the padding,
+        # which makes it the row's segment ids (the document is segment 1)
+        self.one_document_per_row = one_document_per_row
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         def stack(name: str) -> torch.Tensor:
@@ -64,6 +69,10 @@ class Collate:
         batch = {"input_ids": ids, "labels": labels}
         if self.left_pad_id is not None:
             batch["attention_mask"] = leading_pad_mask(ids, self.left_pad_id)
+        if "segment_ids" in self.columns:
+            batch["segment_ids"] = stack("segment_ids")
+        elif self.one_document_per_row:
+            batch["segment_ids"] = stack("loss_mask")
         batch.update({name: stack(name) for name in SCALAR_COLUMNS if name in self.columns})
         return batch
 
@@ -173,7 +182,11 @@ def build_train_loader(
         fingerprint=fingerprint,
         manifest=manifest,
         batch_size=micro_batch_size,
-        collate_fn=Collate(manifest["columns"], left_pad_id(manifest)),
+        collate_fn=Collate(
+            manifest["columns"],
+            left_pad_id(manifest),
+            one_document_per_row=manifest.get("kind") == "text" and "loss_mask" in manifest["columns"],
+        ),
         num_workers=num_workers,
         drop_last=drop_last,
     )

@@ -5,7 +5,7 @@ ranks and gradient accumulation), never by a per-micro-batch mean (docs/architec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ class TokenCounts:
         """This micro-batch's own counts (before the sums)."""
         return cls(
             float(labelled_positions(batch["labels"]).sum()),
-            float(real_positions(batch["input_ids"], batch.get("attention_mask")).sum()),
+            float(real_positions(batch).sum()),
         )
 
 
@@ -47,11 +47,16 @@ def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
     return shift_labels(labels) != IGNORE_INDEX
 
 
-def real_positions(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """[B, S] bool: real tokens (the attention mask's ones; every token of an unpadded batch)."""
-    if attention_mask is None:
-        return torch.ones_like(input_ids, dtype=torch.bool)
-    return attention_mask.bool()
+def real_positions(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """[B, S] bool: real tokens, not padding. Left-padded rows (synthetic tasks) say it with their
+    attention mask; right-padded ones (chat, segment id 0 on padding) with their segment ids, since
+    no real token attends to what follows it and the models need no mask there; every token of an
+    unpadded batch is real."""
+    if batch.get("attention_mask") is not None:
+        return batch["attention_mask"].bool()
+    if batch.get("segment_ids") is not None:
+        return batch["segment_ids"] != 0
+    return torch.ones_like(batch["input_ids"], dtype=torch.bool)
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:

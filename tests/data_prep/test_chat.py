@@ -359,11 +359,14 @@ def test_loader_labels_are_ignored_exactly_outside_assistant_tokens(tmp_path, ch
     samples = read_samples(out)
     batches = take(build_train_loader(out, 4, 4, seed=0, shuffle=False), 3)
     for b, batch in enumerate(batches):
-        assert set(batch) == {"input_ids", "labels"} and "attention_mask" not in batch  # right padding
+        # right padding: no attention mask; the segment ids say which tokens are real (the losses' counts)
+        assert set(batch) == {"input_ids", "labels", "segment_ids"}
         for row in range(4):
             sample = samples[4 * b + row]
             trained = torch.from_numpy(sample["loss_mask"].astype(bool))
             assert torch.equal(batch["input_ids"][row], torch.from_numpy(sample["input_ids"].astype(np.int64)))
+            assert torch.equal(batch["segment_ids"][row], torch.from_numpy(sample["segment_ids"].astype(np.int64)))
+            assert not trained[batch["segment_ids"][row] == 0].any()  # padding is never trained
             assert (batch["labels"][row][~trained] == -100).all()
             assert torch.equal(batch["labels"][row][trained], batch["input_ids"][row][trained])
             text = chat_tok.decode(batch["labels"][row][trained].tolist())

@@ -13,6 +13,7 @@ from tests.data_prep.support import (
     manifest,
     read_samples,
     run_cli,
+    take,
     text_args,
     write_jsonl,
 )
@@ -114,3 +115,12 @@ def test_pad_mode_one_window_per_document_with_loss_mask(tmp_path, tokenizer_dir
         assert sample["loss_mask"].tolist() == [1] * kept + [0] * (24 - kept)
         assert sample["input_ids"][:kept].tolist() == independent_stream(tokenizer, [doc])[:kept]
         assert set(sample["input_ids"][kept:].tolist()) <= {m["pad_token_id"]}
+    # the loader's batches say which tokens are real (the document; segment 1) for the losses' counts
+    from pipeline.data import build_train_loader
+    from pipeline.training.losses import TokenCounts
+
+    batch = take(build_train_loader(out, 4, 4, seed=0, shuffle=False), 1)[0]
+    assert set(batch) == {"input_ids", "labels", "segment_ids"}
+    kept = [min(n, 24) for n in lengths[:4]]
+    assert batch["segment_ids"].tolist() == [[1] * k + [0] * (24 - k) for k in kept]
+    assert TokenCounts.of(batch).real == sum(kept)

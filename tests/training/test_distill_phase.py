@@ -327,6 +327,25 @@ def test_unlabelled_tokens_are_aligned_by_default(teacher_dir, other_dir, align)
         assert float(out.losses.total) == 0.0 and moved == 0.0
 
 
+def test_right_padding_is_neither_aligned_nor_counted(teacher_dir, other_dir):
+    """Rows padded on the right (chat `--pack pad`: segment id 0 on the padding, no attention mask):
+    the padding is not a real token, so it is neither aligned nor counted; a padded row's alignment
+    loss equals that of its real tokens alone."""
+    phase, student = built("phase.w_kd=0", "phase.w_ce=0", student=other_dir, teacher=teacher_dir)
+    assert phase.section.align_tokens == "real"  # the default
+    b = batch(size=(1, 24))
+    b["input_ids"][0, 16:] = 0
+    b["labels"][0, 16:] = -100
+    b["segment_ids"] = (torch.arange(24) < 16).long()[None]
+    counts = TokenCounts.of(b)
+    assert counts.real == 16
+    alone = {"input_ids": b["input_ids"][:, :16], "labels": b["labels"][:, :16]}
+    assert TokenCounts.of(alone) == counts
+    padded, real = (phase.micro_step(student, rows, counts).losses for rows in (b, alone))
+    assert float(real.metrics["align"]) > 1e-3
+    torch.testing.assert_close(padded.total, real.total, rtol=1e-5, atol=1e-7)
+
+
 def test_last_loop_logits_only_give_the_same_loss_and_gradient(teacher_dir, other_dir):
     """per_loop_metrics false (for large vocabularies): the same loss and gradients from the last
     loop's logits alone; only the per-loop KL metrics of the other loops are gone."""

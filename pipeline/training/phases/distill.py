@@ -268,7 +268,7 @@ class DistillPhase(MeltStudentPhase):
         ids, labels = batch["input_ids"], batch["labels"]
         positions = {
             "labelled": (labelled_positions(labels), counts.labelled),
-            "real": (real_positions(ids, batch.get("attention_mask")), counts.real),
+            "real": (real_positions(batch), counts.real),
         }
         # left-padded rows (synthetic tasks) carry an attention mask; both models see it
         inputs: dict[str, Any] = dict(
