@@ -7,7 +7,7 @@
    a LoopLM pretrain step (Ouro stage-I loss) and of MELT transition steps (chunk-wise, last-loop
    CE, alpha mid-ramp so the per-loop keys are kept as well) at each --chunks size, each timed
    as forward + loss + backward + AdamW step, the contenders in turns (median of --steps turns).
-   Ratios MELT / LoopLM; target >= 1.0 at chunk 128 (measured 1.05). Each step's matrix-product FLOPs are counted
+   Ratios MELT / LoopLM; target >= 1.0 at chunk 128. Each step's matrix-product FLOPs are counted
    too (FlopCounterMode): MELT's gate projections cost FLOPs the LoopLM does not spend, so the
    JSON also gives the FLOP-normalised ratio (tokens/s ratio x FLOP ratio; 1.0: equally efficient),
    and both steps' FLOPs at a real model's shape (--flops-preset, default ouro-1.4b).

@@ -24,7 +24,7 @@ from streaming import StreamingDataLoader, StreamingDataset
 
 from data_prep.errors import DataPrepError
 from data_prep.manifest import MANIFEST, read_manifest
-from pipeline.data.padding import leading_pad_mask, left_pad_id
+from pipeline.data.padding import leading_pad_mask, left_pad_id, segments_from_loss_mask
 
 IGNORE_INDEX = -100
 SCALAR_COLUMNS = ("difficulty", "prompt_length")
@@ -48,12 +48,10 @@ class LoaderFingerprint:
 class Collate:
     """Samples (dicts of numpy arrays) -> the batch contract above."""
 
-    def __init__(self, columns: dict[str, str], left_pad_id: int | None = None, one_document_per_row: bool = False):
+    def __init__(self, columns: dict[str, str], left_pad_id: int | None = None, segments_from_loss_mask: bool = False):
         self.columns = columns
         self.left_pad_id = left_pad_id  # rows padded on the left: the batch carries an attention_mask
-        # text `--pack pad`: one document per row, its loss_mask 1 on the document, 0 on the padding,
-        # which makes it the row's segment ids (the document is segment 1)
-        self.one_document_per_row = one_document_per_row
+        self.segments_from_loss_mask = segments_from_loss_mask  # text `--pack pad` (padding.py)
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         def stack(name: str) -> torch.Tensor:
@@ -71,7 +69,7 @@ class Collate:
             batch["attention_mask"] = leading_pad_mask(ids, self.left_pad_id)
         if "segment_ids" in self.columns:
             batch["segment_ids"] = stack("segment_ids")
-        elif self.one_document_per_row:
+        elif self.segments_from_loss_mask:
             batch["segment_ids"] = stack("loss_mask")
         batch.update({name: stack(name) for name in SCALAR_COLUMNS if name in self.columns})
         return batch
@@ -182,11 +180,7 @@ def build_train_loader(
         fingerprint=fingerprint,
         manifest=manifest,
         batch_size=micro_batch_size,
-        collate_fn=Collate(
-            manifest["columns"],
-            left_pad_id(manifest),
-            one_document_per_row=manifest.get("kind") == "text" and "loss_mask" in manifest["columns"],
-        ),
+        collate_fn=Collate(manifest["columns"], left_pad_id(manifest), segments_from_loss_mask(manifest)),
         num_workers=num_workers,
         drop_last=drop_last,
     )
