@@ -18,6 +18,8 @@ Format (every key, with its default)::
     run_dir: runs/ouro-1.4b-melt    # default runs/<name>; the command line's run_dir=DIR wins
     description: ""
     allow_short_signal_delay: false # tests / CPU only: accept signal_delay_s < 120
+    seeds: 1                        # a count or a list: stages with `per_seed: true` run once per
+                                    #   seed, as <stage>_seed<s> (launchers/seeds.py)
 
     resources:                      # defaults for every stage; a stage's `resources` overrides any key
       partition: null               # sbatch --partition (checked against `sinfo -h -o %P` first)
@@ -96,6 +98,8 @@ Stage keys:
   ``{output}``, ``{run_dir}``; ``{{`` / ``}}`` are literal braces). Anything else a stage reads
   (a hub model name, an existing dataset) is an ordinary override or argument.
 - ``after``: more earlier stages to wait for (``afterok``), beyond those feeding the inputs.
+- ``per_seed``: ``true`` runs the stage once per seed of ``seeds`` (``<stage>_seed<s>``, with the
+  trainer's ``seed`` set to s; ``{seed}`` in its args); see ``launchers/seeds.py``.
 - ``resources``: partial, merged onto the experiment's ``resources`` (``env`` and ``sbatch``
   are merged key by key).
 - Rarely needed: ``entry`` (another module ``pkg.mod``, or a script ``path/to/x.py``: called
@@ -132,6 +136,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 import config_loader
+from launchers.seeds import SeedError, base_name, expand_seeds
 
 MIN_SIGNAL_DELAY_S = 120
 DEFAULT_ENTRY = {"train": "pipeline.train", "evaluate": "pipeline.evaluate", "data_prep": "data_prep"}
@@ -291,6 +296,7 @@ class Stage(_Strict):
     output_arg: Optional[str] = None
     output_file: Optional[str] = None
     done: Optional[list[str]] = None
+    seed: Optional[int] = None  # set on the copies of a per_seed stage (launchers/seeds.py)
 
     @field_validator("inputs", mode="before")
     @classmethod
@@ -346,6 +352,7 @@ class Experiment(_Strict):
     run_dir: Optional[str] = None
     description: str = ""
     allow_short_signal_delay: bool = False
+    seeds: list[int] = [0]  # per_seed stages run once per seed (launchers/seeds.py)
     resources: Resources = Resources()
     local: LocalSettings = LocalSettings()
     stages: dict[str, Stage]
@@ -412,7 +419,8 @@ class Experiment(_Strict):
         self._resolved = resolved
         self._outputs = outputs
         timing = self.local.reference_timing
-        unknown = sorted(set(timing.stages) - set(self.stages)) if timing else []
+        known = set(self.stages) | {base_name(n) for n in self.stages}  # a per-seed stage's name: all its copies
+        unknown = sorted(set(timing.stages) - known) if timing else []
         if unknown:
             raise ValueError(
                 f"local.reference_timing.stages: {', '.join(map(repr, unknown))} name no stage "
@@ -516,6 +524,10 @@ def experiment_from_dict(raw: dict, overrides: Optional[list[str]] = None, sourc
         )
     if "stages" in raw and not isinstance(raw["stages"], dict):
         raise ExperimentError(f"{source}: `stages` must be a mapping of stage name -> stage")
+    try:
+        raw = expand_seeds(raw)
+    except SeedError as err:
+        raise ExperimentError(f"invalid experiment {source}: {err}") from None
     try:
         exp = Experiment.model_validate(raw)
     except ValidationError as err:

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import yaml
 
 from launchers.experiment import Experiment, ExperimentError, Resources, Stage, flatten_overrides, render_value
+from launchers.seeds import select_with_seeds
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,7 +168,7 @@ def stage_argv(exp: Experiment, name: str, run_dir: Path, base: Path) -> list[st
 def parse_stage_list(text: Optional[str], exp: Experiment) -> Optional[list[str]]:
     if text is None:
         return None
-    names = [n.strip() for n in text.split(",") if n.strip()]
+    names = select_with_seeds([n.strip() for n in text.split(",") if n.strip()], exp.stages)
     unknown = [n for n in names if n not in exp.stages]
     if unknown or not names:
         raise LaunchError(f"--stages {text!r}: unknown stage(s) {unknown}; this experiment has {', '.join(exp.stages)}")
@@ -259,6 +260,8 @@ def resolved_experiment(exp: Experiment, run_dir: Path, base: Optional[Path] = N
     data = exp.model_dump(mode="json", exclude_defaults=False)
     data["run_dir"] = str(run_dir)
     for name, stage in data["stages"].items():
+        if stage.get("seed") is None:  # per-seed copies keep theirs (reloaded as they are)
+            stage.pop("seed", None)
         if stage.get("config"):
             stage["config"] = str(_abs(stage["config"], base).resolve())
         if stage.get("entry"):

@@ -20,6 +20,8 @@ from typing import AbstractSet, Callable, Optional, TextIO
 
 import yaml
 
+from launchers.seeds import base_name
+
 
 def speed_probe(repeats: int = 3, iterations: int = 40) -> float:
     """Seconds for a fixed small PyTorch training workload on one thread (best of `repeats`): the
@@ -149,7 +151,10 @@ class RunProgress:
             )
 
     def _reference_s(self, name: str) -> float:
-        return self.reference.stages.get(name, 0.0) if self.reference else 0.0
+        """The stage's reference seconds; a seed's copy without its own takes its stage's (any seed)."""
+        if self.reference is None:
+            return 0.0
+        return self.reference.stages.get(name, self.reference.stages.get(base_name(name), 0.0))
 
     def _tasks(self, seconds: Callable, running: set[str]) -> list[Task]:
         return [
@@ -224,9 +229,13 @@ def calibrate(run_dir: Path) -> dict:
 
     from pipeline.evaluation.demo_report import phase_times
 
-    seconds, _ = phase_times(run_dir)
-    if not seconds:
+    measured, _ = phase_times(run_dir)
+    if not measured:
         raise SystemExit(f"{run_dir}/local/ holds no finished stage's log")
+    by_stage: dict[str, list[float]] = {}  # the copies of a per-seed stage: their mean, under the stage's name
+    for name, s in measured.items():
+        by_stage.setdefault(base_name(name), []).append(s)
+    seconds = {name: round(sum(v) / len(v), 1) for name, v in by_stage.items()}
     cpu = (
         next(
             (

@@ -87,6 +87,18 @@ def test_expected_time_scales_the_reference_by_the_speed_probe_then_follows_prog
     assert re.search(r"running: pretrain 50%; ETA 3m\d\ds", progress.line()), progress.line()
 
 
+def test_the_copies_of_a_per_seed_stage_take_its_reference_time(tmp_path):
+    """reference_timing names a per-seed stage once (calibrate writes its seeds' mean): every copy takes it."""
+    seeded = [
+        SimpleNamespace(name=f"distill_seed{s}", kind="train", upstream=[], output_dir=tmp_path / str(s), procs=2)
+        for s in range(3)
+    ]
+    local = SimpleNamespace(reference_timing=SimpleNamespace(probe_s=1.0, stages={"distill": 40.0}), max_tasks=2)
+    plan = SimpleNamespace(stages=seeded, experiment=SimpleNamespace(local=local))
+    progress = RunProgress(plan, lambda plan, p: p.procs, StringIO(), threading.Lock(), probe=lambda: 1.0)
+    assert progress.remaining() == pytest.approx(3 * 40.0, rel=1e-3)
+
+
 def test_the_speed_probe_measures_seconds():
     first = speed_probe(repeats=1, iterations=5)
     assert 0 < first < 30
