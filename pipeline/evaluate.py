@@ -31,8 +31,10 @@ from pipeline.evaluation.report import markdown_table, math_table
 from pipeline.training.phases.base import HUB_NAME
 
 
-def parse_models(values: list[str], default_contender: str | None) -> list[tuple[str, str]]:
-    models = []
+def parse_models(values: list[str], default_contender: str | None) -> list[tuple[str, str, str]]:
+    """--model values -> (result name, contender, path). NAME is a contender, or contender:label to
+    compare several models of one kind in one run (e.g. melt:step50=DIR, melt:step100=DIR)."""
+    models: list[tuple[str, str, str]] = []
     for value in values:
         if "=" in value:
             name, path = value.split("=", 1)
@@ -40,14 +42,20 @@ def parse_models(values: list[str], default_contender: str | None) -> list[tuple
             name, path = default_contender, value
         else:
             raise SystemExit(f"--model {value}: say which contender it is (NAME=DIR or --contender NAME)")
-        if name not in CONTENDERS:
-            raise SystemExit(f"--model {value}: unknown contender {name!r}; choose from {', '.join(CONTENDERS)}")
+        kind, _, label = name.partition(":")
+        if kind not in CONTENDERS or (":" in name and not label):
+            raise SystemExit(
+                f"--model {value}: unknown contender {name!r}; choose from {', '.join(CONTENDERS)} "
+                "(optionally with a label: melt:LABEL)"
+            )
+        if name in [m[0] for m in models]:
+            raise SystemExit(f"--model {value}: {name!r} is given twice; label them (e.g. {kind}:a, {kind}:b)")
         local = Path(path)
         if local.exists() and not (local / "config.json").is_file():
             raise SystemExit(f"--model {value}: {path} is not an exported model (no config.json)")
         if not local.exists() and not HUB_NAME.match(path):
             raise SystemExit(f"--model {value}: {path} does not exist (and is not a hub name like org/model)")
-        models.append((name, path))
+        models.append((name, kind, path))
     return models
 
 
@@ -55,7 +63,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", action="append", required=True, help="NAME=DIR, or DIR with --contender")
+    parser.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="NAME=DIR (NAME: a contender, or contender:label), or DIR with --contender",
+    )
     parser.add_argument("--contender", choices=CONTENDERS, help="contender of a bare --model DIR")
     parser.add_argument("--data", help="prepared eval split (directory with manifest.json); needed unless --math")
     parser.add_argument("--out", required=True, type=Path, help="JSON output; a .md table is written beside it")
@@ -88,8 +101,8 @@ def main(argv=None) -> int:
     device, dtype = resolve_device(args.device, args.dtype)
     results: dict[str, dict[str, Any]] = {}
     records: list[dict[str, Any]] = []
-    for name, path in models:
-        contender = load_contender(name, path, args.chunk_size, device, dtype)
+    for name, kind, path in models:
+        contender = load_contender(kind, path, args.chunk_size, device, dtype)
         results[name] = {"model_path": str(path), "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
         if split is not None:
             results[name].update(

@@ -165,3 +165,30 @@ def test_cli_writes_json_and_table_with_cache_ratios(tmp_path):
     assert (melt["device"], melt["dtype"]) == ("cpu", "bfloat16") and results["melt"]["dtype"] == "float32"
     assert melt["kv_cache_bytes"] * 2 == results["melt"]["kv_cache_bytes"]
     assert abs(melt["perplexity"] - results["melt"]["perplexity"]) < 0.05 * results["melt"]["perplexity"]
+
+
+def test_labelled_contenders_compare_models_of_one_kind(tmp_path):
+    """melt:a=DIR, melt:b=DIR: two MELTs in one run, each under its label; one name twice or an
+    unknown kind is refused naming it."""
+    import pytest
+
+    from tests.model_helpers import write_eval_split
+
+    lm = tiny_looplm()
+    data = write_eval_split(tmp_path / "eval", _split(lm))
+    MeltForCausalLM.from_looplm(lm, chunk_size=2).save_pretrained(tmp_path / "a")
+    MeltForCausalLM.from_looplm(lm, chunk_size=2, gate="overwrite").save_pretrained(tmp_path / "b")
+    out = tmp_path / "labels.json"
+    models = ["--model", f"melt:a={tmp_path / 'a'}", "--model", f"melt:b={tmp_path / 'b'}"]
+    assert evaluate_main(models + ["--data", str(data), "--out", str(out), "--batch-size", "8"]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"melt:a", "melt:b"}
+    assert results["melt:a"]["model_path"] == str(tmp_path / "a") and results["melt:a"]["loops"] == 3
+    assert results["melt:a"]["perplexity"] != results["melt:b"]["perplexity"]  # two models, not one twice
+    for bad, message in (
+        ([models[1], models[1]], "given twice"),
+        ([f"mlt:a={tmp_path / 'a'}"], "unknown contender 'mlt:a'"),
+        ([f"melt:={tmp_path / 'a'}"], "unknown contender 'melt:'"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            evaluate_main([a for m in bad for a in ("--model", m)] + ["--data", str(data), "--out", str(out)])
