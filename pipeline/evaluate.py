@@ -83,6 +83,11 @@ def main(argv=None) -> int:
         help="MELT's teacher-forced scoring: decode (prefill + one chunk per token, as generation "
         "runs; the default where rows have prompts) or forward (the model's own chunking)",
     )
+    parser.add_argument(
+        "--no-perplexity",
+        action="store_true",
+        help="skip the teacher-forced metrics (perplexity, exit distribution): accuracy and KV bytes only",
+    )
     parser.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:1 ...")
     parser.add_argument(
         "--dtype",
@@ -106,7 +111,14 @@ def main(argv=None) -> int:
         results[name] = {"model_path": str(path), "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
         if split is not None:
             results[name].update(
-                evaluate(contender, split, args.batch_size, args.exit_threshold, scoring_chunking=args.scoring_chunking)
+                evaluate(
+                    contender,
+                    split,
+                    args.batch_size,
+                    args.exit_threshold,
+                    scoring_chunking=args.scoring_chunking,
+                    perplexity=not args.no_perplexity,
+                )
             )
         if math is not None:
             results[name]["math"], rows = math.evaluate(contender, path)

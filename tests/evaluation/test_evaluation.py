@@ -185,6 +185,12 @@ def test_labelled_contenders_compare_models_of_one_kind(tmp_path):
     assert set(results) == {"melt:a", "melt:b"}
     assert results["melt:a"]["model_path"] == str(tmp_path / "a") and results["melt:a"]["loops"] == 3
     assert results["melt:a"]["perplexity"] != results["melt:b"]["perplexity"]  # two models, not one twice
+    # --no-perplexity: accuracy and KV bytes only, the same accuracy
+    quick = tmp_path / "quick.json"
+    assert evaluate_main(models + ["--data", str(data), "--out", str(quick), "--no-perplexity"]) == 0
+    fast = json.loads(quick.read_text())["results"]["melt:a"]
+    assert "perplexity" not in fast and fast["accuracy"] == results["melt:a"]["accuracy"]
+    assert fast["kv_cache_bytes"] == results["melt:a"]["kv_cache_bytes"]
     for bad, message in (
         ([models[1], models[1]], "given twice"),
         ([f"mlt:a={tmp_path / 'a'}"], "unknown contender 'mlt:a'"),
