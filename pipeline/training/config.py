@@ -268,6 +268,9 @@ class CheckpointingSection(Section):
     every: int = Field(100, gt=0)  # steps between checkpoints (and one at the end)
     keep_last: int = Field(2, gt=0)
     export: bool = True  # Hugging Face export under <run_dir>/export at the end
+    # also an export every this many steps before the end, <run_dir>/exports/step_<8 digits>/ (to evaluate
+    # the model along the run); kept, unlike checkpoints
+    export_every: Optional[int] = Field(None, gt=0)
     export_dtype: Literal["float32", "bfloat16"] = "float32"  # float32: the master weights, exactly
 
 

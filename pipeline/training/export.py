@@ -97,13 +97,25 @@ def save_hf(
             )
 
 
+def intermediate_export_dir(run_dir: Path, step: int) -> Path:
+    """Where `checkpointing.export_every` puts the export of step `step`."""
+    return Path(run_dir) / "exports" / f"step_{step:08d}"
+
+
 def export_model(
-    engine: Engine, out_dir: Path, dtype: torch.dtype, tokenizer: Optional[str] = None, info: Optional[dict] = None
+    engine: Engine,
+    out_dir: Path,
+    dtype: torch.dtype,
+    tokenizer: Optional[str] = None,
+    info: Optional[dict] = None,
+    run_dir: Optional[Path] = None,
 ) -> None:
-    """Collective: gather the full weights, rank 0 writes. out_dir is the trainer's <run_dir>/export."""
+    """Collective: gather the full weights, rank 0 writes out_dir (the trainer's <run_dir>/export, or an
+    intermediate export). run_dir: the training run (default out_dir's parent), for the model card."""
     state = engine.full_state_dict()
     if comm.rank() == 0:
         assert state is not None  # the consolidated state dict is rank 0's
         module = engine.module
-        save_hf(type(module), module.config, state, out_dir, dtype, tokenizer, info, run_dir=Path(out_dir).parent)
+        card_run = Path(run_dir) if run_dir is not None else Path(out_dir).parent
+        save_hf(type(module), module.config, state, out_dir, dtype, tokenizer, info, run_dir=card_run)
     comm.barrier()

@@ -23,7 +23,7 @@ from pipeline.training import comm
 from pipeline.training.checkpointing import CheckpointManager, rng_state, seed_everything, set_rng_state, tag_for
 from pipeline.training.config import ConfigError, RunConfig
 from pipeline.training.engines import build_engine
-from pipeline.training.export import export_model
+from pipeline.training.export import export_model, intermediate_export_dir
 from pipeline.training.hooks import StepHook, fault_hooks
 from pipeline.training.losses import TokenCounts
 from pipeline.training.metrics import RunLogger, StepMetrics, setup_console_logging, summarize_partition
@@ -230,12 +230,16 @@ class Trainer:
         self.saved_step = self.step
         log.info(f"checkpoint {self.pre.checkpoints.root / tag}")
 
-    def export(self) -> None:
-        out = self.run_dir / "export"
+    def export(self, out: Path) -> None:
         dtype = getattr(torch, self.cfg.checkpointing.export_dtype)
         info = {"step": self.step, "phase": self.cfg.phase.name, "checkpoint": tag_for(self.step)}
-        export_model(self.engine, out, dtype, tokenizer_source(self.cfg.data.path, self.pre.manifest), info)
+        tokenizer = tokenizer_source(self.cfg.data.path, self.pre.manifest)
+        export_model(self.engine, out, dtype, tokenizer, info, run_dir=self.run_dir)
         log.info(f"exported {out}")
+
+    def intermediate_export_due(self) -> bool:
+        every = self.cfg.checkpointing.export_every
+        return every is not None and self.step % every == 0 and self.step < self.cfg.schedule.total_steps
 
     # -- the run
     def fit(self) -> None:
@@ -254,10 +258,12 @@ class Trainer:
                 hook.after_step(self.step)
             if self.step % cfg.checkpointing.every == 0 or self.step == self.stop_step:
                 self.save()
+            if self.intermediate_export_due():
+                self.export(intermediate_export_dir(self.run_dir, self.step))
         if self.saved_step != self.step:
             self.save()
         if self.step >= total and cfg.checkpointing.export:
-            self.export()
+            self.export(self.run_dir / "export")
         self.phase.after_fit(self.run_dir)
         if self.step < total:
             log.info(f"stopped at step {self.step} of {total} (schedule.stop_at_step); rerun to continue")

@@ -29,7 +29,7 @@ def data(tmp_path_factory, token_dataset):
 @pytest.fixture(scope="module")
 def pretrain(data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("pretrain") / "run"
-    proc = ok(train(PRETRAIN, run_dir, f"data.path={data}"))
+    proc = ok(train(PRETRAIN, run_dir, f"data.path={data}", "checkpointing.export_every=4"))
     return run_dir, proc.stdout
 
 
@@ -116,6 +116,25 @@ def test_checkpoints_are_complete_rotated_and_latest_is_atomic(pretrain):
     ]
     assert client["step"] == 12 and set(client["rng"]) >= {"python", "numpy", "torch"}
     assert client["data"] == state["data"] and client["fingerprint"] == state["fingerprint"]
+
+
+def test_intermediate_exports_hold_the_weights_of_their_step(pretrain):
+    """checkpointing.export_every=4: exports/step_4 and step_8 (the end's is export/), each the
+    step's consolidated weights, saying its step."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from pipeline.models import LoopLMForCausalLM
+
+    run_dir, _ = pretrain
+    exports = run_dir / "exports"
+    assert sorted(p.name for p in exports.iterdir()) == ["step_00000004", "step_00000008"]
+    recovered = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag="step_00000008")
+    exported = load_file(exports / "step_00000008" / "model.safetensors")
+    assert set(exported) == set(recovered) and all(torch.equal(exported[n], t) for n, t in recovered.items())
+    assert json.loads((exports / "step_00000004" / "export_info.json").read_text())["step"] == 4
+    early = load_file(exports / "step_00000004" / "model.safetensors")
+    assert not all(torch.equal(early[n], t) for n, t in recovered.items())  # another step's weights
+    LoopLMForCausalLM.from_pretrained(exports / "step_00000004")  # a complete export
 
 
 @pytest.mark.parametrize("which", ["pretrain", "transition"])
