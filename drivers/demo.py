@@ -1,11 +1,12 @@
 """`make demo`: the whole pipeline on the embedded default, then one report.
 
-    python -m drivers.demo [--run-dir runs/demo] [--config configs/experiments/demo.yaml] [key=value ...]
+    python -m drivers.demo [--run-dir runs/demo] [--seeds N] [--config configs/experiments/demo.yaml] [key=value ...]
 
-Runs the demo experiment's stages with the local launcher (data -> standard and LoopLM
-pretraining side by side -> MELT transition and distillation on 2 ranks under DeepSpeed
-ZeRO-3 -> evaluation), skipping stages already complete in the run directory (rerun to
-continue), then writes <run_dir>/report.md, report.json and plots, and prints the table.
+Runs the demo experiment's stages with the local launcher (data -> MELT transition and
+distillation of the shipped LoopLM on 2 ranks under DeepSpeed ZeRO-3, once per seed ->
+evaluation), skipping stages already complete in the run directory (rerun to continue; a rerun
+with more seeds adds the new seeds' stages), then writes <run_dir>/report.md, report.json and
+plots, and prints the table.
 TensorBoard: `tensorboard --logdir runs/demo`.
 """
 
@@ -30,11 +31,15 @@ def run_then_report(
     parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(default_config), help="the experiment")
     parser.add_argument("--run-dir", default=None, help="default: the experiment's run_dir")
+    parser.add_argument(
+        "--seeds", type=int, default=None, metavar="N", help="post-train MELT with seeds 0..N-1 (default: the experiment's)"
+    )
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from a finished run")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="experiment overrides")
     args = parser.parse_args(argv)
 
     overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
+    overrides += [f"seeds={args.seeds}"] if args.seeds is not None else []
     start = time.time()
     try:
         experiment = load_experiment(args.config, overrides)

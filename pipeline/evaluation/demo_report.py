@@ -12,9 +12,9 @@ import torch
 
 from pipeline.bench.common import generate
 from pipeline.evaluation.report import markdown_table
+from pipeline.evaluation.seed_results import check_targets, melt_by_seed, read_results, spread, target_lines
 from pipeline.models import LoopLMConfig, LoopLMForCausalLM, MeltForCausalLM
 
-CONTENDER_ORDER = ("standard", "looplm", "looplm_lastkv", "looplm_lastkv_chunked", "melt")
 KEEP = (
     "accuracy",
     "accuracy_by_difficulty",
@@ -29,9 +29,7 @@ KEEP = (
     "samples",
     "model_path",
 )
-CLEAR_MARGIN = 0.05  # "clearly above": at least 5 points of exact match
-MELT_OF_LOOPLM = 0.98  # MELT keeps at least 98% of the LoopLM's accuracy
-TRAIN_PHASES = ("pretrain_standard", "pretrain", "transition", "distill")
+TRAIN_STAGES = re.compile(r"(pretrain|pretrain_standard|transition|distill)(_seed\d+)?$")
 
 
 def kv_bytes_against_loops(export_dir: Path, tokens: int, loops=(1, 2, 4, 8)) -> list[dict]:
@@ -73,41 +71,17 @@ def phase_times(run_dir: Path) -> tuple[dict[str, float], float | None]:
     return seconds, max(end for end, _ in spans) - min(end - s for end, s in spans)
 
 
-def training_curves(run_dir: Path, phases=TRAIN_PHASES) -> dict[str, list[tuple[int, float]]]:
+def training_curves(run_dir: Path, stages=None) -> dict[str, list[tuple[int, float]]]:
+    """train/loss against the step of each training stage (default: the demo's, every seed)."""
+    if stages is None:
+        stages = sorted(p.parent.name for p in run_dir.glob("*/metrics.jsonl") if TRAIN_STAGES.match(p.parent.name))
     curves = {}
-    for phase in phases:
+    for phase in stages:
         path = run_dir / phase / "metrics.jsonl"
         if path.is_file():
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             curves[phase] = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
     return curves
-
-
-def check_targets(c: dict) -> dict:
-    melt, looplm, standard = c["melt"], c["looplm"], c["standard"]
-    baselines = [c[k]["accuracy"] for k in ("looplm_lastkv", "looplm_lastkv_chunked") if k in c]
-    return {
-        "melt_at_least_98pct_of_looplm": {
-            "met": melt["accuracy"] >= MELT_OF_LOOPLM * looplm["accuracy"],
-            "value": melt["accuracy"] / max(looplm["accuracy"], 1e-9),
-        },
-        "melt_clearly_above_standard": {
-            "met": melt["accuracy"] >= standard["accuracy"] + CLEAR_MARGIN,
-            "value": melt["accuracy"] - standard["accuracy"],
-        },
-        "melt_clearly_above_zero_shot_last_kv": {
-            "met": all(melt["accuracy"] >= b + CLEAR_MARGIN for b in baselines),
-            "value": melt["accuracy"] - max(baselines),
-        },
-        "melt_kv_equals_standard": {
-            "met": melt["kv_cache_bytes"] == standard["kv_cache_bytes"],
-            "value": melt["kv_cache_bytes"] / standard["kv_cache_bytes"],
-        },
-        "melt_kv_is_1_over_T_of_looplm": {
-            "met": melt["kv_cache_bytes"] * looplm["loops"] == looplm["kv_cache_bytes"],
-            "value": melt["kv_cache_bytes"] / looplm["kv_cache_bytes"],
-        },
-    }
 
 
 def save_figure(fig, run_dir: Path, key: str, files: dict[str, str]) -> None:
@@ -120,7 +94,31 @@ def save_figure(fig, run_dir: Path, key: str, files: dict[str, str]) -> None:
     files[key] = f"{key}.png"
 
 
-def _plots(run_dir: Path, contenders: dict, chance: float, kv_rows: list, curves: dict) -> dict[str, str]:
+def plot_training_curves(run_dir: Path, curves: dict, files: dict[str, str]) -> None:
+    """train/loss of each training stage, the seeds of one stage in one panel."""
+    import matplotlib.pyplot as plt
+
+    panels: dict[str, dict[str, list]] = {}
+    for stage, points in curves.items():
+        panels.setdefault(re.sub(r"_seed\d+$", "", stage), {})[stage] = points
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
+    for ax, (panel, lines) in zip(axes[0], panels.items()):
+        for stage, points in lines.items():
+            seed = stage.removeprefix(panel).removeprefix("_")
+            ax.plot([p[0] for p in points], [p[1] for p in points], linewidth=1, label=seed or None)
+        ax.set_title(panel)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("train/loss")
+        ax.grid(alpha=0.3)
+        if len(lines) > 1:
+            ax.legend(fontsize=7)
+    save_figure(fig, run_dir, "training_curves", files)
+
+
+def _plots(run_dir: Path, contenders: dict, melts: dict, chance: float, kv_rows: list, curves: dict) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,6 +129,14 @@ def _plots(run_dir: Path, contenders: dict, chance: float, kv_rows: list, curves
     for name, c in contenders.items():
         ks = sorted(c["accuracy_by_difficulty"], key=int)
         ax.plot([int(k) for k in ks], [c["accuracy_by_difficulty"][k] for k in ks], marker="o", label=name)
+    ks = sorted(next(iter(melts.values()))["accuracy_by_difficulty"], key=int)
+    by_k = [[m["accuracy_by_difficulty"][k] for m in melts.values()] for k in ks]
+    mean = [sum(v) / len(v) for v in by_k]
+    line = ax.plot([int(k) for k in ks], mean, marker="o", label=f"melt (mean of {len(melts)} seeds)")[0]
+    if len(melts) > 1:  # the spread over seeds: min to max
+        ax.fill_between(
+            [int(k) for k in ks], [min(v) for v in by_k], [max(v) for v in by_k], color=line.get_color(), alpha=0.25
+        )
     ax.axhline(chance, color="gray", linestyle="--", label=f"chance ({chance:.3f})")
     ax.set_xlabel("difficulty k (permutations composed)")
     ax.set_ylabel("exact match (all answer tokens)")
@@ -153,16 +159,7 @@ def _plots(run_dir: Path, contenders: dict, chance: float, kv_rows: list, curves
     ax.grid(alpha=0.3)
     ax.legend()
     save_figure(fig, run_dir, "kv_bytes_vs_loops", files)
-
-    if curves:
-        fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.5))
-        for ax, (phase, points) in zip([axes] if len(curves) == 1 else axes, curves.items()):
-            ax.plot([p[0] for p in points], [p[1] for p in points])
-            ax.set_title(phase)
-            ax.set_xlabel("step")
-            ax.set_ylabel("train/loss")
-            ax.grid(alpha=0.3)
-        save_figure(fig, run_dir, "training_curves", files)
+    plot_training_curves(run_dir, curves, files)
     return files
 
 
@@ -188,14 +185,28 @@ def starting_points(contenders: dict) -> dict[str, str]:
     return out
 
 
-def _markdown(contenders: dict, targets: dict, chance: float, kv_rows: list, seconds: dict, wall, files: dict) -> str:
+def seed_lines(melts: dict, looplm: dict) -> list[str]:
+    """MELT per seed, mean and minimum, as fractions of the LoopLM's accuracy too."""
+    acc = spread({seed: m["accuracy"] for seed, m in melts.items()})
+    ratio = {k: acc[k] / max(looplm["accuracy"], 1e-9) for k in ("mean", "min")}
+    seeds = ", ".join(f"seed {s}: {a:.3f}" for s, a in acc["per_seed"].items())
+    return [
+        f"MELT over {acc['seeds']} seed(s) ({seeds}): mean {acc['mean']:.3f}, min {acc['min']:.3f}; "
+        f"MELT / LoopLM mean {ratio['mean']:.3f}, min {ratio['min']:.3f}."
+    ]
+
+
+def _markdown(contenders, melts, targets, chance, kv_rows, seconds, wall, files) -> str:
+    table = {**contenders, **{f"melt (seed {s})": m for s, m in melts.items()}}
     lines = [
         "# MELT demo: the paper's claims in miniature",
         "",
         "S3 word problem (compose k permutations of {0,1,2}; answer: 3 digit tokens, all exact), "
         f"greedy decoding. Chance (best prompt-blind guess): {chance:.3f}.",
         "",
-        markdown_table(contenders),
+        markdown_table(table),
+        "",
+        *seed_lines(melts, contenders["looplm"]),
         "",
         "- `looplm_lastkv`: zero-shot baseline in Ouro's setting (the prompt with the full per-loop "
         "cache, decoded tokens see earlier tokens through their last loop only); with MELT's chunking "
@@ -203,13 +214,10 @@ def _markdown(contenders: dict, targets: dict, chance: float, kv_rows: list, sec
         "- `looplm_lastkv_chunked`: the same zero-shot baseline token by token from the first token.",
         *[f"- `{name}` from {where}" for name, where in starting_points(contenders).items()],
         "",
-        "## Targets",
+        "## Targets (each on every seed)",
         "",
+        *target_lines(targets),
     ]
-    for name, t in targets.items():
-        lines.append(f"- {'met' if t['met'] else 'NOT MET'}: {name.replace('_', ' ')} ({t['value']:.3f})")
-    if not all(t["met"] for t in targets.values()):
-        lines += ["", "**Some targets are not met** (see above); the figures are reported as measured."]
     lines += ["", "## KV cache bytes against loops", "", "| T | LoopLM | MELT |", "|---|---|---|"]
     for t in sorted({r["loops"] for r in kv_rows}):
         by = {r["model"]: r["kv_cache_bytes"] for r in kv_rows if r["loops"] == t}
@@ -220,24 +228,29 @@ def _markdown(contenders: dict, targets: dict, chance: float, kv_rows: list, sec
 
 
 def write_report(run_dir: Path, experiment=None) -> dict:
+    """Reads <run_dir>/evaluate/results.json (the standard transformer, the LoopLM, the zero-shot
+    baselines) and <run_dir>/evaluate_melt_seed<s>/results.json (MELT, one per seed)."""
     run_dir = Path(run_dir)
-    results_path = run_dir / "evaluate" / "results.json"
-    if not results_path.is_file():
-        raise FileNotFoundError(f"{results_path} is missing: the evaluate phase has not finished")
-    results = json.loads(results_path.read_text())["results"]
-    contenders = {n: {k: results[n][k] for k in KEEP if k in results[n]} for n in CONTENDER_ORDER if n in results}
-    missing = [n for n in ("standard", "looplm", "looplm_lastkv", "melt") if n not in contenders]
-    if missing:
-        raise ValueError(f"{results_path} lacks the contenders {missing}")
+    seeds = experiment.seeds if experiment is not None else None  # else every seed evaluated
+    path = run_dir / "evaluate" / "results.json"
+    contenders = read_results(path, ["standard", "looplm", "looplm_lastkv"], KEEP, optional=["looplm_lastkv_chunked"])
+    melts = {
+        seed: {k: r["melt"][k] for k in KEEP if k in r["melt"]}
+        for seed, r in melt_by_seed(run_dir, "evaluate_melt", seeds).items()
+    }
     manifest = json.loads((run_dir / "data" / "eval" / "manifest.json").read_text())
     chance = float(manifest.get("chance", 0.0))
     kv_rows = kv_bytes_against_loops(Path(contenders["looplm"]["model_path"]), manifest["seq_len"])
     curves = training_curves(run_dir)
-    targets = check_targets(contenders)
+    targets = check_targets(contenders, melts)
     seconds, wall = phase_times(run_dir)
-    files = _plots(run_dir, contenders, chance, kv_rows, curves)
+    files = _plots(run_dir, contenders, melts, chance, kv_rows, curves)
+    looplm = contenders["looplm"]["accuracy"]
     report = {
         **contenders,
+        "melt": {str(s): m for s, m in melts.items()},
+        "melt_accuracy": spread({s: m["accuracy"] for s, m in melts.items()}),
+        "melt_over_looplm": spread({s: m["accuracy"] / max(looplm, 1e-9) for s, m in melts.items()}),
         "chance": chance,
         "task": manifest.get("task"),
         "targets": targets,
@@ -249,6 +262,6 @@ def write_report(run_dir: Path, experiment=None) -> dict:
         "starting_points": starting_points(contenders),
     }
     (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = _markdown(contenders, targets, chance, kv_rows, seconds, wall, files)
+    markdown = _markdown(contenders, melts, targets, chance, kv_rows, seconds, wall, files)
     (run_dir / "report.md").write_text(markdown)
     return {**report, "markdown": markdown}
