@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup debian-deps test test-fast demo demo-from-scratch reproduce clean
+.PHONY: setup debian-deps test test-fast demo demo-from-scratch reproduce reproduce-from-scratch clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,10 @@ demo-from-scratch: setup
 reproduce: setup
 	bash scripts/install_debian_deps.sh --demo
 	$(PY) -m drivers.reproduce --run-dir runs/reproduce
+
+reproduce-from-scratch: setup
+	bash scripts/install_debian_deps.sh --demo
+	$(PY) -m drivers.reproduce --config configs/experiments/reproduce-from-scratch.yaml
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -32,7 +32,11 @@ def run_then_report(
     parser.add_argument("--config", default=str(default_config), help="the experiment")
     parser.add_argument("--run-dir", default=None, help="default: the experiment's run_dir")
     parser.add_argument(
-        "--seeds", type=int, default=None, metavar="N", help="post-train MELT with seeds 0..N-1 (default: the experiment's)"
+        "--seeds",
+        type=int,
+        default=None,
+        metavar="N",
+        help="post-train MELT with seeds 0..N-1 (default: the experiment's)",
     )
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from a finished run")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="experiment overrides")

@@ -1,11 +1,13 @@
-"""`make reproduce`: the demo at a larger scale, for loop counts T = 2, 4, 8, then one report.
+"""`make reproduce`: the demo at a larger scale, for loop counts T = 2, 4, 8 and several seeds, then one report.
 
-    python -m drivers.reproduce [--run-dir runs/reproduce] [key=value ...]
+    python -m drivers.reproduce [--run-dir runs/reproduce] [--seeds N] [key=value ...]
 
 Runs configs/experiments/reproduce.yaml with the local launcher (independent stages side by side
 on 2 processes), skipping stages already complete (rerun to continue), then writes
-<run_dir>/report.md and report.json (MELT vs zero-shot last-loop KV sharing vs the LoopLM per T,
-and the standard transformer) with plots. The README gives the time it takes.
+<run_dir>/report.md and report.json (MELT on every seed vs zero-shot last-loop KV sharing vs the
+LoopLM per T, the standard transformer, MELT against the distillation steps) with plots.
+`--config configs/experiments/reproduce-from-scratch.yaml` pretrains the starting points too
+(`make reproduce-from-scratch`). docs/reproduce.md gives the time it takes.
 """
 
 from __future__ import annotations

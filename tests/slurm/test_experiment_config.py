@@ -358,7 +358,16 @@ def test_ouro_experiments_evaluate_all_three_contenders(name, tmp_path):
 
 @pytest.mark.parametrize(
     "name",
-    ["smoke", "demo", "demo-from-scratch", "reproduce", "ouro-1.4b-melt", "ouro-2.6b-melt", "ouro-1.4b-thinking-paper"],
+    [
+        "smoke",
+        "demo",
+        "demo-from-scratch",
+        "reproduce",
+        "reproduce-from-scratch",
+        "ouro-1.4b-melt",
+        "ouro-2.6b-melt",
+        "ouro-1.4b-thinking-paper",
+    ],
 )
 def test_local_experiments_plan_and_their_run_configs_validate(name, tmp_path):
     """What `make demo` / `make reproduce` would launch: every train stage's run config, with the
@@ -383,16 +392,28 @@ def test_local_experiments_plan_and_their_run_configs_validate(name, tmp_path):
             assert cfg.phase.chunk_size == 500 and cfg.schedule.total_steps == steps
             assert cfg.data.global_batch_size * 10240 == 327_680  # ~320k tokens per step
             assert cfg.optimizer.lr == 8e-6 and cfg.optimizer.groups["gates"].lr == 5e-4
-    if name == "reproduce":
+    if name in ("reproduce", "reproduce-from-scratch"):
+        seeds = exp.seeds
+        assert seeds == [0, 1, 2]
+        for t in (2, 4, 8):
+            for seed in seeds:
+                transition, distill = configs[f"transition_t{t}_seed{seed}"], configs[f"distill_t{t}_seed{seed}"]
+                assert transition.seed == distill.seed == seed
+                assert distill.model.init_from == str(tmp_path / f"transition_t{t}_seed{seed}" / "export")
+                assert distill.teacher.init_from == transition.model.init_from  # the LoopLM of this T
+                assert distill.checkpointing.export_every  # the steps curve
+        assert {p.name for p in plan.stages if p.kind == "evaluate"} == {
+            "evaluate_standard",
+            *(f"evaluate_t{t}" for t in (2, 4, 8)),
+            *(f"evaluate_melt_t{t}_seed{s}" for t in (2, 4, 8) for s in seeds),
+        }
+    if name == "reproduce":  # from the shipped models
+        assert not [n for n in configs if n.startswith("pretrain")]
+        assert configs["transition_t8_seed0"].model.init_from == "assets/reproduce/looplm_t8"
+    if name == "reproduce-from-scratch":
         assert {n: c.model.config["total_ut_steps"] for n, c in configs.items() if n.startswith("pretrain")} == {
             "pretrain_standard": 1,
             "pretrain_t2": 2,
             "pretrain_t4": 4,
             "pretrain_t8": 8,
-        }
-        assert {p.name for p in plan.stages if p.kind == "evaluate"} == {
-            "evaluate_standard",
-            "evaluate_t2",
-            "evaluate_t4",
-            "evaluate_t8",
         }
