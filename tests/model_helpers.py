@@ -48,7 +48,7 @@ def random_gates(melt, seed=1):
     return melt
 
 
-def write_eval_split(out_dir, split):
+def write_eval_split(out_dir, split, compression=None):
     """Write an EvalSplit as an MDS dataset in the data_prep contract (index.json, manifest.json)."""
     import json
 
@@ -62,7 +62,7 @@ def write_eval_split(out_dir, split):
         "difficulty": "int32",
         "prompt_length": "int32",
     }
-    with MDSWriter(out=str(out_dir), columns=columns) as writer:
+    with MDSWriter(out=str(out_dir), columns=columns, compression=compression) as writer:
         for i in range(len(split)):
             writer.write(
                 {

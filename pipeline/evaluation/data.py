@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+from streaming import LocalDataset
+from streaming.base.compression import decompress
 
 IGNORE_INDEX = -100
 
@@ -25,6 +28,23 @@ class EvalSplit:
         return self.input_ids.shape[0]
 
 
+def local_dataset(path: Path) -> LocalDataset:
+    """The MDS dataset at `path`, read in place without shared memory: evaluations started at the same
+    moment on one machine would otherwise race for streaming's shared-memory prefix (FileExistsError
+    '/000083_locals', seen when the reproduction ran two evaluations side by side). A compressed shard
+    is decompressed beside its file first, as StreamingDataset does for a local dataset."""
+    index = json.loads((path / "index.json").read_text())
+    for shard in index["shards"]:
+        zipped = shard.get("zip_data")
+        raw = path / shard["raw_data"]["basename"]
+        if zipped and not raw.is_file():
+            data = decompress(shard["compression"], (path / zipped["basename"]).read_bytes())
+            tmp = raw.with_name(f".{raw.name}.tmp-{os.getpid()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, raw)  # whole or absent, whichever process gets there
+    return LocalDataset(local=str(path))
+
+
 def load_eval_split(path: str | Path, max_samples: Optional[int] = None) -> EvalSplit:
     path = Path(path)
     manifest_path = path / "manifest.json"
@@ -34,9 +54,7 @@ def load_eval_split(path: str | Path, max_samples: Optional[int] = None) -> Eval
             "(run `python -m data_prep ...` first; an interrupted run has no manifest)"
         )
     manifest = json.loads(manifest_path.read_text())
-    from streaming import StreamingDataset
-
-    dataset = StreamingDataset(local=str(path), shuffle=False, batch_size=1)
+    dataset = local_dataset(path)
     count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     rows = [dataset[i] for i in range(count)]
     if not rows:

@@ -198,3 +198,27 @@ def test_labelled_contenders_compare_models_of_one_kind(tmp_path):
     ):
         with pytest.raises(SystemExit, match=message):
             evaluate_main([a for m in bad for a in ("--model", m)] + ["--data", str(data), "--out", str(out)])
+
+
+def test_eval_splits_are_read_without_shared_memory_compressed_or_not(tmp_path, monkeypatch):
+    """Evaluations side by side on one machine must not race for streaming's shared-memory prefix
+    (FileExistsError '/000083_locals' in a reproduction): the split is read in place, with no shared
+    memory at all; a zstd split reads the same rows as a plain one."""
+    import multiprocessing.shared_memory
+
+    from pipeline.evaluation.data import load_eval_split
+    from tests.model_helpers import write_eval_split
+
+    split = _split(tiny_looplm())
+    plain = write_eval_split(tmp_path / "plain", split)
+    zipped = write_eval_split(tmp_path / "zstd", split, compression="zstd")
+    assert not list(zipped.glob("*/*.mds")) and not list(zipped.glob("*.mds"))  # only compressed shards
+
+    def no_shared_memory(*args, **kwargs):
+        raise AssertionError("an eval split must be read without shared memory")
+
+    monkeypatch.setattr(multiprocessing.shared_memory.SharedMemory, "__init__", no_shared_memory)
+    for path in (plain, zipped, zipped):  # twice: the second read finds the decompressed shards
+        loaded = load_eval_split(path)
+        assert torch.equal(loaded.input_ids, split.input_ids) and torch.equal(loaded.labels, split.labels)
+        assert torch.equal(loaded.prompt_length, split.prompt_length)
