@@ -25,6 +25,7 @@ from streaming import StreamingDataLoader, StreamingDataset
 from data_prep.errors import DataPrepError
 from data_prep.manifest import MANIFEST, read_manifest
 from pipeline.data.padding import leading_pad_mask, left_pad_id, segments_from_loss_mask
+from pipeline.data.shared_memory import registration_turn
 
 IGNORE_INDEX = -100
 SCALAR_COLUMNS = ("difficulty", "prompt_length")
@@ -165,15 +166,16 @@ def build_train_loader(
     else:
         manifest = read_manifest(location)
         local, remote = location, None
-    dataset = StreamingDataset(
-        local=local,
-        remote=remote,
-        batch_size=micro_batch_size,
-        shuffle=shuffle,
-        shuffle_seed=seed,
-        num_canonical_nodes=num_canonical_nodes,
-        **dataset_kwargs,
-    )
+    with registration_turn():  # another job on this node may be registering its dataset right now
+        dataset = StreamingDataset(
+            local=local,
+            remote=remote,
+            batch_size=micro_batch_size,
+            shuffle=shuffle,
+            shuffle_seed=seed,
+            num_canonical_nodes=num_canonical_nodes,
+            **dataset_kwargs,
+        )
     fingerprint = LoaderFingerprint(manifest["index_sha256"], seed, global_batch_size, num_canonical_nodes, shuffle)
     return FingerprintedLoader(
         dataset,

@@ -10,11 +10,17 @@ appears in no /proc/PID/maps (blocks of other users, whose maps we cannot read, 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
+
+import torch.distributed as dist
 
 SHM = Path("/dev/shm")
+REGISTRATION_LOCK = "melt_streaming_registration.lock"
 _STREAMING_BLOCK = re.compile(r"\d{6}_\w+")
 
 
@@ -52,3 +58,36 @@ def clean_stale_streaming_memory(shm: Path = SHM) -> list[str]:
         except OSError:  # gone meanwhile, or not ours to remove
             continue
     return removed
+
+
+@contextmanager
+def registration_turn(shm: Path = SHM) -> Iterator[bool]:
+    """Jobs on one node take turns registering their datasets' shared memory (yields whether this job
+    took a turn).
+
+    Streaming picks a dataset's prefix as the first number free in /dev/shm, then creates it: two jobs
+    doing so at the same moment pick the same number and one dies (FileExistsError '/000336_locals').
+    Here a single-node job's local leader holds an exclusive lock on a file beside the blocks (as
+    node-local as they are) for the whole registration, and the job's other ranks start theirs only
+    once it holds it (a barrier), so no rank scans while another job registers. A multi-node job does
+    not take a turn: waiting on one node while holding another could deadlock two jobs that share nodes.
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if distributed else 1
+    if int(os.environ.get("LOCAL_WORLD_SIZE", world)) != world or not shm.is_dir():
+        yield False
+        return
+    handle = None
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        handle = open(shm / REGISTRATION_LOCK, "a")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+        if distributed:
+            dist.barrier()
+        yield True
+        if distributed:
+            dist.barrier()
+    finally:
+        if handle is not None:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()

@@ -65,3 +65,44 @@ shm.close(); shm.unlink()
         holder.communicate("", timeout=30)
         for name in (stale, live):
             (SHM / name).unlink(missing_ok=True)
+
+
+def _lock_is_free() -> bool:
+    """Whether another open file description could take the registration lock now (flock locks of
+    distinct opens conflict, even within one process)."""
+    import fcntl
+
+    from pipeline.data.shared_memory import REGISTRATION_LOCK
+
+    with open(SHM / REGISTRATION_LOCK, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return True
+
+
+def test_a_training_loader_registers_its_dataset_in_its_turn(tmp_path, monkeypatch, token_dataset):
+    """Streaming picks a free prefix, then creates it: two jobs registering at the same moment on a node
+    took the same one (FileExistsError '/000336_locals'). build_train_loader builds its StreamingDataset
+    holding the node's registration lock, so another job's registration waits; a multi-node job does
+    not take the lock."""
+    import pipeline.data.loader as loader
+    from pipeline.data.shared_memory import registration_turn
+
+    seen = []
+
+    class Watched(loader.StreamingDataset):  # the real dataset, built while the lock is checked
+        def __init__(self, *args, **kwargs):
+            seen.append(_lock_is_free())
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "StreamingDataset", Watched)
+    data = token_dataset(tmp_path / "data", num_samples=32, seq_len=16, vocab_size=32)
+    batch = next(iter(loader.build_train_loader(str(data), 4, 4, seed=0)))
+    assert batch["input_ids"].shape == (4, 16)
+    assert seen == [False] and _lock_is_free()  # held while registering, released after
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # one of several nodes: no turn taken
+    with registration_turn() as took:
+        assert not took and _lock_is_free()
